@@ -1,0 +1,241 @@
+"""Robust EMA-quantile statistics (DESIGN.md "Semantics").
+
+Per update, on a seeded random subsample of at most ``max_samples`` elements
+(non-finite values excluded):
+
+    activations ("range"):  a_t = quantile(x, p_lo),  b_t = quantile(x, p_hi)
+    weights     ("abs"):    m_t = quantile(|w|, p_hi)          (stored as lo = -m, hi = m)
+    EMA:        s̃_t = (1 − μ) s̃_(t−1) + μ s_t,   the first observation initializes it
+
+The subsample is made of random runs of consecutive elements (one random
+draw per run), so an update costs the same for 1e5 and 1e7 elements.
+Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
+default). Only the tail order statistics are needed, so they come from
+``torch.topk`` on the subsample rather than a full sort. Nothing here reads a
+tensor back to the host; first-observation and all-non-finite cases are handled
+with ``torch.where``.
+
+The raw statistics (``lo``, ``hi``) are kept, not scales, so one checkpoint can
+derive qparams for any scheme later (``qtrim_fx.quantize.derive_qparams``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .scheme import SchemeError
+
+__all__ = ["EmaQuantileObserver", "tail_quantiles"]
+
+Mode = Literal["range", "abs"]
+_BLOCK = 32
+
+
+def _check_p(name: str, p: float) -> float:
+    p = float(p)
+    if not 0.0 < p < 1.0:
+        raise SchemeError(f"{name}={p} must lie strictly between 0 and 1 (e.g. 0.999)")
+    return p
+
+
+def tail_quantiles(v: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantile ``p`` of each row of ``v`` (2-D), ignoring non-finite entries.
+
+    Returns ``(q, valid)``: the per-row quantile (linear interpolation, as
+    ``numpy.quantile``) and a bool mask of rows that held any finite value.
+    Only ``~min(p, 1-p) * n`` order statistics are extracted (``topk``).
+    """
+    n = v.shape[-1]
+    finite = torch.isfinite(v)
+    nf = finite.sum(-1)
+    upper = p >= 0.5
+    # Non-finite values go to the far end of the side we do not read from.
+    fill = -math.inf if upper else math.inf
+    vv = torch.where(finite, v, torch.full_like(v, fill))
+    k = min(n, math.ceil((1.0 - p if upper else p) * (n - 1)) + 2)
+    pos = p * (nf - 1).clamp(min=0).to(torch.float64)
+    lo_rank = torch.floor(pos)
+    frac = (pos - lo_rank).to(v.dtype)
+    lo_rank = lo_rank.to(torch.int64)
+    hi_rank = torch.clamp(lo_rank + 1, max=(nf - 1).clamp(min=0))
+    top = torch.topk(vv, k, dim=-1, largest=upper, sorted=True).values
+    if upper:
+        # top[j] is the element of ascending rank nf-1-j among the finite values.
+        i_lo, i_hi = nf - 1 - lo_rank, nf - 1 - hi_rank
+    else:
+        i_lo, i_hi = lo_rank, hi_rank
+    i_lo = i_lo.clamp(0, k - 1).unsqueeze(-1)
+    i_hi = i_hi.clamp(0, k - 1).unsqueeze(-1)
+    a = top.gather(-1, i_lo).squeeze(-1)
+    b = top.gather(-1, i_hi).squeeze(-1)
+    return torch.lerp(a, b, frac), nf > 0
+
+
+class EmaQuantileObserver(nn.Module):
+    """EMA of subsampled quantiles, per tensor or per channel.
+
+    Args:
+        mode: ``"range"`` (activations: low and high quantile of x) or ``"abs"``
+            (weights: high quantile of |w|, symmetric).
+        axis: ``None`` for per-tensor statistics, else the channel axis.
+        p_lo, p_hi: quantile levels in (0, 1).
+        momentum: EMA momentum μ in (0, 1].
+        max_samples: subsample size bound S_max.
+        seed: seed of the subsampling generator (the update count is mixed in, so the
+            samples are reproducible across resume and identical across DDP ranks).
+        update_every: update statistics on every N-th training call only.
+
+    Buffers: ``lo``, ``hi`` (the EMAs; 0-D or (C,), NaN until first observed), ``num_updates``.
+    Statistics change only in ``train()`` mode.
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "range",
+        axis: int | None = None,
+        p_lo: float = 0.001,
+        p_hi: float = 0.999,
+        momentum: float = 1e-3,
+        max_samples: int = 100_000,
+        seed: int = 0,
+        update_every: int = 1,
+    ) -> None:
+        super().__init__()
+        if mode not in ("range", "abs"):
+            raise SchemeError(f"observer mode must be 'range' or 'abs', got {mode!r}")
+        self.mode = mode
+        self.axis = axis
+        self.p_lo = _check_p("p_lo", p_lo)
+        self.p_hi = _check_p("p_hi", p_hi)
+        if mode == "range" and self.p_lo >= self.p_hi:
+            raise SchemeError(f"p_lo={p_lo} must be below p_hi={p_hi}")
+        momentum = float(momentum)
+        if not 0.0 < momentum <= 1.0:
+            raise SchemeError(f"momentum={momentum} must lie in (0, 1] (the paper uses 1e-3)")
+        self.momentum = momentum
+        if int(max_samples) < 1:
+            raise SchemeError(f"max_samples must be a positive int, got {max_samples!r}")
+        self.max_samples = int(max_samples)
+        if int(update_every) < 1:
+            raise SchemeError(f"update_every must be a positive int, got {update_every!r}")
+        self.update_every = int(update_every)
+        self.seed = int(seed)
+        self.enabled = True
+        # NaN marks "never observed" (per channel): the first finite observation initializes the EMA.
+        self.register_buffer("lo", torch.full((), math.nan))
+        self.register_buffer("hi", torch.full((), math.nan))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self._calls = 0  # training calls seen (host side), drives update_every and the sample seed
+        self._updates = 0  # host mirror of num_updates
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._register_load_state_dict_pre_hook(self._on_load)
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        """True once at least one observation was recorded (host-side, no sync)."""
+        return self._updates > 0
+
+    def _on_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        for name in ("lo", "hi"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.shape != getattr(self, name).shape:
+                # Per-channel buffers are sized lazily on the first observation.
+                setattr(self, name, torch.full_like(t, math.nan, device=getattr(self, name).device))
+        n = state_dict.get(prefix + "num_updates")
+        if n is not None:
+            self._updates = int(n)
+            self._calls = self._updates * self.update_every
+
+    # -- sampling ------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            self._generators[device] = g
+        g.manual_seed((self.seed * 1_000_003 + self._updates) % (2**63))
+        return g
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, n) view of the subsample: C = 1 per tensor, else channels along ``axis``."""
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if self.axis is None:
+            flat = x.reshape(1, -1)
+        else:
+            flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
+        c, n = flat.shape
+        per_row = max(1, self.max_samples // c)
+        if n > per_row:
+            flat = flat.index_select(1, self._sample_indices(n, per_row, x.device))
+        return flat
+
+    def _sample_indices(self, n: int, k: int, device: torch.device) -> torch.Tensor:
+        """``k`` indices in ``[0, n)``: random runs of ``_BLOCK`` consecutive elements.
+
+        Drawing one random start per run instead of one per element keeps the work
+        (random-number generation and cache misses) small and independent of ``n``.
+        """
+        block = min(_BLOCK, k)
+        starts = torch.randint(
+            0, n - block + 1, (k // block,), generator=self._generator(device), device=device
+        )
+        return (starts.unsqueeze(1) + torch.arange(block, device=device)).reshape(-1)
+
+    # -- update --------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Record one observation unconditionally (ignores train/eval and update_every)."""
+        if x.numel() == 0:
+            return
+        rows = self._rows(x)
+        if self.mode == "abs":
+            m, valid = tail_quantiles(rows.abs(), self.p_hi)
+            lo_t, hi_t = -m, m
+        else:
+            lo_t, valid = tail_quantiles(rows, self.p_lo)
+            hi_t, _ = tail_quantiles(rows, self.p_hi)
+        if self.axis is None:
+            lo_t, hi_t, valid = lo_t[0], hi_t[0], valid[0]
+        lo_t = lo_t.to(torch.float32)
+        hi_t = hi_t.to(torch.float32)
+        if self.lo.shape != lo_t.shape:
+            if self._updates:
+                raise SchemeError(
+                    f"observer saw {tuple(lo_t.shape)} channels after {tuple(self.lo.shape)}; "
+                    "a per-channel site needs a fixed channel count"
+                )
+            self.lo = torch.full_like(lo_t, math.nan)
+            self.hi = torch.full_like(hi_t, math.nan)
+        first = torch.isnan(self.lo)
+        mu = self.momentum
+        new_lo = torch.where(first, lo_t, (1.0 - mu) * self.lo + mu * lo_t)
+        new_hi = torch.where(first, hi_t, (1.0 - mu) * self.hi + mu * hi_t)
+        # Rows with no finite value keep their previous statistics.
+        self.lo.copy_(torch.where(valid, new_lo, self.lo))
+        self.hi.copy_(torch.where(valid, new_hi, self.hi))
+        self.num_updates += 1
+        self._updates += 1
+
+    def forward(self, x: torch.Tensor) -> None:
+        if not (self.training and self.enabled):
+            return
+        self._calls += 1
+        if (self._calls - 1) % self.update_every == 0:
+            self.observe(x)
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)`` with never-observed entries as 0 (so derived scales fall back to ε)."""
+        return torch.nan_to_num(self.lo, nan=0.0), torch.nan_to_num(self.hi, nan=0.0)
+
+    def extra_repr(self) -> str:
+        gran = "per-tensor" if self.axis is None else f"axis={self.axis}"
+        return (
+            f"mode={self.mode}, {gran}, p=({self.p_lo}, {self.p_hi}), μ={self.momentum}, "
+            f"S_max={self.max_samples}"
+        )
