@@ -20,7 +20,7 @@ from torch import nn
 
 from .quantize import fake_quantize_raw
 
-__all__ = ["BlendControl", "blend_quant"]
+__all__ = ["BlendControl", "blend_quant", "blend_to"]
 
 
 class _BlendQuantFn(torch.autograd.Function):
@@ -34,6 +34,21 @@ class _BlendQuantFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
         return grad, None, None, None, None, None, None
+
+
+class _BlendToFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, target, lam):  # type: ignore[override]
+        return torch.lerp(x, target.to(x.dtype), lam.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        return grad, None, None
+
+
+def blend_to(x: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``lerp(x, target, lam)`` with an identity gradient for ``x`` and none for ``target``."""
+    return _BlendToFn.apply(x, target, lam)
 
 
 def blend_quant(

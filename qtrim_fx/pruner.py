@@ -115,7 +115,7 @@ class ReversePruner:
         """Clip every weight in place to its current ``[-τ, τ]``."""
         if len(self.thresholds) != len(weights) or any(t is None for t in self.thresholds):
             raise SchemeError("pin() needs thresholds: call update_thresholds(weights) first")
-        for w, tau in zip(weights, self.thresholds):
+        for w, tau in zip(weights, self.thresholds, strict=True):
             t = tau.to(w.dtype)
             if self.per_channel and w.dim() > 1:
                 t = t.reshape([-1] + [1] * (w.dim() - 1))

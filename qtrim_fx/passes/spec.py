@@ -1,0 +1,103 @@
+"""Frozen per-node decisions shared by the passes, and the meta keys they live under.
+
+Annotate passes write these into ``node.meta``; materialize and lower passes
+read them. Nothing else is stored in ``node.meta`` by qtrim_fx.
+
+Contract of a prepared GraphModule (what ``qtrim_fx.prepare`` returns):
+
+* ``gm.qtrim_blend`` is the model's :class:`~qtrim_fx.blend.BlendControl` (global λ).
+* ``gm.qtrim_sites`` is an ``nn.ModuleDict`` of :class:`~qtrim_fx.site.QuantSite`,
+  keyed by :attr:`SiteSpec.key`; each is called from exactly one ``call_module``
+  node (``target == "qtrim_sites.<key>"``) whose single argument is the tensor
+  it quantizes and whose ``meta[SITE_NODE]`` is the site's :class:`SiteSpec`.
+* Weighted modules (Conv*, Linear, ...) are rewritten to their functional form so
+  the weight flows ``get_attr <module>.weight -> qtrim_sites.<key> -> F.conv2d``;
+  parameter names are unchanged, so the original ``state_dict`` still loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..scheme import QuantScheme
+
+__all__ = [
+    "ACT_SITE",
+    "OP_KIND",
+    "SITE_NODE",
+    "WEIGHT_SITE",
+    "OpKind",
+    "SiteSpec",
+    "site_key",
+]
+
+#: node.meta key: the node's normalized op kind (:data:`OpKind`), written by the op normalizer.
+OP_KIND = "qtrim_op_kind"
+#: node.meta key on a tensor-producing node: the activation site decided for its output.
+ACT_SITE = "qtrim_act_site"
+#: node.meta key on a ``get_attr`` weight node (or weighted call): the weight site decided for it.
+WEIGHT_SITE = "qtrim_weight_site"
+#: node.meta key on an inserted ``call_module`` site node.
+SITE_NODE = "qtrim_site"
+
+OpKind = Literal[
+    "conv",
+    "conv_transpose",
+    "linear",
+    "matmul",
+    "bmm",
+    "einsum",
+    "sdpa",
+    "mha",
+    "softmax",
+    "add",
+    "mul",
+    "cat",
+    "activation",
+    "batchnorm",
+    "layernorm",
+    "pool",
+    "reshape",
+    "other",
+]
+
+
+def site_key(name: str) -> str:
+    """A ModuleDict-safe key for a dotted site name (``layer1.0.conv1.weight`` -> ``layer1_0_conv1_weight``)."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One quantization site.
+
+    Attributes:
+        name: unique, human-readable, points back to the PyTorch module
+            (``layer1.0.conv1.weight``, ``layer1.0.relu.out``).
+        kind: ``"weight"`` or ``"activation"``.
+        scheme: the training-time grid.
+        op: for weight sites, the weighted op (``conv``, ``conv_transpose``, ``linear``, ``matmul``...);
+            for activation sites, the op that produced the tensor.
+        consumers: op kinds that read the quantized tensor.
+        module: owning module path (``layer1.0.conv1``), if any.
+        channel_axis: output-channel axis of a weight (0 for conv/linear, 1 for conv_transpose).
+        param: qualified name of the quantized parameter (``layer1.0.conv1.weight``) for weight sites.
+        folded_bn: qualified name of the BatchNorm folded into this conv weight, if any.
+        notes: free-form remarks shown by ``inspect`` (e.g. "BN folded at export").
+    """
+
+    name: str
+    kind: Literal["weight", "activation"]
+    scheme: QuantScheme
+    op: str = "other"
+    consumers: tuple[str, ...] = ()
+    module: str | None = None
+    channel_axis: int | None = None
+    param: str | None = None
+    folded_bn: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def key(self) -> str:
+        return site_key(self.name)
