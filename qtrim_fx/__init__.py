@@ -5,32 +5,52 @@ Public API::
     qm = qtrim_fx.prepare(model)                      # insert observer + blend-quant sites
     trim = qtrim_fx.QuantTrim(qm, qtrim_fx.Curriculum(10, 50, 20), qtrim_fx.ReversePruner())
     trim.epoch_start(epoch)                           # sets λ_t, pins weights
-    qtrim_fx.export_onnx(qm, example_inputs, "model.qdq.onnx", target="onnxruntime")
+    qtrim_fx.calibrate(qm, batches)                   # post-training statistics instead of training
+    print(qtrim_fx.inspect(qm))                       # sites, grids, scales, clipping
 """
 
 from __future__ import annotations
 
 from .blend import BlendControl, blend_quant
+from .calibrate import calibrate
+from .capture import CaptureError, capture
+from .config import Override, QuantConfig
 from .curriculum import Curriculum
+from .inspect import InspectReport, inspect
 from .observer import EmaQuantileObserver
+from .prepare import NoSitesError, is_prepared, iter_sites, prepare, set_blend
 from .pruner import ReversePruner
 from .quantize import dequantize, derive_qparams, fake_quantize, quantize
 from .scheme import QuantScheme, SchemeError
 from .site import QuantSite
+from .trim import QuantTrim
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlendControl",
+    "CaptureError",
     "Curriculum",
     "EmaQuantileObserver",
+    "InspectReport",
+    "NoSitesError",
+    "Override",
+    "QuantConfig",
     "QuantScheme",
     "QuantSite",
+    "QuantTrim",
     "ReversePruner",
     "SchemeError",
     "blend_quant",
+    "calibrate",
+    "capture",
     "dequantize",
     "derive_qparams",
     "fake_quantize",
+    "inspect",
+    "is_prepared",
+    "iter_sites",
+    "prepare",
     "quantize",
+    "set_blend",
 ]

@@ -14,9 +14,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .blend import BlendControl, blend_quant
+from .blend import BlendControl, blend_quant, blend_to
 from .observer import EmaQuantileObserver
-from .quantize import derive_qparams
+from .ops import channel_shape
+from .quantize import derive_qparams, fake_quantize_raw
 from .scheme import QuantScheme
 
 __all__ = ["QuantSite"]
@@ -65,11 +66,21 @@ class QuantSite(nn.Module):
         lo, hi = self.observer.stats()
         return derive_qparams(scheme or self.scheme, lo, hi, self.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fold: torch.Tensor | None = None) -> torch.Tensor:
+        """Observe ``x`` (train mode) and blend it towards its fake-quantized value by λ.
+
+        Args:
+            x: the tensor of this site.
+            fold: for a conv weight followed by BatchNorm, the per-output-channel factor
+                γ/sqrt(var + eps): the site then observes and quantizes the folded weight
+                ``x·fold`` (the one that is deployed) and returns ``Q(x·fold)/fold`` blended with ``x``.
+        """
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
+        f = None if fold is None else channel_shape(fold.detach().to(x.dtype), x.dim(), 0)
+        xs = x if f is None else x.detach() * f
         if self.training:
-            self.observer(x)
+            self.observer(xs)
         if not self.enabled:
             return x
         if self.control.is_zero and not torch.compiler.is_compiling():
@@ -85,7 +96,11 @@ class QuantSite(nn.Module):
             return x
         scale, zp = self.qparams()
         s = self.scheme
-        return blend_quant(x, scale, zp, self.control.value, s.qmin, s.qmax, s.axis)
+        if f is None:
+            return blend_quant(x, scale, zp, self.control.value, s.qmin, s.qmax, s.axis)
+        q = fake_quantize_raw(xs.float(), scale, zp, s.qmin, s.qmax, s.axis).to(x.dtype)
+        target = torch.where(f != 0, q / f, x.detach())
+        return blend_to(x, target, self.control.value)
 
     def observer_name(self) -> str:
         return getattr(self, "_qtrim_name", self.__class__.__name__)

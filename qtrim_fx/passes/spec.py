@@ -24,7 +24,9 @@ from ..scheme import QuantScheme
 
 __all__ = [
     "ACT_SITE",
+    "FLOAT_REGION",
     "OP_KIND",
+    "OWNER",
     "SITE_NODE",
     "WEIGHT_SITE",
     "OpKind",
@@ -40,6 +42,10 @@ ACT_SITE = "qtrim_act_site"
 WEIGHT_SITE = "qtrim_weight_site"
 #: node.meta key on an inserted ``call_module`` site node.
 SITE_NODE = "qtrim_site"
+#: node.meta key: qualified name of the module a functional call was rewritten from.
+OWNER = "qtrim_owner"
+#: node.meta key: True on nodes of an attention-score region (QKᵀ ... softmax ... P), kept in float.
+FLOAT_REGION = "qtrim_float_region"
 
 OpKind = Literal[
     "conv",
@@ -58,7 +64,20 @@ OpKind = Literal[
     "batchnorm",
     "layernorm",
     "pool",
+    "maxpool",
     "reshape",
+    "relu",
+    "sub",
+    "div",
+    "baddbmm",
+    "dropout",
+    "mask",
+    "embedding",
+    "nontensor",
+    "module",
+    "placeholder",
+    "get_attr",
+    "output",
     "other",
 ]
 
@@ -84,6 +103,11 @@ class SiteSpec:
         channel_axis: output-channel axis of a weight (0 for conv/linear, 1 for conv_transpose).
         param: qualified name of the quantized parameter (``layer1.0.conv1.weight``) for weight sites.
         folded_bn: qualified name of the BatchNorm folded into this conv weight, if any.
+        role: activation sites: ``"input"`` when the tensor feeds a weighted op, add, cat or
+            attention matmul (every target quantizes it); ``"output"`` when it is only the output
+            of a weighted op (targets that want Q on Conv/Gemm outputs keep it, others drop it).
+        users: names of the graph nodes rewired to read the site (weight sites: the ops that read
+            the parameter on the way to a weighted op; other readers keep the float parameter).
         notes: free-form remarks shown by ``inspect`` (e.g. "BN folded at export").
     """
 
@@ -96,6 +120,8 @@ class SiteSpec:
     channel_axis: int | None = None
     param: str | None = None
     folded_bn: str | None = None
+    role: Literal["input", "output"] = "input"
+    users: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property

@@ -1,0 +1,1 @@
+"""Traceable reference implementations of torch.nn modules that FX keeps opaque."""
