@@ -75,7 +75,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
     for p in (NormalizeOpsPass(), FunctionalizeWeightedModulesPass(), NormalizeOpsPass(),
               AnnotateSitesPass(config), InsertSitesPass(config)):
         gm = p(gm).graph_module
-    if not any(True for _ in iter_sites(gm)):
+    if not any(spec.kind == "weight" for spec, _, _ in iter_sites(gm)):
         raise NoSitesError(
             f"{model.__class__.__name__} has no quantizable site (no Conv, ConvTranspose, Linear or matmul "
             "with a weight was found, or every one was excluded by the config); check the model and the "

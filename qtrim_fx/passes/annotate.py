@@ -164,21 +164,26 @@ class _Analysis:
         self.add_candidate(data, "input", kind, self.owner(op))
 
     def find_float_regions(self) -> None:
-        seeds = []
-        for n in self.gm.graph.nodes:
-            k = self.kind[n]
-            if (k in ("matmul", "bmm", "baddbmm") and n not in self.weight_ops()) or k == "softmax":
-                seeds.append(n)
-        for s in seeds:
-            stack = [s]
-            while stack:
-                n = stack.pop()
-                if n in self.region:
+        """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V."""
+        for sm in (n for n in self.gm.graph.nodes if self.kind[n] == "softmax"):
+            self.region.add(sm)
+            back = [a for a in sm.all_input_nodes]
+            while back:
+                n = back.pop()
+                k = self.kind[n]
+                if n in self.region or n.op != "call_function" and n.op != "call_method":
                     continue
-                self.region.add(n)
-                for u in n.users:
-                    if self.kind[u] in _SCORE and u not in self.region:
-                        stack.append(u)
+                if k in ("matmul", "bmm", "baddbmm") and n not in self.weight_ops():
+                    self.region.add(n)  # QKᵀ itself; its operands are Q and K
+                elif k in _SCORE and k != "softmax":
+                    self.region.add(n)
+                    back.extend(n.all_input_nodes)
+            fwd = list(sm.users)
+            while fwd:
+                n = fwd.pop()
+                if n not in self.region and self.kind[n] in _SCORE and self.kind[n] != "add":
+                    self.region.add(n)
+                    fwd.extend(n.users)
         for n in self.region:
             n.meta[FLOAT_REGION] = True
 
