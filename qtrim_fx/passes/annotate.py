@@ -163,6 +163,14 @@ class _Analysis:
         self.weights[g] = (op, kind, axis, users)
         self.add_candidate(data, "input", kind, self.owner(op))
 
+    def is_weighted_output(self, n: object) -> bool:
+        """``n`` is the output of a conv/linear/matmul-with-weight (or of the BatchNorm folded into one)."""
+        if not isinstance(n, fx.Node):
+            return False
+        if n in self.weight_ops():
+            return True
+        return bool(n.args) and n.args[0] in self.folds and next(iter(n.args[0].users)) is n
+
     def find_float_regions(self) -> None:
         """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V."""
         for sm in (n for n in self.gm.graph.nodes if self.kind[n] == "softmax"):
@@ -209,7 +217,10 @@ class _Analysis:
                 ts = [a for a in n.args[:2] if self.is_tensor(a) and a in self.dynamic]
                 if len(ts) == 2:
                     for a in ts:
-                        self.add_candidate(a, "input", k, self.owner(n))
+                        # A conv/linear output entering a residual add is an op *output* (TensorRT fuses
+                        # Conv+Add and wants only the skip input quantized); ONNX Runtime keeps it.
+                        role = "output" if self.is_weighted_output(a) else "input"
+                        self.add_candidate(a, role, k, self.owner(n))
             elif k == "cat" and n not in self.region:
                 for a in (n.args[0] if n.args and isinstance(n.args[0], (list, tuple)) else ()):
                     self.add_candidate(a, "input", k, self.owner(n))
@@ -231,6 +242,15 @@ class _Analysis:
         ``maxpool(Q(x))`` and ``view(Q(x))`` are already on ``x``'s grid; a second quantizer
         there would only add rounding (ONNX Runtime propagates the Q/DQ pair itself).
         """
+        for n in list(self.candidates):  # hoist Q(view(x)) to view(Q(x)): ONNX Runtime wants Q on the op output
+            root = n
+            while (self.kind[root] == "reshape" and root.args and isinstance(root.args[0], fx.Node)
+                   and len(root.args[0].users) == 1 and self.is_tensor(root.args[0])
+                   and root.args[0] in self.dynamic and root.args[0] not in self.region
+                   and self.kind[root.args[0]] not in ("softmax", "module", "mha")):
+                root = root.args[0]
+            if root is not n and root not in self.candidates:
+                self.candidates[root] = self.candidates.pop(n)
         for n in list(self.candidates):
             src = n
             while self.kind[src] in ("maxpool", "reshape", "dropout") and src.args and isinstance(
@@ -293,9 +313,9 @@ class AnnotateSitesPass:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         a = _Analysis(gm, self.config)
         a.find_weights()
+        a.find_folds()
         a.find_float_regions()
         a.find_activations()
-        a.find_folds()
         a.share_grid_preserving()
         a.find_outputs()
         specs = self._weight_specs(a) | self._act_specs(a)
