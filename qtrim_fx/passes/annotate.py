@@ -179,7 +179,7 @@ class _Analysis:
             while back:
                 n = back.pop()
                 k = self.kind[n]
-                if n in self.region or n.op != "call_function" and n.op != "call_method":
+                if n in self.region or (n.op != "call_function" and n.op != "call_method"):
                     continue
                 if k in ("matmul", "bmm", "baddbmm") and n not in self.weight_ops():
                     self.region.add(n)  # QKᵀ itself; its operands are Q and K

@@ -68,7 +68,7 @@ def test_lower_sites_structure_and_parity(convnet):
     assert not any(SITE_NODE in n.meta and n.op == "call_module" for n in lg.graph.nodes)
     lg.graph.lint()
     assert not LowerSitesPass(get_profile("onnxruntime"))(lg).modified
-    assert not qm.qtrim_sites is None  # the prepared model is untouched
+    assert qm.qtrim_sites is not None  # the prepared model is untouched
     with torch.no_grad():
         a, b = qm(x), lg(x)
     assert (a.argmax(1) == b.argmax(1)).all()
@@ -105,12 +105,12 @@ def test_per_tensor_target_from_per_channel_statistics(convnet):
 def test_uncalibrated_sites_are_named():
     model, _ = get_model("tiny_convnet")
     qm = qtrim_fx.prepare(model)
-    with pytest.raises(UncalibratedSitesError, match="conv1.weight"):
+    with pytest.raises(UncalibratedSitesError, match=r"conv1\.weight"):
         lower(qm)
 
 
 def test_round_bias_only_for_int32_targets(convnet):
-    qm, x = convnet
+    qm, _x = convnet
     prof = get_profile("onnxruntime").replace(name="ort-int32", bias="int32")
     lg = lower(qm, get_profile("onnxruntime").replace(name="ort-float", bias="float"))
     assert not RoundBiasPass(get_profile("tensorrt"))(lg).modified
