@@ -1,0 +1,215 @@
+"""Export a lowered GraphModule to a clean QDQ ONNX file for one target.
+
+::
+
+    lowered GraphModule (quant_dequant calls)
+      -> torch.onnx.export(dynamo=False)           raw ONNX with qtrim::QDQ placeholders
+      -> qdq_passes(profile)                       standard Q/DQ, integer weights, target rules
+      -> validate_model + check(profile)           onnx.checker, shape inference, target rules
+      -> atomic write                              temp file in the same folder + os.replace
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+import torch.fx
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
+
+from ..scheme import SchemeError
+from .check import Violation, check
+from .dtypes import storage_for
+from .errors import ExportError
+from .expand_placeholders import ExpandPlaceholdersPass, require_storage
+from .finalize import FinalizeModelPass, validate_model
+from .fold_weight_layout import FoldWeightLayoutPass
+from .merge_qdq import MergeDuplicateQDQPass
+from .name_after_sites import NameAfterSitesPass
+from .profiles import TargetProfile, get_profile
+from .qdq import PLACEHOLDER_DOMAIN, PLACEHOLDER_OPSET, is_quant_dequant
+from .quantize_bias import QuantizeBiasPass
+from .requantize_shape_ops import RequantizeAfterShapeOpsPass
+
+__all__ = ["export_lowered", "qdq_passes", "run_qdq_passes"]
+
+_BATCH = "batch"
+
+
+def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
+    """The ONNX passes, in order, that turn a raw placeholder export into a clean QDQ model."""
+    return ir.passes.PassManager(
+        [
+            IdentityEliminationPass(),  # the exporter's Identity copies of shared parameters
+            ExpandPlaceholdersPass(profile),
+            FoldWeightLayoutPass(),
+            MergeDuplicateQDQPass(),
+            RequantizeAfterShapeOpsPass(),
+            QuantizeBiasPass(profile),
+            RemoveUnusedNodesPass(),
+            NameAfterSitesPass(),
+            TopologicalSortPass(),
+            FinalizeModelPass(profile),
+        ]
+    )
+
+
+def run_qdq_passes(model: onnx.ModelProto, profile: str | TargetProfile) -> onnx.ModelProto:
+    """Run :func:`qdq_passes` on a raw export and validate the result (``onnx.checker`` + shapes).
+
+    Returns:
+        A new, validated ``ModelProto`` with inferred shapes.
+    """
+    ir_model = ir.from_proto(model)
+    try:
+        qdq_passes(get_profile(profile))(ir_model)
+    except ir.passes.PassError as e:
+        # Surface our own, actionable errors rather than the pass manager's wrappers.
+        cause: BaseException | None = e
+        while isinstance(cause, ir.passes.PassError):
+            cause = cause.__cause__
+        if isinstance(cause, SchemeError):
+            raise cause from None
+        raise
+    return validate_model(ir.to_proto(ir_model))
+
+
+def export_lowered(
+    gm: torch.nn.Module,
+    example_inputs: tuple[object, ...] | torch.Tensor,
+    path: str | os.PathLike[str],
+    profile: str | TargetProfile,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+) -> onnx.ModelProto:
+    """Export a lowered model (``quant_dequant`` at every site) as a clean QDQ ONNX file.
+
+    Args:
+        gm: the lowered module (usually a ``torch.fx.GraphModule``).
+        example_inputs: positional inputs for tracing (a single tensor is accepted).
+        path: output file; written atomically (a failed export leaves no file).
+        profile: a :class:`TargetProfile` or its name (``"onnxruntime"``, ``"tensorrt"``, ...).
+        input_names, output_names: ONNX names (default: the forward's argument names;
+            ``output`` / ``output_<i>``).
+        dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
+
+    Returns:
+        The written model.
+
+    Raises:
+        ExportError: the model needs something the target cannot take (INT4 below opset 21, a
+            non-constant scale, ...) or the result breaks the target's rules (``check`` errors).
+        ProfileError: unknown target name.
+    """
+    prof = get_profile(profile)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    _preflight(gm, prof)
+    ins, outs = _io_names(gm, args, input_names, output_names)
+    raw = _torch_export(gm, args, prof, ins, outs, dynamic_batch)
+    model = run_qdq_passes(raw, prof)
+    _enforce(check(model, prof), prof)
+    _write_atomically(model, Path(path))
+    return model
+
+
+def _preflight(gm: torch.nn.Module, prof: TargetProfile) -> None:
+    """Fail before the (slow) export when a site needs a newer opset than the profile's."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not is_quant_dequant(node.target):
+            continue
+        bits, signed, name = (_arg(node, i, k) for i, k in ((6, "bits"), (7, "signed"), (8, "name")))
+        if isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 16:
+            require_storage(storage_for(bits, bool(signed)), str(name), prof)
+
+
+def _arg(node: torch.fx.Node, index: int, key: str) -> object:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(key)
+
+
+def _io_names(
+    gm: torch.nn.Module,
+    args: tuple[object, ...],
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+) -> tuple[list[str], list[str]]:
+    if input_names is None:
+        if isinstance(gm, torch.fx.GraphModule):
+            input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: len(args)]
+        else:
+            input_names = [f"input_{i}" for i in range(len(args))]
+    if output_names is None:
+        n_out = _count_outputs(gm, args)
+        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    return list(input_names), list(output_names)
+
+
+def _count_outputs(gm: torch.nn.Module, args: tuple[object, ...]) -> int:
+    if isinstance(gm, torch.fx.GraphModule):
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        return len(torch.utils._pytree.tree_leaves(out.args[0]))
+    was_training = gm.training
+    try:
+        with torch.no_grad():
+            return len(torch.utils._pytree.tree_leaves(gm.eval()(*args)))
+    finally:
+        gm.train(was_training)
+
+
+def _torch_export(
+    gm: torch.nn.Module,
+    args: tuple[object, ...],
+    prof: TargetProfile,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    dynamic_axes = {n: {0: _BATCH} for n in (*input_names, *output_names)} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # "legacy TorchScript-based export"
+        # Opset 21 (INT4): the legacy exporter warns and emits opset-20 forms of ordinary ops, which
+        # opset 21 only widened (types); checker and shape inference validate the result.
+        warnings.filterwarnings("ignore", message=".*opset version 21 is not supported.*")
+        torch.onnx.export(
+            gm, args, buffer, dynamo=False, opset_version=prof.opset, do_constant_folding=True,
+            custom_opsets={PLACEHOLDER_DOMAIN: PLACEHOLDER_OPSET}, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes,
+        )
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _enforce(violations: list[Violation], prof: TargetProfile) -> None:
+    errors = [v for v in violations if v.severity == "error"]
+    if errors:
+        lines = "\n  ".join(str(v) for v in errors)
+        raise ExportError(f"the export breaks target {prof.name!r}'s rules:\n  {lines}")
+    for v in violations:
+        warnings.warn(f"target {prof.name!r}: {v}", stacklevel=3)
+
+
+def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

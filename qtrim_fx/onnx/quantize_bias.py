@@ -1,0 +1,96 @@
+"""Store Conv / ConvTranspose / Gemm biases as int32 + DequantizeLinear (profiles with ``bias="int32"``).
+
+Integer kernels add the bias in the accumulator, whose scale is ``s_x * s_w``::
+
+    x_dq  = DequantizeLinear(x_q, s_x, z_x)
+    w_dq  = DequantizeLinear(w_q, s_w, 0, axis)
+    Conv(x_dq, w_dq, conv.bias (f32))
+      =>  Conv(x_dq, w_dq, DequantizeLinear(conv.bias_quantized (int32), s_x * s_w, 0 (int32), axis=0))
+
+``conv.bias_quantized = round_half_even(b / (s_x * s_w))`` saturated to int32 (what the ONNX
+Runtime and QNN quantizers write); the bias then differs from the float one by at most half an
+accumulator step. Only applies when both inputs come from DQ nodes with constant scales, the
+activation scale is per-tensor and a per-channel weight scale runs along the output channel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ._graph import NameScope, add_initializer, const_array, is_op, qdq_params
+from .profiles import TargetProfile
+
+__all__ = ["QuantizeBiasPass"]
+
+_INT32 = np.iinfo(np.int32)
+
+
+class QuantizeBiasPass(ir.passes.InPlacePass):
+    """Float bias -> int32 initializer + DequantizeLinear; a no-op for ``bias="float"`` profiles."""
+
+    def __init__(self, profile: TargetProfile) -> None:
+        super().__init__()
+        self.profile = profile
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.profile.bias != "int32":
+            return ir.passes.PassResult(model, False)
+        graph = model.graph
+        names = NameScope(graph)
+        modified = False
+        for node in list(graph):
+            scale = _bias_scale(node)
+            if scale is None:
+                continue
+            bias = node.inputs[2]
+            assert bias is not None
+            dq = _bias_dq(graph, bias, scale, names)
+            graph.insert_before(node, dq)
+            node.replace_input_with(2, dq.outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _out_channel_axis(node: ir.Node) -> int:
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if "transB" in node.attributes and node.attributes["transB"].as_int() else 1
+    return 0
+
+
+def _bias_scale(node: ir.Node) -> np.ndarray | None:
+    """``s_x * s_w`` (0-D or (C,)) if ``node`` has a float constant bias between quantized inputs."""
+    if not is_op(node, "Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    bias = const_array(node.inputs[2])
+    x_dq, w_dq = (v.producer() if v is not None else None for v in node.inputs[:2])
+    if bias is None or bias.dtype != np.float32 or not is_op(x_dq, "DequantizeLinear") \
+            or not is_op(w_dq, "DequantizeLinear"):
+        return None
+    x_p = qdq_params(x_dq)  # type: ignore[arg-type]
+    w_p = qdq_params(w_dq, rank=_rank(w_dq))  # type: ignore[arg-type]
+    if x_p is None or w_p is None or x_p.per_channel:
+        return None
+    if w_p.per_channel and (w_p.axis != _out_channel_axis(node) or w_p.scale.size != bias.size):
+        return None
+    return (np.float32(x_p.scale) * w_p.scale.astype(np.float32)).astype(np.float32)
+
+
+def _rank(dq: ir.Node) -> int | None:
+    codes = const_array(dq.inputs[0])
+    return None if codes is None else codes.ndim
+
+
+def _bias_dq(graph: ir.Graph, bias: ir.Value, scale: np.ndarray, names: NameScope) -> ir.Node:
+    b = const_array(bias)
+    assert b is not None
+    codes = np.clip(np.rint(b / scale), _INT32.min, _INT32.max).astype(np.int32)
+    base = bias.name or "bias"
+    q = add_initializer(graph, names.value(f"{base}_quantized"), codes)
+    s = add_initializer(graph, names.value(f"{base}_scale"), scale)
+    z = add_initializer(graph, names.value(f"{base}_zero_point"), np.zeros(scale.shape, np.int32))
+    attrs = {"axis": 0} if scale.ndim == 1 else {}
+    out = ir.val(names.value(f"{base}_dequantized"), ir.DataType.FLOAT, ir.Shape(codes.shape))
+    return ir.node("DequantizeLinear", [q, s, z], attrs, outputs=[out], name=names.node(f"{base}/DequantizeLinear"))

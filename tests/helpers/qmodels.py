@@ -1,0 +1,68 @@
+"""Shared builders for tests: realistic prepared models (BN statistics warmed, sites calibrated)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import qtrim_fx
+
+
+@torch.no_grad()
+def warm_batchnorm(model: nn.Module, batches: list) -> None:
+    """Give random-init BatchNorms the running statistics of real activations (momentum 1 pass).
+
+    Random-init torchvision nets in eval mode often shrink activations to ~1e-9 because
+    running_var is 1; a trained net has normalized activations. Each BN takes the statistics
+    of the last batch it sees.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was = model.training
+    model.eval()
+    for m in bns:
+        m.momentum = 1.0
+        m.train()
+    for b in batches:
+        model(*b) if isinstance(b, tuple) else model(b)
+    for m, (mom, tr) in zip(bns, saved, strict=True):
+        m.momentum = mom
+        m.training = tr
+    model.train(was)
+
+
+def calibrated(model: nn.Module, batches: list, config: qtrim_fx.QuantConfig | None = None, lam: float = 1.0):
+    """prepare + warm BN + calibrate + set λ, in eval mode."""
+    warm_batchnorm(model, batches)
+    qm = qtrim_fx.prepare(model, config=config)
+    qtrim_fx.calibrate(qm, batches)
+    qtrim_fx.set_blend(qm, lam)
+    return qm.eval()
+
+
+def train_on_digits(
+    model: nn.Module, epochs: int = 2, size: int = 32, lr: float = 1e-3, seed: int = 0, max_steps: int | None = None
+):
+    """A short real training run on scikit-learn's digits; returns (model in eval, test images, labels).
+
+    Random-init networks on white noise give near-tied logits and amplify every rounding flip;
+    a briefly trained network is the realistic thing to compare runtimes on.
+    """
+    from models.data import digits_loaders
+
+    torch.manual_seed(seed)
+    train, test = digits_loaders(batch_size=64, size=size, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        for xb, yb in train:
+            if max_steps is not None and steps >= max_steps:
+                break
+            steps += 1
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    xs, ys = next(iter(test))
+    calib = [xb for xb, _ in list(train)[:4]]
+    return model.eval(), calib, xs, ys

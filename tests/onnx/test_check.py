@@ -1,0 +1,188 @@
+"""check(): clean on our exports for every target; finds violations planted in hand-made models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qdq_models import convnet, exported, token_mixer, upsampler
+
+from qtrim_fx.onnx import ProfileError, Violation, check, get_profile
+
+PROFILES = ("onnxruntime", "tensorrt", "qnn", "openvino", "npu")
+INT4 = get_profile("onnxruntime").replace(opset=21, weight_bits=4)
+
+
+@pytest.mark.parametrize("factory", [convnet, token_mixer, upsampler])
+@pytest.mark.parametrize("target", [*PROFILES, INT4])
+def test_our_exports_are_clean(factory, target, tmp_path):
+    prof = get_profile(target)
+    _, _, model = exported(factory, prof)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert check(model, prof) == []
+    assert check(path, prof) == []  # from a file too
+    assert check(ir.from_proto(model), prof) == []
+
+
+# -- a hand-made QDQ conv, then one planted violation at a time -------------------------------
+def _build(
+    *,
+    act_dtype=np.uint8,
+    act_zp=128,
+    w_dtype=np.int8,
+    w_zp=0,
+    w_axis: int | None = 0,
+    op="Conv",
+    out_q=True,
+    out_consumer="Relu",
+    x_scale_shape=(),
+    weight_storage="integer",
+    opset=17,
+    ir_version=10,
+    drop_act_zp=False,
+    float_op_before=False,
+    extra_nodes=(),
+):
+    """x -> Q -> DQ -> op(W) [-> Q -> DQ] -> out_consumer -> y, W as int codes + DQ."""
+    rng = np.random.default_rng(0)
+    w_shape = {"Conv": (4, 3, 1, 1), "ConvTranspose": (3, 4, 1, 1), "Gemm": (4, 3)}[op]
+    x_shape = [1, 3] if op == "Gemm" else [1, 3, 2, 2]
+    c = w_shape[w_axis] if w_axis is not None else 1
+    w_scale = np.full(c, 0.01, np.float32) if w_axis is not None else np.array(0.01, np.float32)
+    inits = {
+        "xs": np.full(x_scale_shape, 0.02, np.float32), "xz": np.full(x_scale_shape, act_zp, act_dtype),
+        "ws": w_scale, "wz": np.full(w_scale.shape, w_zp, w_dtype),
+        "ys": np.array(0.05, np.float32), "yz": np.array(act_zp, act_dtype),
+    }
+    axis = {} if w_axis is None else {"axis": w_axis}
+    xq_inputs = ["x", "xs"] if drop_act_zp else ["x", "xs", "xz"]
+    nodes = [helper.make_node("QuantizeLinear", xq_inputs, ["xq"], name="x/QuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="x/DequantizeLinear")]
+    if weight_storage == "integer":
+        inits["wq"] = rng.integers(-7, 8, w_shape).astype(w_dtype)
+    else:
+        inits["wf"] = rng.standard_normal(w_shape).astype(np.float32) * 0.05
+        nodes.append(helper.make_node("QuantizeLinear", ["wf", "ws", "wz"], ["wq"], name="w/QuantizeLinear", **axis))
+    nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="w/DequantizeLinear", **axis))
+    if float_op_before:
+        nodes.append(helper.make_node("Relu", ["xd"], ["xr"], name="m/Relu_in"))
+    nodes.append(helper.make_node(op, ["xr" if float_op_before else "xd", "wd"], ["c"], name=f"m/{op}"))
+    src = "c"
+    if out_q:
+        nodes += [helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"], name="c/QuantizeLinear"),
+                  helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["cd"], name="c/DequantizeLinear")]
+        src = "cd"
+    nodes.append(helper.make_node(out_consumer, [src, src] if out_consumer == "Add" else [src], ["y"],
+                                  name=f"m/{out_consumer}"))
+    nodes += list(extra_nodes)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def _rules(model, target) -> list[tuple[str, str]]:
+    return sorted({(v.rule, v.severity) for v in check(model, target)})
+
+
+def test_hand_made_baseline_is_clean():
+    assert check(_build(), "onnxruntime") == []
+    assert check(_build(act_dtype=np.int8, act_zp=0, out_q=False), "tensorrt") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "target", "expected"),
+    [
+        ({"drop_act_zp": True}, "onnxruntime", [("zero_point_missing", "error")]),
+        ({"x_scale_shape": (1,)}, "onnxruntime", [("scale_not_scalar", "error")]),
+        ({"out_q": False}, "tensorrt", [("activation_dtype", "error")]),
+        ({"act_dtype": np.int8, "act_zp": 3, "out_q": False}, "tensorrt", [("activation_zero_point", "error")]),
+        ({"act_dtype": np.uint8, "act_zp": 0}, "qnn", []),
+        ({"weight_storage": "float"}, "onnxruntime", [("weight_float_storage", "warning")]),
+        ({"w_dtype": np.uint8, "w_zp": 0, "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt",
+         [("weight_dtype", "error")]),
+        ({"w_zp": 2}, "onnxruntime", [("weight_zero_point", "error")]),
+        ({"w_axis": 1}, "onnxruntime", [("weight_axis", "error")]),
+        ({"op": "ConvTranspose", "w_axis": 0}, "onnxruntime", [("weight_axis", "error")]),
+        ({"op": "ConvTranspose", "w_axis": 1}, "onnxruntime", []),
+        ({"op": "ConvTranspose", "w_axis": 0, "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt", []),
+        ({"op": "Gemm", "w_axis": 0}, "onnxruntime", [("weight_axis", "error")]),  # transB=0: want axis 1
+        ({"act_dtype": np.int8, "act_zp": 5}, "npu", [("weight_per_channel", "error")]),
+        ({"w_axis": None, "act_dtype": np.int8, "act_zp": 5}, "npu", []),
+        ({"out_q": False}, "onnxruntime", [("op_output_not_quantized", "warning")]),
+        ({"act_dtype": np.int8, "act_zp": 0, "out_consumer": "Add"}, "tensorrt", [("op_output_quantized", "warning")]),
+        ({"act_dtype": np.int8, "act_zp": 0, "out_consumer": "MaxPool"}, "tensorrt", []),  # next op's input Q
+        ({"out_q": False}, "openvino", []),  # openvino takes both placements
+        ({"float_op_before": True}, "onnxruntime", [("op_input_not_dequantized", "warning")]),
+        ({"float_op_before": True, "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt", []),
+        ({"opset": 21, "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt", [("opset_too_new", "error")]),
+        ({"ir_version": 11}, "onnxruntime", [("ir_version", "error")]),
+        ({"opset": 11, "ir_version": 6}, "onnxruntime", [("opset_per_channel", "error")]),
+    ],
+)
+def test_planted_violations(kwargs, target, expected):
+    assert _rules(_build(**kwargs), target) == expected
+
+
+def _with_int4_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    ir_model = ir.from_proto(model)
+    for name in ("wq", "wz"):
+        value = ir_model.graph.initializers[name]
+        value.const_value = ir.tensor(value.const_value.numpy().astype(np.int8), dtype=ir.DataType.INT4, name=name)
+        value.type = ir.TensorType(ir.DataType.INT4)
+    return ir.to_proto(ir_model)
+
+
+def test_int4_rules():
+    assert _rules(_with_int4_weights(_build(opset=21)), "onnxruntime") == []
+    assert _rules(_with_int4_weights(_build(opset=19)), "onnxruntime") == [("int4_opset", "error")]
+    trt = _with_int4_weights(_build(opset=21, act_dtype=np.int8, act_zp=0, out_q=False))
+    assert _rules(trt, "tensorrt") == [("int4_not_allowed", "error"), ("opset_too_new", "error")]
+
+
+def _softmax_model(q_after: bool) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    if q_after:
+        nodes = [helper.make_node("Softmax", ["x"], ["p"], name="attn/Softmax"),
+                 helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"], name="p/QuantizeLinear"),
+                 helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["y"], name="p/DequantizeLinear")]
+    else:
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x/QuantizeLinear"),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="x/DequantizeLinear"),
+                 helper.make_node("Softmax", ["xd"], ["y"], name="attn/Softmax")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("q_after", [False, True])
+def test_softmax_must_stay_float(q_after):
+    found = check(_softmax_model(q_after), "onnxruntime")
+    assert [(v.rule, v.node) for v in found] == [
+        ("softmax_quantized", "p/QuantizeLinear" if q_after else "x/DequantizeLinear")]
+
+
+def test_non_standard_ops_are_reported():
+    model = _build(extra_nodes=[helper.make_node("QDQ", ["x"], ["junk"], domain="qtrim", name="/QDQ")])
+    model.opset_import.append(helper.make_opsetid("qtrim", 1))
+    found = check(model, "onnxruntime")
+    assert [(v.rule, v.node) for v in found] == [("non_standard_op", "/QDQ")]
+    assert "qtrim::QDQ" in found[0].message
+
+
+def test_violation_reads_well():
+    v = Violation("weight_axis", "w/DequantizeLinear", "use axis 0")
+    assert str(v) == "[error] weight_axis at w/DequantizeLinear: use axis 0"
+
+
+def test_unknown_target():
+    with pytest.raises(ProfileError, match=r"unknown target"):
+        check(_build(), "edgetpu")
