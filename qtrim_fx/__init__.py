@@ -7,6 +7,8 @@ Public API::
     trim.epoch_start(epoch)                           # sets λ_t, pins weights
     qtrim_fx.calibrate(qm, batches)                   # post-training statistics instead of training
     print(qtrim_fx.inspect(qm))                       # sites, grids, scales, clipping
+    qtrim_fx.export_onnx(qm, (x,), "model.qdq.onnx", target="onnxruntime")
+    qtrim_fx.verify("model.qdq.onnx", float_model, batches, backends=("onnxruntime", "openvino"))
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from .calibrate import calibrate
 from .capture import CaptureError, capture
 from .config import Override, QuantConfig
 from .curriculum import Curriculum
+from .export import export_onnx
 from .inspect import InspectReport, inspect
+from .lower import lower
 from .observer import EmaQuantileObserver
+from .onnx import ExportError, ProfileError, TargetProfile, WeightAxes, check, get_profile, register_profile
 from .prepare import NoSitesError, is_prepared, iter_sites, prepare, set_blend
 from .pruner import ReversePruner
 from .quantize import dequantize, derive_qparams, fake_quantize, quantize
 from .scheme import QuantScheme, SchemeError
 from .site import QuantSite
 from .trim import QuantTrim
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -32,25 +38,36 @@ __all__ = [
     "CaptureError",
     "Curriculum",
     "EmaQuantileObserver",
+    "ExportError",
     "InspectReport",
     "NoSitesError",
     "Override",
+    "ProfileError",
     "QuantConfig",
     "QuantScheme",
     "QuantSite",
     "QuantTrim",
     "ReversePruner",
     "SchemeError",
+    "TargetProfile",
+    "VerifyReport",
+    "WeightAxes",
     "blend_quant",
     "calibrate",
     "capture",
+    "check",
     "dequantize",
     "derive_qparams",
+    "export_onnx",
     "fake_quantize",
+    "get_profile",
     "inspect",
     "is_prepared",
     "iter_sites",
+    "lower",
     "prepare",
     "quantize",
+    "register_profile",
     "set_blend",
+    "verify",
 ]
