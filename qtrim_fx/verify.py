@@ -532,6 +532,7 @@ class _LayerMatcher:
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.constants = {t.name for t in model.graph.initializer}
         self.constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        self.by_order = _order_twins(model, ref)
 
     def by_tensor(self, tensor: str, op_type: str | None) -> str | None:
         ref_node = self.ref_producer.get(tensor)
@@ -564,7 +565,23 @@ class _LayerMatcher:
             return LayerMetrics(label, node.op_type, out, ref, "node name")
         if (ref := self.by_tensor(out, node.op_type)) is not None:
             return LayerMetrics(label, node.op_type, out, ref, "tensor name")
+        if (ref := self.by_order.get(out)) is not None:
+            return LayerMetrics(label, node.op_type, out, ref, "graph order")
         return f"{label} ({node.op_type})"
+
+
+def _order_twins(model, ref) -> dict[str, str]:
+    """Compute-node outputs paired by graph order when both graphs hold the same sequence of them.
+
+    Exports of one network by different tools (ours names ops after modules, ``torch.onnx.export``
+    after its scopes, BN folding renames weights) rarely share names, but they keep the order of
+    the Conv/Gemm/MatMul nodes.
+    """
+    ours = [n for n in model.graph.node if n.op_type in PER_LAYER_OPS]
+    theirs = [n for n in ref.graph.node if n.op_type in PER_LAYER_OPS]
+    if len(ours) != len(theirs) or any(a.op_type != b.op_type for a, b in zip(ours, theirs, strict=True)):
+        return {}
+    return {a.output[0]: b.output[0] for a, b in zip(ours, theirs, strict=True)}
 
 
 def _match_layers(model, ref) -> tuple[list[LayerMetrics], list[str]]:
