@@ -296,3 +296,19 @@ def test_several_inputs_and_outputs(tmp_path):
         assert y.shape == [3, 5] and y.top1 == 1.0 and y.sqnr_db > 100
         assert z.shape == [3, 1, 6] and z.top1 is None
     assert report.ok(min_sqnr_db=100, min_top1=1.0)
+
+
+def test_per_layer_matches_our_export_against_the_float_model(tmp_path):
+    import qtrim_fx
+    from models import get_model
+
+    model, (x,) = get_model("tiny_convnet", batch_size=4)
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = tmp_path / "q.onnx"
+    qtrim_fx.export_onnx(qm, (x[:1],), path)
+    report = qtrim_fx.verify(path, model, [x], backends=("onnxruntime-noopt",), per_layer=True)
+    convs = [layer for layer in report.per_layer.layers if layer.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 3  # conv1, conv2, fc
+    assert all(layer.sqnr_db > 10 for layer in convs)
