@@ -84,8 +84,9 @@ class BlendControl(nn.Module):
 
     def __init__(self, value: float = 0.0) -> None:
         super().__init__()
-        self.register_buffer("value", torch.tensor(float(value), dtype=torch.float32))
-        self._is_zero = float(value) == 0.0
+        self.register_buffer("value", torch.tensor(0.0, dtype=torch.float32))
+        self._is_zero = True
+        self.set(value)  # same [0, 1] check as later updates
         self._register_load_state_dict_pre_hook(self._on_load)
 
     def set(self, value: float) -> None:

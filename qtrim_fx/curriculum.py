@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 __all__ = ["Curriculum"]
@@ -35,7 +36,7 @@ class Curriculum:
     def __post_init__(self) -> None:
         for name in ("warmup", "ramp_end", "horizon", "max_blend"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"Curriculum {name} must be a finite number, got {v!r}")
         if self.warmup < 0:
             raise ValueError(f"Curriculum warmup={self.warmup} must be >= 0")

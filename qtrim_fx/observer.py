@@ -161,22 +161,48 @@ class EmaQuantileObserver(nn.Module):
         return g
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(C, n) view of the subsample: C = 1 per tensor, else channels along ``axis``."""
-        x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        if self.axis is None:
-            flat = x.reshape(1, -1)
-        else:
-            flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
-        c, n = flat.shape
-        per_row = max(1, self.max_samples // c)
-        if n > per_row:
-            flat = flat.index_select(1, self._sample_indices(n, per_row, x.device))
-        return flat
+        """(C, n) subsample as float: C = 1 per tensor, else channels along ``axis``.
 
-    def _sample_indices(self, n: int, k: int, device: torch.device) -> torch.Tensor:
-        """``k`` indices in ``[0, n)``: random runs of ``_BLOCK`` consecutive elements.
+        The input is never copied, moved or converted as a whole (no ``movedim().reshape``
+        copy, no full ``.float()`` of a half-precision input); only the subsample is
+        gathered and converted to float32. When each row is contiguous in memory (per
+        tensor, or channels on the leading axis: the usual weight and activation layouts)
+        the runs are copied out of an ``unfold`` view, otherwise elements are gathered
+        with ``torch.take`` on logical indices; both read the same elements.
+        """
+        x = x.detach()
+        if self.axis is None:
+            c, pre, post = 1, 1, x.numel()
+        else:
+            if not -x.dim() <= self.axis < x.dim():
+                raise SchemeError(f"observer axis {self.axis} is out of range for a {x.dim()}-D tensor")
+            axis = self.axis % x.dim()
+            c, pre, post = x.shape[axis], math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
+        n = pre * post
+        per_row = max(1, self.max_samples // c)
+        if pre == 1 and x.is_contiguous():
+            rows = x.view(c, n)
+            if n > per_row:
+                starts, block = self._sample_starts(n, per_row, x.device)
+                # Advanced indexing copies the runs; index_select on this overlapping view would
+                # materialize it whole (n x block elements).
+                rows = rows.unfold(1, block, 1)[:, starts].reshape(c, -1)
+        else:
+            if n > per_row:
+                starts, block = self._sample_starts(n, per_row, x.device)
+                r = (starts.unsqueeze(1) + torch.arange(block, device=x.device)).reshape(-1)
+            else:
+                r = torch.arange(n, device=x.device)
+            # Element r of channel ch (in movedim(axis, 0).reshape(C, -1) order) has logical
+            # flat index (r // post) * C * post + ch * post + r % post.
+            base = torch.div(r, post, rounding_mode="floor") * (c * post) + torch.remainder(r, post)
+            rows = torch.take(x, base.unsqueeze(0) + (torch.arange(c, device=x.device) * post).unsqueeze(1))
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        return rows
+
+    def _sample_starts(self, n: int, k: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Starts of ``k // block`` random runs of ``block = min(_BLOCK, k)`` consecutive indices in ``[0, n)``.
 
         Drawing one random start per run instead of one per element keeps the work
         (random-number generation and cache misses) small and independent of ``n``.
@@ -185,7 +211,7 @@ class EmaQuantileObserver(nn.Module):
         starts = torch.randint(
             0, n - block + 1, (k // block,), generator=self._generator(device), device=device
         )
-        return (starts.unsqueeze(1) + torch.arange(block, device=device)).reshape(-1)
+        return starts, block
 
     # -- update --------------------------------------------------------------
     @torch.no_grad()

@@ -59,6 +59,8 @@ class ReversePruner:
         self.momentum = momentum
         self.per_channel = bool(per_channel)
         self.start = None if start is None else float(start)
+        if int(max_samples) < 1:
+            raise SchemeError(f"max_samples={max_samples!r} must be a positive int (quantile subsample bound)")
         self.max_samples = int(max_samples)
         self.seed = int(seed)
         self.thresholds: list[torch.Tensor | None] = []
