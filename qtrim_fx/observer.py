@@ -25,6 +25,7 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .scheme import SchemeError
@@ -73,6 +74,22 @@ def tail_quantiles(v: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     a = top.gather(-1, i_lo).squeeze(-1)
     b = top.gather(-1, i_hi).squeeze(-1)
     return torch.lerp(a, b, frac), nf > 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_mean(
+    lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean of each rank's step statistics over the ranks where they are valid (one all-reduce)."""
+    v = valid.to(lo.dtype)
+    buf = torch.stack([torch.where(valid, lo, 0.0), torch.where(valid, hi, 0.0), v])
+    dist.all_reduce(buf)
+    count = buf[2]
+    denom = count.clamp(min=1.0)
+    return buf[0] / denom, buf[1] / denom, count > 0
 
 
 class EmaQuantileObserver(nn.Module):
@@ -129,6 +146,9 @@ class EmaQuantileObserver(nn.Module):
         self.register_buffer("lo", torch.full((), math.nan))
         self.register_buffer("hi", torch.full((), math.nan))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        # Non-finite values seen in the samples (counted on the device: no sync in the hot path).
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64))
+        self.sync_ranks = True
         self._calls = 0  # training calls seen (host side), drives update_every and the sample seed
         self._updates = 0  # host mirror of num_updates
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -214,12 +234,15 @@ class EmaQuantileObserver(nn.Module):
         return starts, block
 
     # -- update --------------------------------------------------------------
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        """Record one observation unconditionally (ignores train/eval and update_every)."""
-        if x.numel() == 0:
-            return
+    def _empty_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = () if self.axis is None else (x.shape[self.axis],)
+        z = torch.zeros(shape, device=x.device)
+        return z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=x.device)
+
+    def _step_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's (lo, hi, valid) quantiles of ``x`` (0-D per tensor, (C,) per channel)."""
         rows = self._rows(x)
+        self.nonfinite += rows.numel() - torch.isfinite(rows).sum()
         if self.mode == "abs":
             m, valid = tail_quantiles(rows.abs(), self.p_hi)
             lo_t, hi_t = -m, m
@@ -228,8 +251,21 @@ class EmaQuantileObserver(nn.Module):
             hi_t, _ = tail_quantiles(rows, self.p_hi)
         if self.axis is None:
             lo_t, hi_t, valid = lo_t[0], hi_t[0], valid[0]
-        lo_t = lo_t.to(torch.float32)
-        hi_t = hi_t.to(torch.float32)
+        return lo_t.to(torch.float32), hi_t.to(torch.float32), valid
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Record one observation unconditionally (ignores train/eval and update_every).
+
+        Under ``torch.distributed`` (``sync_ranks``, on by default) every rank contributes its
+        step quantiles and all ranks apply the same mean, so the EMAs stay identical across ranks.
+        """
+        sync = self.sync_ranks and _distributed()
+        if x.numel() == 0 and not sync:
+            return
+        lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x)
+        if sync:
+            lo_t, hi_t, valid = _all_reduce_mean(lo_t, hi_t, valid)
         if self.lo.shape != lo_t.shape:
             if self._updates:
                 raise SchemeError(

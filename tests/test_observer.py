@@ -306,7 +306,7 @@ def test_state_dict_round_trip_and_identical_next_update(mode, axis):
 def test_state_dict_holds_the_raw_statistics():
     obs = EmaQuantileObserver("range", axis=0)
     _observe(obs, _heavy((3, 100), seed=12))
-    assert set(obs.state_dict()) == {"lo", "hi", "num_updates"}
+    assert set(obs.state_dict()) == {"lo", "hi", "num_updates", "nonfinite"}
     assert obs.state_dict()["lo"].shape == (3,)
 
 
@@ -409,3 +409,13 @@ def test_update_cost_is_bounded_by_the_subsample():
             times.append(time.perf_counter() - t0)
     small, large = (min(times) for _, _, times in cases)
     assert large < 6 * small, f"1e7 update {large * 1e3:.2f} ms vs 1e5 {small * 1e3:.2f} ms"
+
+
+def test_nonfinite_values_are_counted_without_entering_the_statistics():
+    obs = EmaQuantileObserver("range")
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    x[:10] = np.nan
+    x[10:15] = np.inf
+    _observe(obs, x)
+    assert int(obs.nonfinite) == 15
+    assert torch.isfinite(obs.lo) and torch.isfinite(obs.hi)
