@@ -248,7 +248,10 @@ def test_hand_written_attention_structure():
     # attention output = the out projection's input
     o_in = [n for n in qm.graph.nodes if n.op == "call_function" and n.target is F.linear and
             n.args[1].target == "qtrim_sites.o_weight"]
-    assert o_in and o_in[0].args[0].target.startswith("qtrim_sites.")
+    src = o_in[0].args[0]
+    while not str(src.target).startswith("qtrim_sites.") and src.op == "call_method":
+        src = src.args[0]  # views commute with per-tensor quantization; the site sits before them
+    assert str(src.target).startswith("qtrim_sites.")
     _attention_checks(qm, expect_qkv=3)
 
 
