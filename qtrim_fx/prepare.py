@@ -83,7 +83,11 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
         )
     blend_control(gm)
     gm.__dict__[INFO_ATTR] = PrepareInfo(result.frontend, result.fallbacks, config)
-    gm.train(model.training)
+    # Only the new modules take the model's mode: shared submodules keep their own flags
+    # (a BatchNorm frozen in eval inside a training model stays frozen).
+    gm.training = model.training
+    for m in (*gm.qtrim_sites.modules(), gm.qtrim_blend):
+        m.training = model.training
     return gm
 
 

@@ -33,9 +33,9 @@ def mha_supported(m: nn.MultiheadAttention) -> bool:
 
 
 @torch.fx.wrap
-def _float_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Bool masks -> additive float masks (-inf where True), as ``F._canonical_mask``."""
-    if mask is None or torch.is_floating_point(mask):
+    if torch.is_floating_point(mask):
         return mask
     return torch.zeros_like(mask, dtype=like.dtype).masked_fill_(mask, float("-inf"))
 
@@ -56,9 +56,7 @@ def _merge_masks(
 
 
 @torch.fx.wrap
-def _sdpa_mask(mask: torch.Tensor | None, bsz: int, num_heads: int, src_len: int) -> torch.Tensor | None:
-    if mask is None:
-        return None
+def _sdpa_mask(mask: torch.Tensor, bsz: int, num_heads: int, src_len: int) -> torch.Tensor:
     if mask.size(0) == 1 and mask.dim() == 3:
         return mask.unsqueeze(0)
     return mask.view(bsz, num_heads, -1, src_len)
@@ -101,11 +99,15 @@ def traceable_mha_forward(
             query, key, value = (t.transpose(1, 0) for t in (query, key, value))
     tgt_len, bsz, embed_dim = query.shape
     num_heads, head_dim = m.num_heads, m.head_dim
-    key_padding_mask = _float_mask(key_padding_mask, query)
+    # Masks are None or not when traced: only real masks go through the (leaf) mask helpers, so the
+    # graph has no mask ops, and no ``mask is not None`` test on a proxy, when the call has none.
+    if key_padding_mask is not None:
+        key_padding_mask = _float_mask(key_padding_mask, query)
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None
     else:
-        attn_mask = _float_mask(attn_mask, query)
+        if attn_mask is not None:
+            attn_mask = _float_mask(attn_mask, query)
         if key_padding_mask is not None:
             is_causal = False
     q, k, v = _in_projection(m, query, key, value, same)
@@ -113,8 +115,10 @@ def traceable_mha_forward(
     k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
     v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
     src_len = k.size(1)
-    mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads)
-    dropout_p = m.dropout if m.training else 0.0
+    mask = None
+    if attn_mask is not None or key_padding_mask is not None:
+        mask = _merge_masks(attn_mask, key_padding_mask, bsz, num_heads)
+    dropout_p = m.dropout if m.training else 0.0  # capture turns this into a runtime mode_select
     if need_weights:
         q_scaled = q * math.sqrt(1.0 / float(head_dim))
         if mask is not None:
@@ -122,8 +126,8 @@ def traceable_mha_forward(
         else:
             weights = torch.bmm(q_scaled, k.transpose(-2, -1))
         weights = F.softmax(weights, dim=-1)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
+        if m.dropout > 0.0:  # same op in both modes, so the trace differs by the flag only
+            weights = F.dropout(weights, p=m.dropout, training=m.training)
         out = torch.bmm(weights, v)
         out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
         out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
@@ -132,7 +136,8 @@ def traceable_mha_forward(
         if average_attn_weights:
             weights = weights.mean(dim=1)
     else:
-        mask = _sdpa_mask(mask, bsz, num_heads, src_len)
+        if mask is not None:
+            mask = _sdpa_mask(mask, bsz, num_heads, src_len)
         q = q.view(bsz, num_heads, tgt_len, head_dim)
         k = k.view(bsz, num_heads, src_len, head_dim)
         v = v.view(bsz, num_heads, src_len, head_dim)
