@@ -206,3 +206,35 @@ def test_export_errors(tmp_path):
     with pytest.raises(ProfileError, match="unknown target"):
         export_onnx(qm, (x,), tmp_path / "b.onnx", "no-such-backend")
     assert not list(tmp_path.iterdir())
+
+
+def test_small_bert_via_torch_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 100, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[0, 8:] = 0
+    qm = qtrim_fx.prepare(model, example_inputs={"input_ids": ids, "attention_mask": mask})
+    assert qtrim_fx.inspect(qm).frontend == "torch.export"
+    qtrim_fx.calibrate(qm, [{"input_ids": ids, "attention_mask": mask}])
+    qtrim_fx.set_blend(qm, 1.0)
+    qm.eval()
+    path = tmp_path / "bert.onnx"
+    m = export_onnx(qm, (ids, mask), path)
+    _structure_ok(m)
+    assert check(path, "onnxruntime") == []
+    producers = {o: n for n in m.graph.node for o in n.output}
+    softmaxes = [n for n in m.graph.node if n.op_type == "Softmax"]
+    assert softmaxes
+    for n in softmaxes:
+        p = producers.get(n.input[0])
+        assert p is None or p.op_type != "DequantizeLinear"
+        assert not any(n.output[0] in c.input and c.op_type == "QuantizeLinear" for c in m.graph.node)
+    sess = _session(path)
+    out = sess.run(None, {sess.get_inputs()[0].name: ids.numpy(), sess.get_inputs()[1].name: mask.numpy()})[0]
+    with torch.no_grad():
+        ref = qm(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert _sqnr(ref, out) >= 35.0 and (out.argmax(1) == ref.argmax(1)).all()
