@@ -1,4 +1,4 @@
-"""Re-quantize after data-movement ops so Conv/Gemm/MatMul read a DequantizeLinear directly.
+"""Re-quantize after data-movement ops so Conv/Gemm/MatMul/Add/Concat read a DequantizeLinear directly.
 
 ``torch.flatten`` / ``view`` between an activation site and a linear layer leaves a float
 shape op between the DQ and the Gemm; ONNX Runtime then keeps the Gemm in float (no QGemm)::
@@ -28,6 +28,7 @@ __all__ = ["RequantizeAfterShapeOpsPass"]
 #: ops whose outputs are input values moved, selected or maxed: they keep values on the grid.
 _SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Identity", "MaxPool")
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_ELEMENTWISE = ("Add", "Mul", "Concat")
 _DQ_SUFFIX = "/DequantizeLinear"
 
 
@@ -39,16 +40,30 @@ class RequantizeAfterShapeOpsPass(ir.passes.InPlacePass):
         names = NameScope(graph)
         made: dict[ir.Value, ir.Value] = {}  # shape-op output -> its new DQ output (shared by readers)
         for node in list(graph):
-            x = node.inputs[0] if _reads_weight_dq(node) else None
-            dq = _dq_behind_shape_ops(x)
-            if x is None or dq is None:
-                continue
-            if x not in made:
-                q, new_dq = _requantize(x.producer(), dq, names)  # type: ignore[arg-type]
-                graph.insert_after(x.producer(), [q, new_dq])  # type: ignore[arg-type]
-                made[x] = new_dq.outputs[0]
-            node.replace_input_with(0, made[x])
+            for i in _quantized_inputs(node):
+                x = node.inputs[i]
+                dq = _dq_behind_shape_ops(x)
+                if x is None or dq is None:
+                    continue
+                if x not in made:
+                    q, new_dq = _requantize(x.producer(), dq, names)  # type: ignore[arg-type]
+                    graph.insert_after(x.producer(), [q, new_dq])  # type: ignore[arg-type]
+                    made[x] = new_dq.outputs[0]
+                node.replace_input_with(i, made[x])
         return ir.passes.PassResult(model, bool(made))
+
+
+def _quantized_inputs(node: ir.Node) -> range | tuple[int, ...]:
+    """Inputs an integer kernel wants straight from a DequantizeLinear.
+
+    The data input of weighted ops, and every input of residual Add / Mul / Concat
+    (QLinearAdd, QLinearMul, QLinearConcat need all of theirs dequantized).
+    """
+    if _reads_weight_dq(node):
+        return (0,)
+    if is_op(node, *_ELEMENTWISE):
+        return range(len(node.inputs))
+    return ()
 
 
 def _reads_weight_dq(node: ir.Node) -> bool:
