@@ -93,6 +93,8 @@ def test_resnet18_onnxruntime_structure_parity_and_integer_kernels(resnet18, tmp
     ops = [n.op_type for n in onnx.load(opt).graph.node]
     assert "Conv" not in ops and "Gemm" not in ops, sorted(set(ops))
     assert ops.count("QLinearConv") == 20
+    assert ops.count("QLinearAdd") == 8 and "Add" not in ops  # the residual after MaxPool included
+    assert "MaxPool" not in ops  # runs on uint8 (NhwcMaxPool) between its Q/DQ pair
 
 
 def test_resnet18_tensorrt_and_every_profile_from_one_checkpoint(resnet18, tmp_path):
