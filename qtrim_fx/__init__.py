@@ -29,6 +29,7 @@ from .quantize import dequantize, derive_qparams, fake_quantize, quantize
 from .scheme import QuantScheme, SchemeError
 from .site import QuantSite
 from .trim import QuantTrim
+from .vendors import VendorReport, VendorVariant, vendor_sweep
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -50,6 +51,8 @@ __all__ = [
     "ReversePruner",
     "SchemeError",
     "TargetProfile",
+    "VendorReport",
+    "VendorVariant",
     "VerifyReport",
     "WeightAxes",
     "blend_quant",
@@ -69,5 +72,6 @@ __all__ = [
     "quantize",
     "register_profile",
     "set_blend",
+    "vendor_sweep",
     "verify",
 ]

@@ -412,6 +412,25 @@ def _plot_layers(report: Any, folder: Path) -> Path | None:
     return path
 
 
+def _cmd_vendors(args: argparse.Namespace) -> int:
+    from .vendors import DEFAULT_VARIANTS, QUICK_VARIANTS, vendor_sweep
+
+    qm, _model, inputs = _prepared(args.model, args.checkpoint, _default_calibration(args))
+    if not inputs:
+        raise UsageError(f"{args.model} gives no example inputs")
+    calib = [b[0] for b in _random_batches(inputs, args.calib_batches, seed=1)]
+    evaluation = [b[0] for b in _random_batches(inputs, args.eval_batches, seed=2)]
+    variants = QUICK_VARIANTS if args.variants == "quick" else DEFAULT_VARIANTS
+    report = vendor_sweep(qm, calib, evaluation, variants=variants, backends=tuple(args.backends.split(",")),
+                          weight_bits=args.weight_bits, progress=_tty())
+    print(report.table())
+    if args.json:
+        report.to_json(args.json)
+    if args.plot:
+        report.plot(args.plot)
+    return 0 if report.ok_rows() else EXIT_PROBLEMS
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     import qtrim_fx
     from qtrim_fx.export import export_onnx
@@ -563,6 +582,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-clip", type=float, default=0.95, help="reverse-pruning quantile (default 0.95)")
     p.add_argument("--every", type=int, default=5, help="epochs between pins (default 5)")
     p.set_defaults(handler=_cmd_report, calibrate=4)
+
+    p = _sub(sub, "vendors", "quantize MODEL's float graph like vendor tools do and measure the spread",
+             "Quantize the checkpoint's FP32 graph with independent tools (ONNX Runtime quantize_static: "
+             "MinMax / Percentile / Entropy, per-tensor / per-channel, u8 / s8, 32 / 256 calibration "
+             "samples) plus our embedded-scale export; run each on ONNX Runtime and OpenVINO; print top-1 "
+             "(agreement with FP32 without labels) and logit MSE per variant and their spread.",
+             "qtrim vendors tiny_convnet --variants quick --json vendors.json --plot vendors.png")
+    _model_options(p, "default: 4 without --checkpoint, else 0")
+    p.add_argument("--variants", choices=("quick", "full"), default="full", help="variant matrix (default full)")
+    p.add_argument("--backends", default="onnxruntime,openvino", help="comma-separated runtimes")
+    p.add_argument("--weight-bits", type=int, choices=(4, 8), default=8, help="weight bits (default 8)")
+    p.add_argument("--calib-batches", type=int, default=8, help="random calibration batches (default 8)")
+    p.add_argument("--eval-batches", type=int, default=8, help="random evaluation batches (default 8)")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write the top-1 matrix as a PNG")
+    p.set_defaults(handler=_cmd_vendors)
     return parser
 
 
