@@ -277,8 +277,9 @@ def vendor_sweep(
     Returns:
         :class:`VendorReport` (``table()``, ``spread()``, ``to_json()``, ``plot()``).
     """
-    import qtrim_fx
     from tqdm.auto import tqdm
+
+    import qtrim_fx
 
     calib = [b.detach().float() for b in _as_batches(calibration)]
     eval_x = [b.detach().float() for b in _as_batches(evaluation)]

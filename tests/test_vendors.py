@@ -19,7 +19,7 @@ def _data(shape, n, seed):
 
 
 def test_sweep_on_a_prepared_checkpoint_with_labels(tmp_path):
-    model, (x,) = get_model("tiny_convnet", batch_size=16)
+    model, (_x,) = get_model("tiny_convnet", batch_size=16)
     qm = qtrim_fx.prepare(model)
     calib = _data((16, 3, 16, 16), 3, 0)
     qtrim_fx.calibrate(qm, calib)
