@@ -1,0 +1,56 @@
+"""Smoke test of benchmarks/paper_ablation.py: the --quick mode runs end to end, in process."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_ablation.py"
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("paper_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("paper_ablation", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_mode_produces_a_finite_table(tmp_path, monkeypatch):
+    ablation = _load_script()
+    results = ablation.RESULTS
+    before = results.read_text() if results.exists() else None
+    monkeypatch.delenv("QTRIM_QNN_PYTHON", raising=False)
+
+    out = ablation.main(["--quick", "--no-results", "--out", str(tmp_path)])
+
+    rows = out["rows"]
+    assert {(r.key, r.bits) for r in rows} >= {("fp32", 8), ("qt95", 8), ("ort", 8), ("fp32", 4)}
+    for r in rows:
+        for name in ("top1_fp32", "top1_onnxruntime", "top1_openvino", "mse_onnxruntime", "mse_openvino",
+                     "sqnr_onnxruntime", "brier_onnxruntime", "ece_onnxruntime",
+                     "pair_onnxruntime_openvino"):
+            assert math.isfinite(r.figures[name]), (r.key, r.bits, name, r.figures[name])
+        assert 0.0 <= r.figures["top1_onnxruntime"] <= 100.0
+        assert r.figures["mse_onnxruntime"] >= 0.0
+        assert r.key == "ort" or math.isfinite(r.figures["parity_sqnr"])
+    table = [line for line in out["report"].splitlines() if line.startswith("| ") and "±" in line]
+    assert len(table) >= 2 * len({(r.key, r.bits) for r in rows})  # fidelity + calibration rows
+    for line in table:
+        assert "nan" not in line, line
+        # n/a only where a figure does not exist: the ORT anchor has no torch fake-quant twin (parity)
+        assert line.count("n/a") <= (1 if line.startswith(f"| {ablation.ANCHOR.label} |") else 0), line
+    for plot in out["plots"]:
+        assert plot.parent == tmp_path and plot.exists() and 0 < plot.stat().st_size < 300_000
+    assert (results.read_text() if results.exists() else None) == before  # quick mode writes no RESULTS.md
