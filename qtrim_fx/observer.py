@@ -22,6 +22,7 @@ derive qparams for any scheme later (``qtrim_fx.quantize.derive_qparams``).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -50,20 +51,37 @@ def tail_quantiles(v: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     ``numpy.quantile``) and a bool mask of rows that held any finite value.
     Only ``~min(p, 1-p) * n`` order statistics are extracted (``topk``).
     """
-    n = v.shape[-1]
-    finite = torch.isfinite(v)
-    nf = finite.sum(-1)
+    vv, nf = _fill(v, p)
+    return _filled_quantile(vv, nf, p), nf > 0
+
+
+def _fill(v: torch.Tensor, p: float, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v`` with non-finite values moved to the far end of the side quantile ``p`` does not read,
+    and the count of finite values per row (one fast ``nan_to_num`` pass, one compare, one sum)."""
+    far = -math.inf if p >= 0.5 else math.inf
+    fill = torch.nan_to_num_ if inplace else torch.nan_to_num
+    vv = fill(v, nan=far, posinf=far, neginf=far)
+    nf = ((vv > far) if far < 0 else (vv < far)).sum(-1)
+    return vv, nf
+
+
+def _refill(vv: torch.Tensor, p: float) -> torch.Tensor:
+    """A ``_fill``-ed row set filled for the other side (finite values untouched)."""
+    far = -math.inf if p >= 0.5 else math.inf
+    return torch.nan_to_num(vv, posinf=far, neginf=far)
+
+
+def _filled_quantile(vv: torch.Tensor, nf: torch.Tensor, p: float) -> torch.Tensor:
+    """Quantile ``p`` of the ``nf`` finite values of each row of ``vv`` (non-finite ones filled by ``_fill``)."""
+    n = vv.shape[-1]
     upper = p >= 0.5
-    # Non-finite values go to the far end of the side we do not read from.
-    fill = -math.inf if upper else math.inf
-    vv = torch.where(finite, v, torch.full_like(v, fill))
     k = min(n, math.ceil((1.0 - p if upper else p) * (n - 1)) + 2)
     pos = p * (nf - 1).clamp(min=0).to(torch.float64)
     lo_rank = torch.floor(pos)
-    frac = (pos - lo_rank).to(v.dtype)
+    frac = (pos - lo_rank).to(vv.dtype)
     lo_rank = lo_rank.to(torch.int64)
     hi_rank = torch.clamp(lo_rank + 1, max=(nf - 1).clamp(min=0))
-    top = torch.topk(vv, k, dim=-1, largest=upper, sorted=True).values
+    top = _top_values(vv, k, upper)
     if upper:
         # top[j] is the element of ascending rank nf-1-j among the finite values.
         i_lo, i_hi = nf - 1 - lo_rank, nf - 1 - hi_rank
@@ -73,7 +91,97 @@ def tail_quantiles(v: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     i_hi = i_hi.clamp(0, k - 1).unsqueeze(-1)
     a = top.gather(-1, i_lo).squeeze(-1)
     b = top.gather(-1, i_hi).squeeze(-1)
-    return torch.lerp(a, b, frac), nf > 0
+    return torch.lerp(a, b, frac)
+
+
+def _two_tail_quantiles(
+    lo_fill: torch.Tensor, hi_fill: torch.Tensor, nf: torch.Tensor, p_lo: float, p_hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_filled_quantile`` at ``p_lo < 0.5 <= p_hi`` at once: the same arithmetic, element for
+    element, with the rank bookkeeping of both levels done on (2, C) tensors (half the small ops)."""
+    n = lo_fill.shape[-1]
+    k_lo = min(n, math.ceil(p_lo * (n - 1)) + 2)
+    k_hi = min(n, math.ceil((1.0 - p_hi) * (n - 1)) + 2)
+    top = torch.cat([_top_values(lo_fill, k_lo, False), _top_values(hi_fill, k_hi, True)], -1)
+    levels, sign, kmax, offset = _tail_constants(p_lo, p_hi, k_lo, k_hi, nf.device)
+    last = nf - 1
+    m1 = last.clamp(min=0)
+    pos = levels * m1.to(torch.float64)
+    r0 = torch.floor(pos)
+    frac = (pos - r0).to(top.dtype)
+    r0 = r0.to(torch.int64)
+    r1 = torch.minimum(r0 + 1, m1)
+    # Lower level: ascending rank r is top_lo[r]; upper level: it is top_hi[nf-1-r], after k_lo columns.
+    base = torch.stack([torch.zeros_like(last), last])
+    i0 = torch.minimum((base + sign * r0).clamp(min=0), kmax) + offset
+    i1 = torch.minimum((base + sign * r1).clamp(min=0), kmax) + offset
+    q = torch.lerp(top.gather(-1, i0.t()), top.gather(-1, i1.t()), frac.t())
+    return q[:, 0], q[:, 1]
+
+
+_TAIL_CONSTANTS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _tail_constants(p_lo: float, p_hi: float, k_lo: int, k_hi: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Small per-configuration tensors of :func:`_two_tail_quantiles`, built once (not per update)."""
+    key = (p_lo, p_hi, k_lo, k_hi, device)
+    c = _TAIL_CONSTANTS.get(key)
+    if c is None:
+        if len(_TAIL_CONSTANTS) > 256:
+            _TAIL_CONSTANTS.clear()
+        i64 = {"dtype": torch.int64, "device": device}
+        c = (
+            torch.tensor([[p_lo], [p_hi]], dtype=torch.float64, device=device),
+            torch.tensor([[1], [-1]], **i64),
+            torch.tensor([[k_lo - 1], [k_hi - 1]], **i64),
+            torch.tensor([[0], [k_lo]], **i64),
+        )
+        _TAIL_CONSTANTS[key] = c
+    return c
+
+
+def _top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The ``k`` largest (smallest) values of each row, sorted: ``topk(vv, k).values`` exactly.
+
+    Long rows are cut into blocks of ``_BLOCK``; the k blocks with the largest maxima hold
+    every one of the k largest values (a block outside them has k blocks, hence k values,
+    at least as large as its maximum), so ``topk`` runs on k·_BLOCK candidates instead of n.
+    """
+    c, n = vv.shape
+    nb = n // _BLOCK
+    if n % _BLOCK or nb < 8 * k:
+        return torch.topk(vv, k, dim=-1, largest=largest, sorted=True).values
+    blocks = vv.view(c, nb, _BLOCK) if vv.is_contiguous() else vv.reshape(c, nb, _BLOCK)
+    ends = blocks.amax(-1) if largest else blocks.amin(-1)
+    pick = torch.topk(ends, k, dim=-1, largest=largest, sorted=False).indices
+    cand = blocks.gather(1, pick.unsqueeze(-1).expand(c, k, _BLOCK)).reshape(c, k * _BLOCK)
+    return torch.topk(cand, k, dim=-1, largest=largest, sorted=True).values
+
+
+# Observers reachable from compiled graphs, by id (the graph holds the id as a constant).
+_LIVE: weakref.WeakValueDictionary[int, EmaQuantileObserver] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("qtrim_fx::observe", mutates_args=("lo", "hi", "num_updates", "nonfinite"))
+def _observe_op(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor,
+    observer_id: int,
+) -> None:
+    """One training call of an :class:`EmaQuantileObserver` inside a compiled graph."""
+    observer = _LIVE.get(observer_id)
+    if observer is None:
+        raise RuntimeError("qtrim_fx: a compiled graph called an observer that no longer exists")
+    observer._train_call(x, lo, hi, num_updates, nonfinite)
+
+
+@_observe_op.register_fake
+def _(x, lo, hi, num_updates, nonfinite, observer_id) -> None:
+    return None
+
+
+@torch.compiler.disable
+def _train_call_outside_graph(observer: EmaQuantileObserver, x: torch.Tensor) -> None:
+    observer._train_call(x, observer.lo, observer.hi, observer.num_updates, observer.nonfinite)
 
 
 def _distributed() -> bool:
@@ -151,14 +259,22 @@ class EmaQuantileObserver(nn.Module):
         self.sync_ranks = True
         self._calls = 0  # training calls seen (host side), drives update_every and the sample seed
         self._updates = 0  # host mirror of num_updates
+        # A bool that flips once (``_updates`` changes every step: under torch.compile a guard on it
+        # would recompile every step).
+        self._initialized = False
         self._generators: dict[torch.device, torch.Generator] = {}
         self._register_load_state_dict_pre_hook(self._on_load)
+        _LIVE[id(self)] = self
+
+    def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: reachable from graphs too
+        super().__setstate__(state)
+        _LIVE[id(self)] = self
 
     # -- state ---------------------------------------------------------------
     @property
     def initialized(self) -> bool:
         """True once at least one observation was recorded (host-side, no sync)."""
-        return self._updates > 0
+        return self._initialized
 
     def _on_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
         for name in ("lo", "hi"):
@@ -170,6 +286,7 @@ class EmaQuantileObserver(nn.Module):
         if n is not None:
             self._updates = int(n)
             self._calls = self._updates * self.update_every
+            self._initialized = self._updates > 0
 
     # -- sampling ------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -180,15 +297,16 @@ class EmaQuantileObserver(nn.Module):
         g.manual_seed((self.seed * 1_000_003 + self._updates) % (2**63))
         return g
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(C, n) subsample as float: C = 1 per tensor, else channels along ``axis``.
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(C, n) subsample as float (C = 1 per tensor, else channels along ``axis``), and whether it is a copy.
 
         The input is never copied, moved or converted as a whole (no ``movedim().reshape``
         copy, no full ``.float()`` of a half-precision input); only the subsample is
         gathered and converted to float32. When each row is contiguous in memory (per
         tensor, or channels on the leading axis: the usual weight and activation layouts)
-        the runs are copied out of an ``unfold`` view, otherwise elements are gathered
-        with ``torch.take`` on logical indices; both read the same elements.
+        the runs are copied out of an ``unfold`` view, otherwise elements are
+        gathered with ``torch.take`` on logical indices; both read the same elements.
+        A copy (``True``) belongs to the caller, who may overwrite it.
         """
         x = x.detach()
         if self.axis is None:
@@ -200,13 +318,19 @@ class EmaQuantileObserver(nn.Module):
             c, pre, post = x.shape[axis], math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
         n = pre * post
         per_row = max(1, self.max_samples // c)
+        owned = True
         if pre == 1 and x.is_contiguous():
             rows = x.view(c, n)
             if n > per_row:
                 starts, block = self._sample_starts(n, per_row, x.device)
-                # Advanced indexing copies the runs; index_select on this overlapping view would
-                # materialize it whole (n x block elements).
-                rows = rows.unfold(1, block, 1)[:, starts].reshape(c, -1)
+                if c == 1:
+                    # index_select along dim 0 copies whole runs out of the overlapping unfold view
+                    # without materializing it (along another dim it would copy the view whole).
+                    rows = rows.view(n).unfold(0, block, 1).index_select(0, starts).view(1, -1)
+                else:
+                    rows = rows.unfold(1, block, 1)[:, starts].reshape(c, -1)
+            else:
+                owned = False
         else:
             if n > per_row:
                 starts, block = self._sample_starts(n, per_row, x.device)
@@ -218,8 +342,8 @@ class EmaQuantileObserver(nn.Module):
             base = torch.div(r, post, rounding_mode="floor") * (c * post) + torch.remainder(r, post)
             rows = torch.take(x, base.unsqueeze(0) + (torch.arange(c, device=x.device) * post).unsqueeze(1))
         if rows.dtype not in (torch.float32, torch.float64):
-            rows = rows.float()
-        return rows
+            rows, owned = rows.float(), True
+        return rows, owned
 
     def _sample_starts(self, n: int, k: int, device: torch.device) -> tuple[torch.Tensor, int]:
         """Starts of ``k // block`` random runs of ``block = min(_BLOCK, k)`` consecutive indices in ``[0, n)``.
@@ -239,19 +363,34 @@ class EmaQuantileObserver(nn.Module):
         z = torch.zeros(shape, device=x.device)
         return z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=x.device)
 
-    def _step_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's (lo, hi, valid) quantiles of ``x`` (0-D per tensor, (C,) per channel)."""
-        rows = self._rows(x)
-        self.nonfinite += rows.numel() - torch.isfinite(rows).sum()
+    def _step_stats(
+        self, x: torch.Tensor, nonfinite: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's (lo, hi, valid) quantiles of ``x`` (0-D per tensor, (C,) per channel).
+
+        One finiteness mask and count serve both quantiles and the ``nonfinite`` counter.
+        """
+        rows, owned = self._rows(x)
+        numel = rows.numel()
         if self.mode == "abs":
-            m, valid = tail_quantiles(rows.abs(), self.p_hi)
+            a = rows.abs_() if owned else rows.abs()
+            a, nf = _fill(a, self.p_hi, inplace=True)
+            m = _filled_quantile(a, nf, self.p_hi)
             lo_t, hi_t = -m, m
         else:
-            lo_t, valid = tail_quantiles(rows, self.p_lo)
-            hi_t, _ = tail_quantiles(rows, self.p_hi)
+            lo_fill, nf = _fill(rows, self.p_lo)
+            if self.p_lo < 0.5 <= self.p_hi:
+                lo_t, hi_t = _two_tail_quantiles(lo_fill, _refill(lo_fill, self.p_hi), nf, self.p_lo, self.p_hi)
+            else:  # both levels on the same side of the median read the same filled copy
+                lo_t = _filled_quantile(lo_fill, nf, self.p_lo)
+                hi_t = _filled_quantile(lo_fill, nf, self.p_hi)
+        nonfinite += numel - nf.sum()
+        valid = nf > 0
         if self.axis is None:
             lo_t, hi_t, valid = lo_t[0], hi_t[0], valid[0]
-        return lo_t.to(torch.float32), hi_t.to(torch.float32), valid
+        if lo_t.dtype != torch.float32:
+            lo_t, hi_t = lo_t.float(), hi_t.float()
+        return lo_t, hi_t, valid
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -260,36 +399,59 @@ class EmaQuantileObserver(nn.Module):
         Under ``torch.distributed`` (``sync_ranks``, on by default) every rank contributes its
         step quantiles and all ranks apply the same mean, so the EMAs stay identical across ranks.
         """
+        self._observe_into(x, self.lo, self.hi, self.num_updates, self.nonfinite)
+
+    def _observe_into(
+        self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor
+    ) -> None:
+        """:meth:`observe` writing into the given state tensors (the buffers, or their stand-ins in a
+        compiled graph, see :func:`_observe_op`); only the buffers themselves may be resized."""
         sync = self.sync_ranks and _distributed()
         if x.numel() == 0 and not sync:
             return
-        lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x)
+        lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x, nonfinite)
         if sync:
             lo_t, hi_t, valid = _all_reduce_mean(lo_t, hi_t, valid)
-        if self.lo.shape != lo_t.shape:
-            if self._updates:
+        if lo.shape != lo_t.shape:
+            if self._updates or lo is not self.lo:
                 raise SchemeError(
-                    f"observer saw {tuple(lo_t.shape)} channels after {tuple(self.lo.shape)}; "
+                    f"observer saw {tuple(lo_t.shape)} channels after {tuple(lo.shape)}; "
                     "a per-channel site needs a fixed channel count"
                 )
-            self.lo = torch.full_like(lo_t, math.nan)
-            self.hi = torch.full_like(hi_t, math.nan)
-        first = torch.isnan(self.lo)
+            self.lo = lo = torch.full_like(lo_t, math.nan)
+            self.hi = hi = torch.full_like(hi_t, math.nan)
+        first = torch.isnan(lo)
         mu = self.momentum
-        new_lo = torch.where(first, lo_t, (1.0 - mu) * self.lo + mu * lo_t)
-        new_hi = torch.where(first, hi_t, (1.0 - mu) * self.hi + mu * hi_t)
+        new_lo = torch.where(first, lo_t, (1.0 - mu) * lo + mu * lo_t)
+        new_hi = torch.where(first, hi_t, (1.0 - mu) * hi + mu * hi_t)
         # Rows with no finite value keep their previous statistics.
-        self.lo.copy_(torch.where(valid, new_lo, self.lo))
-        self.hi.copy_(torch.where(valid, new_hi, self.hi))
-        self.num_updates += 1
+        lo.copy_(torch.where(valid, new_lo, lo))
+        hi.copy_(torch.where(valid, new_hi, hi))
+        num_updates += 1
         self._updates += 1
+        self._initialized = True
+
+    def _train_call(
+        self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor
+    ) -> None:
+        """One training-mode call: count it, observe on calls 1, N+1, 2N+1, ... (N = update_every)."""
+        self._calls += 1
+        if (self._calls - 1) % self.update_every == 0:
+            with torch.no_grad():
+                self._observe_into(x, lo, hi, num_updates, nonfinite)
 
     def forward(self, x: torch.Tensor) -> None:
         if not (self.training and self.enabled):
             return
-        self._calls += 1
-        if (self._calls - 1) % self.update_every == 0:
-            self.observe(x)
+        if not torch.compiler.is_compiling():
+            self._train_call(x, self.lo, self.hi, self.num_updates, self.nonfinite)
+        elif self.axis is not None and self.lo.dim() == 0:
+            # Per-channel buffers are sized by the first observation, which a graph cannot do.
+            _train_call_outside_graph(self, x)
+        else:
+            # An opaque op in the graph: host-side counters, the seeded generator and the optional
+            # all-reduce run eagerly each step, and the compiler sees exactly which buffers change.
+            torch.ops.qtrim_fx.observe(x.detach(), self.lo, self.hi, self.num_updates, self.nonfinite, id(self))
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lo, hi)`` with never-observed entries as 0 (so derived scales fall back to ε)."""

@@ -1,0 +1,296 @@
+"""The fast training path keeps the normative semantics (DESIGN.md "Semantics").
+
+- the in-place / cached / λ=1-shortcut eager path gives the reference formulas' bits;
+- ``update_every=N`` statistics equal a hand-computed EMA of numpy quantiles at calls 1, N+1, 2N+1;
+- qparams are derived only when the statistics changed;
+- torch.compile (fullgraph, statistics updating) agrees with eager;
+- autocast bf16 training steps run with finite loss and gradients;
+- λ = 0 is bit-identical to the original model;
+- benchmarks/train_overhead.py runs end to end (tiny sizes).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qtrim_fx
+import qtrim_fx.site as site_mod
+from models import get_model
+from qtrim_fx.blend import blend_to
+from qtrim_fx.ops import channel_shape
+from qtrim_fx.quantize import derive_qparams, fake_quantize_raw
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _prepared(name: str = "tiny_convnet", lam: float = 1.0, config=None, **kw):
+    model, (x,) = get_model(name, batch_size=4, **kw)
+    qm = qtrim_fx.prepare(model, config=config)
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, lam)
+    return model, qm, x
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous().view(torch.int32)
+
+
+# -- the fast eager path is the reference formula, bit for bit ---------------------------------------------
+
+
+def _reference_site(site, x, fold=None):
+    """The straightforward (pre-optimization) site forward, statistics frozen."""
+    f = None if fold is None else channel_shape(fold.detach().to(x.dtype), x.dim(), 0)
+    if site.control.is_zero:
+        return x
+    scale, zp = site.qparams()
+    s = site.scheme
+    lam = site.control.value
+    if f is None:
+        xf = x.float()
+        xq = fake_quantize_raw(xf, scale, zp, s.qmin, s.qmax, s.axis)
+        return torch.lerp(xf, xq, lam).to(x.dtype)
+    xs = x.detach() * f
+    q = fake_quantize_raw(xs.float(), scale, zp, s.qmin, s.qmax, s.axis).to(x.dtype)
+    return blend_to(x, torch.where(f != 0, q / f, x.detach()), lam)
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "attention_block"])
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_site_gives_the_reference_bits(name, lam, dtype):
+    _, qm, x = _prepared(name, lam)
+    qm.eval()
+    calls = []
+
+    def hook(mod, args, out):
+        calls.append((mod, args, out))
+
+    handles = [site.register_forward_hook(hook) for _, site, _ in qtrim_fx.iter_sites(qm)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        qm(x)
+    for h in handles:
+        h.remove()
+    assert len(calls) >= 4
+    assert any(len(args) == 2 for _, args, _ in calls) or name != "tiny_convnet"  # BN-folded weights seen
+    for site, args, out in calls:
+        ref = _reference_site(site, *args)
+        assert out.dtype == args[0].dtype == ref.dtype
+        assert torch.equal(_bits(out), _bits(ref)), site.observer_name()
+
+
+def test_nothing_is_saved_for_backward_and_gradient_is_identity():
+    _, qm, _ = _prepared("tiny_convnet", 0.6)
+    qm.train()
+    for _, site, _ in qtrim_fx.iter_sites(qm):
+        site.observer.enabled = False
+    w = qm.get_parameter("conv1.weight")
+    fold_site = next(s for spec, s, _ in qtrim_fx.iter_sites(qm) if spec.param == "conv1.weight")
+    act_site = next(s for spec, s, _ in qtrim_fx.iter_sites(qm) if spec.kind == "activation")
+    fold = torch.rand(w.shape[0]) + 0.5
+    a = (torch.randn(4, 8, 5, 5) * 3).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        yw = fold_site(w, fold)
+        ya = act_site(a)
+    assert saved == []
+    gw, = torch.autograd.grad(yw.sum(), w)
+    ga, = torch.autograd.grad(ya.sum(), a)
+    assert torch.equal(gw, torch.ones_like(w)) and torch.equal(ga, torch.ones_like(a))
+
+
+# -- statistics: update_every and the qparams cache -------------------------------------------------------
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_update_every_statistics_equal_the_hand_computed_ema(every):
+    mu = 0.25
+    config = qtrim_fx.QuantConfig(update_every=every, momentum=mu)
+    model, (x0,) = get_model("tiny_mlp", batch_size=8)
+    qm = qtrim_fx.prepare(model, config=config).train()  # no calibrate: call 1 initializes the EMA
+    sites = {spec.name: site for spec, site, _ in qtrim_fx.iter_sites(qm)}
+    act = sites["input.x"]
+    weight = next(site for spec, site, _ in qtrim_fx.iter_sites(qm) if spec.kind == "weight")
+    seen = []
+    act.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    gen = torch.Generator().manual_seed(3)
+    steps = 2 * every + 2
+    for _ in range(steps):
+        qm(torch.randn(x0.shape, generator=gen) * 2 + 0.5)
+    updates = [c for c in range(1, steps + 1) if (c - 1) % every == 0]
+    assert act.observer._calls == steps and int(act.observer.num_updates) == len(updates)
+    lo = hi = None
+    for c in updates:
+        v = seen[c - 1].numpy().ravel()
+        lo_t, hi_t = np.quantile(v, 0.001), np.quantile(v, 0.999)
+        lo, hi = (lo_t, hi_t) if lo is None else ((1 - mu) * lo + mu * lo_t, (1 - mu) * hi + mu * hi_t)
+    np.testing.assert_allclose(float(act.observer.lo), lo, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(act.observer.hi), hi, rtol=1e-5, atol=1e-6)
+    # The weight does not change (no optimizer): its per-channel EMA stays the first |w| quantile.
+    w = qm.get_parameter(next(s.param for s, site, _ in qtrim_fx.iter_sites(qm) if site is weight)).detach()
+    m = np.quantile(np.abs(w.numpy().reshape(w.shape[0], -1)), 0.999, axis=1)
+    np.testing.assert_allclose(weight.observer.hi.numpy(), m, rtol=1e-5, atol=1e-6)
+    assert int(weight.observer.num_updates) == len(updates)
+
+
+def test_qparams_are_derived_only_when_statistics_change(monkeypatch):
+    _, qm, x = _prepared("tiny_mlp", 1.0, config=qtrim_fx.QuantConfig(update_every=3))
+    n_sites = len(list(qtrim_fx.iter_sites(qm)))
+    count = [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return derive_qparams(*args, **kwargs)
+
+    monkeypatch.setattr(site_mod, "derive_qparams", counting)
+    qm.train()
+    per_step = []
+    for _ in range(6):
+        before = count[0]
+        qm(x)
+        per_step.append(count[0] - before)
+    # Updates on calls 1 and 4 (update_every=3): derive then, cached in between.
+    assert per_step == [n_sites, 0, 0, n_sites, 0, 0]
+    qm.eval()
+    qm(x)
+    assert count[0] == 2 * n_sites
+    # load_state_dict writes the statistics in place (every site's): the caches notice.
+    spec, site = next((spec, site) for spec, site, _ in qtrim_fx.iter_sites(qm) if site.observer.hi.dim() == 0)
+    state = copy.deepcopy(qm.state_dict())
+    state[f"qtrim_sites.{spec.key}.observer.hi"] *= 2
+    qm.load_state_dict(state)
+    before = count[0]
+    qm(x)
+    assert count[0] == before + n_sites
+    scale, _ = site._training_qparams(2)
+    assert torch.equal(scale, derive_qparams(site.scheme, *site.observer.stats(), site.eps)[0])
+
+
+# -- torch.compile ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_compiled_training_matches_eager_bit_for_bit(lam):
+    """aot_eager: dynamo + AOT autograd without inductor's own float reassociation, so bits must match.
+
+    fullgraph=True: the whole prepared model, observers updating, is one graph.
+    """
+    _, qm, x = _prepared("tiny_convnet", lam)
+    qm.train()
+    for _, site, _ in qtrim_fx.iter_sites(qm):
+        site.observer.update_every = 2
+        site.observer.momentum = 0.3
+    twin = copy.deepcopy(qm)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    for i in range(3):
+        xi = x * (1 + 0.5 * i)
+        a, b = qm(xi), compiled(xi)
+        assert torch.equal(a, b)
+        a.sum().backward()
+        b.sum().backward()
+    for (name, t1), (_, t2) in zip(qm.named_buffers(), twin.named_buffers(), strict=True):
+        assert torch.equal(t1, t2), name
+    for (name, p1), (_, p2) in zip(qm.named_parameters(), twin.named_parameters(), strict=True):
+        assert torch.equal(p1.grad, p2.grad), name
+    torch._dynamo.reset()
+
+
+def test_compiled_prepared_model_has_no_graph_breaks():
+    _, qm, x = _prepared("attention_block", 1.0)
+    qm.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(qm)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_inductor_forward_agrees_with_eager():
+    """inductor (C++ codegen on CPU): the quantizer is exact; lerp / conv fusion may move the last ulp."""
+    _, qm, x = _prepared("tiny_convnet", 1.0)
+    qm.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(qm, backend="inductor", fullgraph=True)
+    for lam in (0.5, 1.0):
+        qtrim_fx.set_blend(qm, lam)
+        torch.testing.assert_close(compiled(x), qm(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+# -- autocast -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "attention_block"])
+def test_autocast_bf16_training_step_is_finite(name):
+    _, qm, x = _prepared(name, 1.0)
+    qm.train()
+    dtypes = []
+    handles = [site.register_forward_hook(lambda m, a, o: dtypes.append((a[0].dtype, o.dtype)))
+               for spec, site, _ in qtrim_fx.iter_sites(qm) if spec.kind == "activation"]
+    opt = torch.optim.SGD(qm.parameters(), lr=1e-2, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = qm(x)
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in qm.parameters() if p.grad is not None)
+        opt.step()
+    for h in handles:
+        h.remove()
+    assert all(i == o for i, o in dtypes)  # a site keeps its input's dtype
+    assert (torch.bfloat16, torch.bfloat16) in dtypes
+    for _, site, _ in qtrim_fx.iter_sites(qm):
+        assert torch.isfinite(site.observer.lo).all() and site.observer.lo.dtype == torch.float32
+
+
+# -- λ = 0 -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "attention_block"])
+def test_lambda_zero_training_step_is_bit_identical_to_the_model(name):
+    model, (x,) = get_model(name, batch_size=4)
+    model.train()
+    ref_model = copy.deepcopy(model)
+    qm = qtrim_fx.prepare(model).train()  # shares model's parameters; λ = 0
+    out_ref, out = ref_model(x), qm(x)
+    assert torch.equal(_bits(out_ref), _bits(out))
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (n, p_ref), (_, p) in zip(ref_model.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(p_ref.grad, p.grad), n
+    assert all(site.observer.initialized for _, site, _ in qtrim_fx.iter_sites(qm))  # statistics still update
+
+
+# -- benchmark smoke ----------------------------------------------------------------------------------------
+
+
+def test_train_overhead_benchmark_smoke():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
+    spec = importlib.util.spec_from_file_location("train_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_overhead", module)
+    spec.loader.exec_module(module)
+    results = Path(module.__file__).with_name("RESULTS.md")
+    before = results.read_text() if results.exists() else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = module.main(["--quick", "--no-write", "--models", "resnet18", "--repeats", "1", "--warmup", "1"])
+    ((key, _, configs),) = out["results"]
+    by = {c.key: c for c in configs}
+    assert key == "resnet18"
+    for k in ("fp32", "ours", "ours, frozen stats", "torch.ao", "fp32 bf16", "ours bf16"):
+        assert by[k].error is None and len(by[k].times) == 1 and by[k].peak > 0, k
+    assert "| ours |" in out["markdown"] and "ours/FP32" in out["markdown"]
+    assert (results.read_text() if results.exists() else None) == before  # --no-write
