@@ -1,4 +1,11 @@
-"""``qtrim_fx.calibrate``: update site statistics from data, with no training side effects."""
+"""``qtrim_fx.calibrate``: update site statistics from data, with no training side effects.
+
+Under ``torch.distributed`` every rank calls ``calibrate`` with its own shard: each observer
+update averages the ranks' quantiles (one all-reduce per site and batch), and the ranks agree
+per batch on whether to go on (one more small all-reduce), so ranks with fewer batches, empty
+batches or an earlier ``num_batches`` stop never leave the others waiting. The statistics are
+identical on every rank afterwards.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .prepare import _require_prepared, iter_sites
+from .nonfinite import nonfinite_counts, warn_nonfinite
+from .prepare import _require_prepared, iter_sites, unwrap
 
 __all__ = ["calibrate", "call_model"]
+
+_END = object()
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -39,22 +50,48 @@ def _is_empty(batch: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _calibration_mode(model: nn.Module) -> Iterator[list]:
+def _calibration_mode(model: nn.Module, sync_ranks: bool) -> Iterator[list]:
     """Model in eval (dropout off, BN running stats frozen), sites observing with running means."""
     modes = {m: m.training for m in model.modules()}
     sites = [site for _, site, _ in iter_sites(model)]
-    saved = [(s.observer.momentum, s.observer.update_every, s.observer._calls) for s in sites]
+    saved = [(s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks) for s in sites]
     model.eval()
     for s in sites:
         s.train()
         s.observer.update_every = 1
+        s.observer.sync_ranks = sync_ranks
     try:
         yield sites
     finally:
         for m, t in modes.items():
             m.training = t
-        for s, (mu, every, calls) in zip(sites, saved, strict=True):
-            s.observer.momentum, s.observer.update_every, s.observer._calls = mu, every, calls
+        for s, (mu, every, calls, sync) in zip(sites, saved, strict=True):
+            s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks = (
+                mu, every, calls, sync)
+
+
+def _world_size(distributed: bool) -> int:
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _agree(have: bool, nonempty: bool, world: int, device: torch.device) -> tuple[bool, bool]:
+    """(every rank has a batch, some rank's batch is non-empty): one all-reduce of two numbers."""
+    if world == 1:
+        return have, nonempty
+    flags = torch.tensor([float(have), float(have and nonempty)], device=device)
+    dist.all_reduce(flags)
+    everyone, any_data = flags.tolist()
+    return everyone >= world, any_data > 0
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where this rank's flags live: the model's device (NCCL needs each rank's own GPU)."""
+    device = next((t.device for t in model.buffers()), torch.device("cpu"))
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def calibrate(
@@ -63,40 +100,64 @@ def calibrate(
     num_batches: int | None = None,
     input_fn: Callable[[Any], Any] | None = None,
     progress: bool = False,
+    distributed: bool = True,
 ) -> int:
     """Set every site's statistics from ``batches`` (post-training quantization, or before training).
 
     The k-th batch enters each EMA with momentum 1/k, so the statistics are the plain mean
     of the per-batch quantiles over the calibration set (earlier statistics are replaced).
     Dropout is off and BatchNorm running statistics are left untouched; gradients are not computed.
+    Empty batches are skipped. NaN/Inf values are left out of the statistics and reported
+    (:class:`~qtrim_fx.nonfinite.NonFiniteWarning`, naming the sites).
 
     Args:
-        model: a prepared model.
+        model: a prepared model (or a ``DistributedDataParallel`` wrapper of one).
         batches: iterable of model inputs (tensor, tuple of positional inputs, or dict).
         num_batches: stop after this many batches.
         input_fn: maps each item of ``batches`` to model inputs (e.g. ``lambda b: b[0]`` for (x, y) pairs).
         progress: show a progress bar.
+        distributed: when a ``torch.distributed`` process group is initialized, average the
+            statistics over the ranks (every rank must call ``calibrate``; all stop with the rank
+            that runs out of batches first). ``False``: this rank alone.
 
     Returns:
-        The number of batches used.
+        The number of batches used (the same on every rank).
+
+    Raises:
+        ValueError: no non-empty batch at all.
+        TypeError: a batch that is not a tensor, tuple/list or dict (use ``input_fn``).
     """
+    model = unwrap(model)
     _require_prepared(model, "calibrate")
     from tqdm.auto import tqdm
 
+    world = _world_size(distributed)
+    device = _device(model) if world > 1 else torch.device("cpu")
+    before = nonfinite_counts(model)
     used = 0
-    with _calibration_mode(model) as sites, torch.no_grad():
-        it = tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False)
-        for batch in it:
-            if num_batches is not None and used >= num_batches:
+    with _calibration_mode(model, sync_ranks=world > 1) as sites, torch.no_grad():
+        it = iter(tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False))
+        while True:
+            batch = _END if num_batches is not None and used >= num_batches else next(it, _END)
+            have = batch is not _END
+            if have and input_fn is not None:
+                batch = input_fn(batch)
+            empty = have and _is_empty(batch)
+            everyone, any_data = _agree(have, not empty, world, device)
+            if not everyone:
                 break
-            batch = input_fn(batch) if input_fn is not None else batch
-            if _is_empty(batch):
+            if not any_data:
                 warnings.warn("calibrate: skipped an empty batch (batch size 0)", stacklevel=2)
                 continue
             for s in sites:
                 s.observer.momentum = 1.0 / (used + 1)
+            # Under DDP a rank whose own batch is empty still runs it: its sites join the others' all-reduce.
             call_model(model, batch)
             used += 1
+    warn_nonfinite(before, nonfinite_counts(model), "during calibrate", stacklevel=3)
     if used == 0:
-        raise ValueError("calibrate got no (non-empty) batches; pass at least one batch of model inputs")
+        raise ValueError(
+            "calibrate got no (non-empty) batches (every batch had batch size 0, or batches was empty); pass at "
+            "least one batch of model inputs, e.g. calibrate(qm, [x]) or calibrate(qm, loader, input_fn=lambda b: b[0])"
+        )
     return used

@@ -123,9 +123,11 @@ class QuantConfig:
         for name in ("p_lo", "p_hi"):
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 < p < 1.0):
-                raise SchemeError(f"QuantConfig {name}={p!r} must lie strictly between 0 and 1")
+                raise SchemeError(f"QuantConfig {name}={p!r} must lie strictly between 0 and 1 (quantile levels; "
+                                  "the defaults are p_lo=0.001, p_hi=0.999)")
         if self.p_lo >= self.p_hi:
-            raise SchemeError(f"QuantConfig p_lo={self.p_lo} must be below p_hi={self.p_hi}")
+            raise SchemeError(f"QuantConfig p_lo={self.p_lo} must be below p_hi={self.p_hi} (e.g. p_lo=0.001, "
+                              "p_hi=0.999)")
         if not (isinstance(self.momentum, (int, float)) and 0.0 < self.momentum <= 1.0):
             raise SchemeError(f"QuantConfig momentum={self.momentum!r} must lie in (0, 1] (paper: 1e-4..1e-2)")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):

@@ -1,0 +1,306 @@
+"""Bad input, clear errors: each mistake raises a qtrim_fx error (not one from deep inside torch) whose
+message names the problem and the fix, and leaves no partially written file behind."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qtrim_fx
+from models import get_model
+from qtrim_fx import checkpoint
+from qtrim_fx.checkpoint import CheckpointError
+from qtrim_fx.nonfinite import NonFiniteWarning
+
+
+def _raises(exc: type[BaseException], call, *fragments: str) -> str:
+    """``call()`` raises ``exc`` whose message holds every fragment (problem and fix)."""
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+    return msg
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    """An output folder that must still be empty at the end of the test (no partial files)."""
+    yield tmp_path / "model.onnx"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    return qm, x
+
+
+class _NoWeights(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) + 1
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor: not symbolically traceable
+            return self.fc(x)
+        return self.fc(-x)
+
+
+def test_model_with_no_quantizable_sites():
+    _raises(qtrim_fx.NoSitesError, lambda: qtrim_fx.prepare(_NoWeights()),
+            "_NoWeights has no quantizable site", "check the model and the config's exclude overrides")
+
+
+def test_every_site_excluded_by_the_config():
+    cfg = qtrim_fx.QuantConfig(overrides=(qtrim_fx.Override(module_type=nn.Linear, exclude=True),))
+    _raises(qtrim_fx.NoSitesError, lambda: qtrim_fx.prepare(get_model("tiny_mlp")[0], config=cfg),
+            "no quantizable site", "exclude overrides")
+
+
+def test_untraceable_model_without_example_inputs():
+    _raises(qtrim_fx.CaptureError, lambda: qtrim_fx.prepare(_DataDependent()),
+            "_DataDependent.forward cannot be symbolically traced", "Pass example inputs",
+            "prepare(model, example_inputs=(x,))")
+
+
+def test_example_inputs_of_the_wrong_type(mlp, out):
+    _raises(qtrim_fx.CaptureError, lambda: qtrim_fx.prepare(_DataDependent(), example_inputs="x"),
+            "example_inputs must be a tuple of positional inputs", "got str", "prepare(model, (torch.randn(")
+    qm, x = mlp
+    _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, (x.numpy(),), out),
+            "example input #0 is a numpy.ndarray", "torch.as_tensor")
+    _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, "x", out), "got str", "export_onnx(qm, (x,), path)")
+    _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, {"x": x}, out), "not a dict", "tuple(inputs.values())")
+    _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, (x, x), out),
+            "takes 1 input(s) (x) but export_onnx got 2", "one tensor per input")
+    _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (torch.zeros(2, 5),), out),
+            "does not run on the example inputs", "shapes cannot be multiplied", "(2, 5)",
+            "pass inputs with the shapes and dtypes its forward expects")
+
+
+@pytest.mark.parametrize("kwargs", [{"weight_bits": 1}, {"act_bits": 17}, {"weight_bits": 32},
+                                    {"overrides": (qtrim_fx.Override(name="fc1", weight_bits=0),)}])
+def test_bits_outside_2_to_16(kwargs):
+    _raises(qtrim_fx.SchemeError, lambda: qtrim_fx.QuantConfig(**kwargs), "is outside 2..16",
+            "use 8 (INT8) or 4 (INT4)")
+
+
+def test_bits_outside_2_to_16_in_a_target_profile():
+    _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.TargetProfile("board", activation_bits=1),
+            "activation_bits=1 is outside 2..16", "use 8 or 4")
+
+
+@pytest.mark.parametrize("name, value", [("p_hi", 1.0), ("p_lo", 0.0), ("p_hi", 1.5), ("p_lo", -0.1),
+                                         ("p_hi", math.nan)])
+def test_quantile_levels_outside_0_1(name, value):
+    _raises(qtrim_fx.SchemeError, lambda: qtrim_fx.QuantConfig(**{name: value}),
+            f"{name}={value!r} must lie strictly between 0 and 1", "p_lo=0.001, p_hi=0.999")
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0])
+def test_pruner_quantile_outside_0_1(p):
+    _raises(qtrim_fx.SchemeError, lambda: qtrim_fx.ReversePruner(p_clip=p),
+            f"p_clip={p} must lie strictly between 0 and 1", "the paper uses 0.95")
+
+
+def test_swapped_quantile_levels():
+    _raises(qtrim_fx.SchemeError, lambda: qtrim_fx.QuantConfig(p_lo=0.9, p_hi=0.1),
+            "p_lo=0.9 must be below p_hi=0.1", "p_lo=0.001, p_hi=0.999")
+
+
+def test_nan_and_inf_activations_during_training():
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model.train())
+    trim = qtrim_fx.QuantTrim(qm, qtrim_fx.Curriculum(warmup=0, ramp_end=1, horizon=1))
+    trim.epoch_start(0)
+    qm(x)
+    bad = x.clone()
+    bad[0, :3] = math.nan
+    bad[1, 5] = math.inf
+    with warnings.catch_warnings(record=True) as during:  # no host sync, no warning inside the step
+        warnings.simplefilter("always")
+        qm(bad)
+    assert not [w for w in during if issubclass(w.category, NonFiniteWarning)]
+    for _, site, _ in qtrim_fx.iter_sites(qm):
+        assert torch.isfinite(site.observer.lo).all() and torch.isfinite(site.observer.hi).all()
+    with pytest.warns(NonFiniteWarning) as caught:
+        trim.epoch_start(1)
+    msg = str(caught[0].message)
+    assert "NaN/Inf values reached" in msg and "input.x (+" in msg and "in epoch 0" in msg
+    assert "left out of the statistics" in msg and "lower the learning rate" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWarning)
+        trim.epoch_start(2)  # nothing new: no second warning
+        assert trim.check_nonfinite() == []
+
+
+def test_nan_during_calibrate_warns_naming_the_site():
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    with pytest.warns(NonFiniteWarning, match=r"during calibrate: input\.x"):
+        qtrim_fx.calibrate(qm, [x, bad])
+    for _, site, _ in qtrim_fx.iter_sites(qm):
+        assert torch.isfinite(site.observer.lo).all() and torch.isfinite(site.observer.hi).all()
+
+
+def test_zero_size_batch_in_a_training_step_leaves_statistics_alone():
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model.train())
+    qm(x)
+    act = {s.name: site.observer for s, site, _ in qtrim_fx.iter_sites(qm) if s.kind == "activation"}
+    before = {n: (o.lo.clone(), o.hi.clone(), int(o.num_updates)) for n, o in act.items()}
+    y = qm(x[:0])
+    assert y.shape == (0, 10)
+    for n, o in act.items():
+        assert torch.equal(o.lo, before[n][0]) and torch.equal(o.hi, before[n][1]) and int(o.num_updates) == before[n][2]
+
+
+def test_zero_size_batches_in_calibrate():
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    with pytest.warns(UserWarning, match="skipped an empty batch"):
+        _raises(ValueError, lambda: qtrim_fx.calibrate(qm, [x[:0], x[:0]]),
+                "calibrate got no (non-empty) batches", "pass at least one batch of model inputs")
+    _raises(ValueError, lambda: qtrim_fx.calibrate(qm, []), "no (non-empty) batches", "calibrate(qm, [x])")
+    with pytest.warns(UserWarning, match="skipped an empty batch"):
+        assert qtrim_fx.calibrate(qm, [x[:0], x]) == 1
+
+
+def test_export_before_any_calibration(out):
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (x,), out),
+            "7 quantization site(s) never saw data: input.x, fc1.weight", "Run qtrim_fx.calibrate(model, batches)")
+
+
+def test_unknown_target(mlp, out):
+    qm, x = mlp
+    _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.export_onnx(qm, (x,), out, target="tpu"),
+            "unknown target 'tpu'", "known targets: onnxruntime, tensorrt", "TargetProfile(")
+    _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.export_onnx(qm, (x,), out, opset="17"),
+            "opset must be an int", "17 or 21")
+
+
+def test_int4_below_opset_21(out):
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model, config=qtrim_fx.QuantConfig(weight_bits=4))
+    qtrim_fx.calibrate(qm, [x])
+    for opset in (None, 19):
+        _raises(qtrim_fx.ProfileError, lambda o=opset: qtrim_fx.export_onnx(qm, (x,), out, opset=o),
+                "4-bit weights are stored as int4, which needs opset >= 21", "(pass opset=21)")
+    _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.export_onnx(qm, (x,), out, target="tensorrt"),
+            "target 'tensorrt' does not accept INT4 weights", "use bits=8")
+
+
+@pytest.mark.parametrize("kwargs, fragments", [
+    ({"allow_int4": True, "max_opset": 19}, ("allow_int4=True contradicts max_opset=19", "set allow_int4=False")),
+    ({"opset": 21, "max_opset": 19}, ("opset=21 is above max_opset=19", "lower opset or raise max_opset")),
+    ({"opset": 11}, ("opset=11 is too old", "use opset >= 13")),
+    ({"weight_bits": 4}, ("weight_bits=4 needs allow_int4=True",)),
+    ({"bias": "int64"}, ("bias must be 'float' or 'int32'",)),
+])
+def test_own_target_profile_with_contradictory_rules(kwargs, fragments):
+    _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.TargetProfile("board", **kwargs), "profile 'board'", *fragments)
+
+
+def test_corrupted_or_mismatched_quant_trim_state():
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    cur = qtrim_fx.Curriculum(warmup=0, ramp_end=2, horizon=1)
+    trim = qtrim_fx.QuantTrim(qm, cur, qtrim_fx.ReversePruner())
+    trim.epoch_start(1)
+    state = trim.state_dict()
+    fresh = qtrim_fx.QuantTrim(qtrim_fx.prepare(get_model("tiny_convnet")[0]), cur, qtrim_fx.ReversePruner())
+    _raises(CheckpointError, lambda: fresh.load_state_dict({"epoch": 1}),
+            "not a QuantTrim state dict (KeyError", "QuantTrim.state_dict()")
+    _raises(CheckpointError, lambda: fresh.load_state_dict(dict(state, blend=float("nan"))),
+            "corrupted QuantTrim state: blend=nan is outside [0, 1]")
+    bad_tau = [t.clone() for t in state["pruner"]["thresholds"]]
+    bad_tau[1] = torch.tensor(float("inf"))
+    _raises(CheckpointError, lambda: fresh.load_state_dict(dict(state, pruner=dict(state["pruner"], thresholds=bad_tau))),
+            "threshold τ of conv2.weight is not a finite, non-negative tensor")
+    mlp_trim = qtrim_fx.QuantTrim(qtrim_fx.prepare(get_model("tiny_mlp")[0]), cur, qtrim_fx.ReversePruner())
+    mlp_trim.epoch_start(0)
+    _raises(CheckpointError, lambda: fresh.load_state_dict(mlp_trim.state_dict()),
+            "saved for weights fc1.weight, fc2.weight, fc3.weight but this model's are conv1.weight",
+            "belongs to another model or config")
+    no_pruner = qtrim_fx.QuantTrim(qtrim_fx.prepare(get_model("tiny_convnet")[0]), cur)
+    _raises(CheckpointError, lambda: no_pruner.load_state_dict(state),
+            "has ReversePruner state but this QuantTrim has no pruner", "construct it as the saved run was")
+    assert isinstance(CheckpointError("x"), RuntimeError) and isinstance(CheckpointError("x"), ValueError)
+
+
+def test_prepared_model_loading_another_models_state():
+    conv = qtrim_fx.prepare(get_model("tiny_convnet")[0])
+    mlp = qtrim_fx.prepare(get_model("tiny_mlp")[0])
+    _raises(CheckpointError, lambda: conv.load_state_dict(mlp.state_dict()),
+            "checkpoint does not match this prepared model", "sites missing from the checkpoint: add, conv1_weight",
+            "sites this model does not have: fc1_weight", "prepare the same model with the same config")
+    wide, _ = get_model("tiny_convnet", width=16)
+    wide_qm = qtrim_fx.prepare(wide)
+    _raises(CheckpointError, lambda: conv.load_state_dict(wide_qm.state_dict()),
+            "site 'conv1.weight' has 16 channels but conv1.weight has 8 here", "a model of another width")
+    per_tensor = qtrim_fx.prepare(get_model("tiny_convnet")[0],
+                                  config=qtrim_fx.QuantConfig(weight_per_channel=False))
+    _raises(CheckpointError, lambda: per_tensor.load_state_dict(conv.state_dict()),
+            "site 'conv1.weight' has statistics of shape (8,) but the site is int8n sym per-tensor here",
+            "prepare with the same config")
+    _raises(CheckpointError, lambda: conv.load_state_dict(get_model("tiny_convnet")[0].state_dict()),
+            "holds no qtrim_fx statistics (it is the float model's)", "strict=False")
+    conv.load_state_dict(get_model("tiny_convnet")[0].state_dict(), strict=False)  # the documented way
+
+
+def test_corrupted_or_mismatched_saved_model(tmp_path):
+    qm = qtrim_fx.prepare(get_model("tiny_mlp")[0])
+    path = tmp_path / "qm.pt"
+    checkpoint.save(qm, path)
+    _raises(CheckpointError, lambda: checkpoint.load(get_model("tiny_convnet")[0], path),
+            "was saved from another model or config (TinyMLP, this is TinyConvNet)",
+            "sites not in the file: add, conv1.weight",
+            "Pass the same model class and arguments")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:500])
+    _raises(CheckpointError, lambda: checkpoint.load(get_model("tiny_mlp")[0], truncated),
+            "cannot read checkpoint", "truncated or not written by torch.save", "save it again")
+    plain = tmp_path / "plain.pt"
+    torch.save(qm.state_dict(), plain)
+    _raises(CheckpointError, lambda: checkpoint.load(get_model("tiny_mlp")[0], plain),
+            "is not a qtrim_fx.checkpoint.save file", "qm.load_state_dict(torch.load(path))")
+    _raises(CheckpointError, lambda: checkpoint.load(get_model("tiny_mlp")[0], tmp_path / "missing.pt"),
+            "does not exist", "qtrim_fx.checkpoint.save(qm, path)")
+
+
+def test_api_on_a_ddp_style_wrapper_names_the_fix():
+    qm = qtrim_fx.prepare(get_model("tiny_mlp")[0])
+
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    _raises(qtrim_fx.SchemeError, lambda: qtrim_fx.inspect(Wrapper(qm)), "got the Wrapper wrapping it",
+            "pass wrapper.module")
+    assert qtrim_fx.calibrate(Wrapper(qm), [torch.randn(2, 64)]) == 1  # calibrate and QuantTrim unwrap it
+
+
+def test_numpy_batch_in_calibrate():
+    qm = qtrim_fx.prepare(get_model("tiny_mlp")[0])
+    _raises(TypeError, lambda: qtrim_fx.calibrate(qm, [np.zeros((2, 64), np.float32)]),
+            "a calibration batch must be a tensor", "pass input_fn=")
