@@ -6,6 +6,8 @@ Configurations, each on its own deep copy of the same seeded model:
 * ``fp32``: the model itself, train mode;
 * ``ours``: ``qtrim_fx.prepare`` + ``qtrim_fx.calibrate`` on one batch + ``set_blend(qm, 1.0)``,
   train mode, statistics updating every step (the default ``update_every=1``);
+  (every model's BatchNorm running statistics are first set from the batch, as in a trained
+  net, so that eval-mode calibration sees realistic activations);
 * ``ours, frozen stats``: the same with every observer disabled (what a step costs once
   the statistics are settled, or between ``update_every`` updates), for information;
 * ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping("x86")``, train mode
@@ -155,11 +157,32 @@ def _make_step(cfg: Config, x: torch.Tensor, y: torch.Tensor) -> None:
     cfg.__dict__["_opt"] = opt
 
 
+@torch.no_grad()
+def _warm_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """Give the random-init BatchNorms the running statistics of this batch (as a trained net has).
+
+    Without it, eval-mode calibration sees activations normalized by running_var = 1, which in
+    deep nets (MobileNetV3) shrinks or blows them up by orders of magnitude: the calibrated
+    ranges then collapse the train-mode activations onto the zero point and, with BatchNorm
+    behind them, the straight-through gradients explode. Same weights for every configuration.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = None  # cumulative average: one batch sets the statistics
+        m.reset_running_stats()
+    model.train()
+    model(x)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
 def build_configs(case: ModelCase, quick: bool, torchao: bool, autocast: bool, compile_: bool,
                   backend: str) -> tuple[list[Config], torch.Tensor]:
     kwargs = case.quick if quick else case.kwargs
     model, (x,) = get_model(case.name, **kwargs)
-    model.train()
+    _warm_batchnorm(model, x)
     y = torch.randint(0, kwargs["num_classes"], (x.shape[0],), generator=torch.Generator().manual_seed(0))
     fp32 = copy.deepcopy(model).train()
     ours = _prepare_ours(model, x)
