@@ -16,11 +16,13 @@ from __future__ import annotations
 from .blend import BlendControl, blend_quant
 from .calibrate import calibrate
 from .capture import CaptureError, capture
+from .checkpoint import CheckpointError
 from .config import Override, QuantConfig
 from .curriculum import Curriculum
 from .export import export_onnx
 from .inspect import InspectReport, inspect
 from .lower import lower
+from .nonfinite import NonFiniteWarning
 from .observer import EmaQuantileObserver
 from .onnx import ExportError, ProfileError, TargetProfile, WeightAxes, check, get_profile, register_profile
 from .prepare import NoSitesError, is_prepared, iter_sites, prepare, set_blend
@@ -37,11 +39,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BlendControl",
     "CaptureError",
+    "CheckpointError",
     "Curriculum",
     "EmaQuantileObserver",
     "ExportError",
     "InspectReport",
     "NoSitesError",
+    "NonFiniteWarning",
     "Override",
     "ProfileError",
     "QuantConfig",
