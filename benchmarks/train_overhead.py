@@ -23,15 +23,15 @@ Memory: one extra step per configuration under ``torch.profiler`` with ``profile
 the peak of the running sum of the CPU allocation events during that step is the
 transient peak (activations, gradients, temporaries, everything torch allocates) and
 "peak" adds the persistent state held across steps (parameters, buffers, optimizer
-state). tracemalloc does not see torch's allocations and ``ru_maxrss`` cannot be reset,
-so this is the honest figure for "memory a training step needs"; the resident-set
-high-water mark of the same step (Linux ``VmHWM`` after ``clear_refs``, minus RSS before
-the step) is printed too as a cross-check, but the C allocator's caching makes it noisy.
+state). tracemalloc does not see torch's allocations, and resident-set figures
+(``ru_maxrss``, ``VmHWM``) mostly measure the C allocator's caching of freed blocks, so
+this is the honest figure for "memory a training step needs".
 
 Usage::
 
     python benchmarks/train_overhead.py                       # all models, eager + bf16, write RESULTS.md
-    python benchmarks/train_overhead.py --compile resnet18    # add torch.compile for these models
+    python benchmarks/train_overhead.py --threads 1,2         # one table per torch thread count
+    python benchmarks/train_overhead.py --compile vit         # add torch.compile for these models
     python benchmarks/train_overhead.py --quick --no-write    # tiny sizes (smoke test)
 
 Writes (replaces) the section "## Training-step overhead" of ``benchmarks/RESULTS.md``.
@@ -109,7 +109,6 @@ class Config:
     times: list[float] = field(default_factory=list)
     peak: int = 0
     transient: int = 0
-    rss: int = 0
     error: str | None = None
 
 
@@ -239,13 +238,6 @@ def _persistent_bytes(cfg: Config) -> int:
     return total
 
 
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def measure_memory(cfg: Config) -> None:
     """Transient peak of torch's CPU allocations during one step (profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
@@ -260,13 +252,6 @@ def measure_memory(cfg: Config) -> None:
         peak = max(peak, cur)
     cfg.transient = peak
     cfg.peak = _persistent_bytes(cfg) + peak
-    try:  # cross-check: resident-set high-water mark of one step (Linux only)
-        before = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        cfg.step()
-        cfg.rss = max(0, _rss_kib("VmHWM") - before) * 1024
-    except OSError:
-        cfg.rss = 0
 
 
 def explain_graph_breaks(case: ModelCase, quick: bool) -> dict[str, tuple[int, int, str]]:
@@ -299,22 +284,13 @@ def _ratio(a: Config | None, b: Config | None) -> str:
     return f"{_med(a) / _med(b):.2f}x"
 
 
-def render(results: list[tuple[str, ModelCase, list[Config]]], explains: dict, args, command: str,
-           load: tuple[float, float]) -> tuple[str, list[str]]:
+Run = tuple[int, list[tuple[str, ModelCase, list[Config]]], float, float]  # threads, results, load before/after
+
+
+def render_run(results: list[tuple[str, ModelCase, list[Config]]]) -> tuple[list[str], list[str]]:
     lines = [
-        f"Command: `{command}`  ",
-        f"Machine: {machine()}, {torch.get_num_threads()} torch threads, load average "
-        f"{load[0]:.2f} at the start and {load[1]:.2f} at the end of the run  ",
-        f"Median of {args.repeats} round-robin steps per configuration after {args.warmup} warm-up steps; "
-        "step = zero_grad + forward + cross-entropy + backward + SGD(momentum 0.9).step. "
-        "ours = prepare + calibrate(1 batch) + set_blend(1.0), train mode, statistics updating every step; "
-        "frozen stats = observers disabled; torch.ao = prepare_qat_fx(get_default_qat_qconfig_mapping('x86')). "
-        "Peak memory = persistent state (parameters, buffers, optimizer state) + the peak of torch's CPU "
-        "allocations during one step (torch.profiler memory events); RSS = VmHWM growth during one step "
-        "(cross-check, allocator caching makes it noisy).",
-        "",
-        "| model | config | step (ms) | vs FP32 | vs torch.ao | peak mem (MiB) | mem vs FP32 | step RSS growth (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | config | step (ms) | vs FP32 | vs torch.ao | peak mem (MiB) | mem vs FP32 |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
     mib = 1024 * 1024
@@ -323,40 +299,63 @@ def render(results: list[tuple[str, ModelCase, list[Config]]], explains: dict, a
         fp32, ao = by.get("fp32"), by.get("torch.ao")
         for c in configs:
             if c.error is not None:
-                lines.append(f"| {case.label} | {c.key} | failed: {c.error} | | | | | |")
+                lines.append(f"| {case.label} | {c.key} | failed: {c.error} | | | | |")
                 continue
             base = by.get("fp32 bf16") if c.autocast else by.get("fp32 compiled") if "compiled" in c.key else fp32
             vs_ao = _ratio(c, ao) if c.key.startswith("ours") and not c.autocast and "compiled" not in c.key else ""
-            mem_ratio = f"{c.peak / base.peak:.2f}x" if base is not None and base.peak else "-"
-            lines.append(
-                f"| {case.label} | {c.key} | {_med(c) * 1e3:.1f} | {_ratio(c, base)} | {vs_ao} | "
-                f"{c.peak / mib:.1f} | {mem_ratio} | {c.rss / mib:.1f} |"
-            )
-        ours = by.get("ours")
-        if ours is not None and _med(ours) and fp32 is not None and _med(fp32):
-            r = _med(ours) / _med(fp32)
-            goal = GOALS.get(key)
-            parts = [f"{key}: ours/FP32 {r:.2f}x" + (f" (goal <= {goal}x: {'met' if r <= goal else 'MISSED'})"
-                                                     if goal else "")]
-            if ao is not None and _med(ao):
-                ra = _med(ours) / _med(ao)
-                parts.append(f"ours/torch.ao {ra:.2f}x (goal <= {GOAL_VS_AO}x: {'met' if ra <= GOAL_VS_AO else 'MISSED'})")
-            if ours.peak and fp32.peak:
-                rm = ours.peak / fp32.peak
-                parts.append(f"peak memory ours/FP32 {rm:.2f}x (goal <= {GOAL_MEM}x: "
-                             f"{'met' if rm <= GOAL_MEM else 'MISSED'})")
-            for k in ("ours bf16", "ours compiled"):
-                if k in by and by[k].times:
-                    base = by["fp32 bf16" if "bf16" in k else "fp32 compiled"]
-                    parts.append(f"{k}/{base.key} {_ratio(by[k], base)}")
-            verdicts.append("; ".join(parts))
-    lines += ["", *[f"- {v}" for v in verdicts]]
+            mem_ratio = f"{c.peak / base.peak:.2f}x" if base is not None and base.peak and c.peak else "-"
+            mem = f"{c.peak / mib:.1f}" if c.peak else "-"
+            lines.append(f"| {case.label} | {c.key} | {_med(c) * 1e3:.1f} | {_ratio(c, base)} | {vs_ao} | "
+                         f"{mem} | {mem_ratio} |")
+        verdicts.append(_verdict(key, by))
+    return lines, [v for v in verdicts if v]
+
+
+def _verdict(key: str, by: dict[str, Config]) -> str:
+    ours, fp32, ao = by.get("ours"), by.get("fp32"), by.get("torch.ao")
+    if ours is None or fp32 is None or not _med(ours) or not _med(fp32):
+        return ""
+    r = _med(ours) / _med(fp32)
+    goal = GOALS.get(key)
+    parts = [f"{key}: ours/FP32 {r:.3f}x" + (f" (goal <= {goal}x: {'met' if r <= goal else 'MISSED'})" if goal else "")]
+    if ao is not None and _med(ao):
+        ra = _med(ours) / _med(ao)
+        parts.append(f"ours/torch.ao {ra:.3f}x (goal <= {GOAL_VS_AO}x: {'met' if ra <= GOAL_VS_AO else 'MISSED'})")
+    if ours.peak and fp32.peak:
+        rm = ours.peak / fp32.peak
+        parts.append(f"peak memory ours/FP32 {rm:.3f}x (goal <= {GOAL_MEM}x: {'met' if rm <= GOAL_MEM else 'MISSED'})")
+    for k, b in (("ours bf16", "fp32 bf16"), ("ours compiled", "fp32 compiled")):
+        if k in by and by[k].times and b in by:
+            parts.append(f"{k}/{b} {_ratio(by[k], by[b])}")
+    return "; ".join(parts)
+
+
+def render(runs: list[Run], explains: dict, args, command: str) -> tuple[str, list[str]]:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Median of {args.repeats} round-robin steps per configuration after {args.warmup} warm-up steps; "
+        "step = zero_grad + forward + cross-entropy + backward + SGD(momentum 0.9).step; BatchNorm running "
+        "statistics of every model first set from the batch. "
+        "ours = prepare + calibrate(1 batch) + set_blend(1.0), train mode, statistics updating every step; "
+        "frozen stats = observers disabled; torch.ao = prepare_qat_fx(get_default_qat_qconfig_mapping('x86')); "
+        "bf16 = the same step under torch.autocast('cpu', torch.bfloat16), compared with FP32 under autocast; "
+        "compiled = torch.compile(model) of FP32 and of ours, compared with each other. "
+        "Peak memory = persistent state (parameters, buffers, optimizer state) + the peak of torch's CPU "
+        "allocations during one step (torch.profiler memory events).",
+    ]
+    verdicts = []
+    for threads, results, load0, load1 in runs:
+        rows, v = render_run(results)
+        lines += ["", f"### {threads} torch thread{'s' if threads > 1 else ''} (load average {load0:.2f} "
+                  f"before, {load1:.2f} after)", "", *rows, "", *[f"- {x}" for x in v]]
+        verdicts += [f"[{threads} thread{'s' if threads > 1 else ''}] {x}" for x in v]
     if explains:
-        lines += ["", f"Graph breaks of the prepared model under torch.compile (`torch._dynamo.explain`, "
-                  f"backend for timing: {args.backend}):", ""]
+        lines += ["", f"Graph breaks of the prepared model in train mode at λ = 1 under torch.compile "
+                  f"(`torch._dynamo.explain`; timing backend: {args.backend}):", ""]
         for key, per_mode in explains.items():
             for mode, (graphs, breaks, reason) in per_mode.items():
-                lines.append(f"- {key}, {mode}: {graphs} graphs, {breaks} breaks"
+                lines.append(f"- {key}, {mode}: {graphs} graph{'s' if graphs != 1 else ''}, {breaks} breaks"
                              + (f" ({reason})" if reason else ""))
     return "\n".join(lines), verdicts
 
@@ -366,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--repeats", type=int, default=7, help="timed round-robin rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", default="", help="comma list of torch thread counts, one table each "
+                    "(default: torch's current setting)")
     ap.add_argument("--quick", action="store_true", help="tiny model sizes (smoke test)")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--no-autocast", action="store_true")
@@ -375,39 +375,44 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     compiled = {k.strip() for k in args.compile.split(",") if k.strip()}
     unknown = [k for k in [*keys, *compiled] if k not in CASES]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {list(CASES)}")
-    load0 = os.getloadavg()[0]
-    results, explains = [], {}
-    for key in keys:
-        case = CASES[key]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            configs, _ = build_configs(case, args.quick, not args.no_torchao, not args.no_autocast,
-                                       key in compiled, args.backend)
-            time_round_robin(configs, args.warmup, args.repeats)
-            if not args.no_memory:
-                for c in configs:
-                    if c.error is None:
-                        measure_memory(c)
-            if key in compiled:
-                explains[key] = explain_graph_breaks(case, args.quick)
-        results.append((key, case, configs))
-        print(f"[{key}] " + ", ".join(f"{c.key} {(_med(c) or float('nan')) * 1e3:.1f} ms" for c in configs),
-              file=sys.stderr)
-    load1 = os.getloadavg()[0]
+    runs: list[Run] = []
+    explains: dict = {}
+    for n in threads:
+        torch.set_num_threads(n)
+        load0 = os.getloadavg()[0]
+        results = []
+        for key in keys:
+            case = CASES[key]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                configs, _ = build_configs(case, args.quick, not args.no_torchao, not args.no_autocast,
+                                           key in compiled, args.backend)
+                time_round_robin(configs, args.warmup, args.repeats)
+                if not args.no_memory:
+                    for c in configs:
+                        if c.error is None:
+                            measure_memory(c)
+                if key in compiled and key not in explains:
+                    explains[key] = explain_graph_breaks(case, args.quick)
+            if args.quick:
+                case = ModelCase(case.label.split(",")[0] + " [quick sizes]", case.name, case.kwargs, case.quick)
+            results.append((key, case, configs))
+            print(f"[{n} threads, {key}] " + ", ".join(
+                f"{c.key} {(_med(c) or float('nan')) * 1e3:.1f} ms" for c in configs), file=sys.stderr)
+        runs.append((n, results, load0, os.getloadavg()[0]))
     command = " ".join(["python benchmarks/train_overhead.py", *(sys.argv[1:] if argv is None else argv)])
-    body, verdicts = render(results, explains, args, command, (load0, load1))
+    body, verdicts = render(runs, explains, args, command)
     print(f"## {TITLE}\n\n{body}")
     if not args.no_write:
         write_section(TITLE, body)
         print("wrote benchmarks/RESULTS.md", file=sys.stderr)
-    return {"results": results, "verdicts": verdicts, "explains": explains, "markdown": body}
+    return {"runs": runs, "results": runs[-1][1], "verdicts": verdicts, "explains": explains, "markdown": body}
 
 
 if __name__ == "__main__":

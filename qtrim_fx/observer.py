@@ -11,9 +11,15 @@ The subsample is made of random runs of consecutive elements (one random
 draw per run), so an update costs the same for 1e5 and 1e7 elements.
 Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
 default). Only the tail order statistics are needed, so they come from
-``torch.topk`` on the subsample rather than a full sort. Nothing here reads a
-tensor back to the host; first-observation and all-non-finite cases are handled
-with ``torch.where``.
+``torch.topk`` on the subsample rather than a full sort, and only on the runs
+whose extreme values can hold them (exact, see ``_top_values``). Nothing here
+reads a tensor back to the host; first-observation and all-non-finite cases are
+handled with ``torch.where``.
+
+Under ``torch.compile`` an update is one opaque custom op (``qtrim_fx::observe``,
+declared as mutating the four buffers): its host-side call counter (``update_every``),
+seeded generator and optional all-reduce run eagerly at every call, and the graph
+around it has no break.
 
 The raw statistics (``lo``, ``hi``) are kept, not scales, so one checkpoint can
 derive qparams for any scheme later (``qtrim_fx.quantize.derive_qparams``).

@@ -99,7 +99,7 @@ class QuantSite(nn.Module):
         return scale, zp_or_none
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state.pop("_qp_cache", None)  # derived, device-bound: rebuilt on first use
         return state
 

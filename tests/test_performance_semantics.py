@@ -294,3 +294,43 @@ def test_train_overhead_benchmark_smoke():
         assert by[k].error is None and len(by[k].times) == 1 and by[k].peak > 0, k
     assert "| ours |" in out["markdown"] and "ours/FP32" in out["markdown"]
     assert (results.read_text() if results.exists() else None) == before  # --no-write
+
+
+# -- observer fast paths are exact -----------------------------------------------------------------------------
+
+
+def test_block_prefiltered_top_values_equal_topk():
+    from qtrim_fx.observer import _top_values
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        c, nb = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(8, 300, (1,), generator=gen))
+        v = torch.randn(c, nb * 32, generator=gen)
+        if trial % 4 == 1:
+            v = v.mul(3).round()  # many ties
+        elif trial % 4 == 2:
+            v = v.sort(-1).values  # extremes clustered in a few runs
+        elif trial % 4 == 3:
+            v[v > 1.5] = -float("inf")
+        k = int(torch.randint(1, max(2, nb // 8), (1,), generator=gen))
+        for largest in (True, False):
+            assert torch.equal(_top_values(v, k, largest), torch.topk(v, k, largest=largest).values)
+
+
+@pytest.mark.parametrize(("p_lo", "p_hi"), [(0.001, 0.999), (0.2, 0.7), (0.49, 0.5)])
+def test_two_tail_quantiles_equal_the_one_level_path(p_lo, p_hi):
+    from qtrim_fx.observer import _fill, _filled_quantile, _refill, _two_tail_quantiles
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        v = torch.randn(3, int(torch.randint(1, 6000, (1,), generator=gen)), generator=gen)
+        if trial % 3 == 0:
+            v[torch.rand(v.shape, generator=gen) < 0.2] = float("nan")
+        if trial % 5 == 0:
+            v[1] = float("inf")  # a row with no finite value
+        lo_fill, nf = _fill(v, p_lo)
+        lo, hi = _two_tail_quantiles(lo_fill, _refill(lo_fill, p_hi), nf, p_lo, p_hi)
+        hi_fill, _ = _fill(v, p_hi)
+        valid = nf > 0
+        assert torch.equal(lo[valid], _filled_quantile(lo_fill, nf, p_lo)[valid])
+        assert torch.equal(hi[valid], _filled_quantile(hi_fill, nf, p_hi)[valid])
