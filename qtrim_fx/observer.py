@@ -206,6 +206,18 @@ def _all_reduce_mean(
     return buf[0] / denom, buf[1] / denom, count > 0
 
 
+CALLS_KEY = "calls"
+
+
+def _save_calls(module: EmaQuantileObserver, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: the host call counter (the ``update_every`` phase) as a 0-D int64.
+
+    It is kept on the host during training (no device write per step) and written only here,
+    so a resumed run observes on exactly the calls an uninterrupted one would.
+    """
+    state_dict[prefix + CALLS_KEY] = torch.tensor(module._calls, dtype=torch.int64)
+
+
 class EmaQuantileObserver(nn.Module):
     """EMA of subsampled quantiles, per tensor or per channel.
 
@@ -220,7 +232,9 @@ class EmaQuantileObserver(nn.Module):
             samples are reproducible across resume and identical across DDP ranks).
         update_every: update statistics on every N-th training call only.
 
-    Buffers: ``lo``, ``hi`` (the EMAs; 0-D or (C,), NaN until first observed), ``num_updates``.
+    Buffers: ``lo``, ``hi`` (the EMAs; 0-D or (C,), NaN until first observed), ``num_updates``,
+    ``nonfinite``. The state_dict also holds ``calls`` (training calls seen, host-side), so
+    resuming with ``update_every > 1`` keeps the update phase.
     Statistics change only in ``train()`` mode.
     """
 
@@ -270,6 +284,7 @@ class EmaQuantileObserver(nn.Module):
         self._initialized = False
         self._generators: dict[torch.device, torch.Generator] = {}
         self._register_load_state_dict_pre_hook(self._on_load)
+        self.register_state_dict_post_hook(_save_calls)
         _LIVE[id(self)] = self
 
     def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: reachable from graphs too
@@ -288,11 +303,13 @@ class EmaQuantileObserver(nn.Module):
             if t is not None and t.shape != getattr(self, name).shape:
                 # Per-channel buffers are sized lazily on the first observation.
                 setattr(self, name, torch.full_like(t, math.nan, device=getattr(self, name).device))
+        calls = state_dict.pop(prefix + CALLS_KEY, None)  # not a buffer: popped so strict loading accepts it
         n = state_dict.get(prefix + "num_updates")
         if n is not None:
             self._updates = int(n)
-            self._calls = self._updates * self.update_every
             self._initialized = self._updates > 0
+            # Files without the call count (older ones) put the next update N calls on.
+            self._calls = int(calls) if calls is not None else self._updates * self.update_every
 
     # -- sampling ------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:

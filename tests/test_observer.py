@@ -306,7 +306,7 @@ def test_state_dict_round_trip_and_identical_next_update(mode, axis):
 def test_state_dict_holds_the_raw_statistics():
     obs = EmaQuantileObserver("range", axis=0)
     _observe(obs, _heavy((3, 100), seed=12))
-    assert set(obs.state_dict()) == {"lo", "hi", "num_updates", "nonfinite"}
+    assert set(obs.state_dict()) == {"lo", "hi", "num_updates", "nonfinite", "calls"}
     assert obs.state_dict()["lo"].shape == (3,)
 
 
@@ -419,3 +419,26 @@ def test_nonfinite_values_are_counted_without_entering_the_statistics():
     _observe(obs, x)
     assert int(obs.nonfinite) == 15
     assert torch.isfinite(obs.lo) and torch.isfinite(obs.hi)
+
+
+def test_state_dict_keeps_the_update_every_phase():
+    obs = EmaQuantileObserver(update_every=3)
+    obs.train()
+    for _ in range(5):  # updates on calls 1 and 4
+        obs(torch.randn(64))
+    state = {k: v.clone() for k, v in obs.state_dict().items()}  # the buffers change in place below
+    assert int(state["calls"]) == 5 and int(state["num_updates"]) == 2
+    fresh = EmaQuantileObserver(update_every=3)
+    fresh.load_state_dict(state)  # strict: "calls" is consumed by the load hook
+    assert fresh._calls == 5 and fresh._updates == 2
+    x = torch.randn(64)
+    obs(x)
+    fresh(x)  # call 6: no update on either
+    obs(x)
+    fresh(x)  # call 7: both update, with the same seeded subsample
+    assert int(fresh.num_updates) == int(obs.num_updates) == 3
+    assert torch.equal(fresh.lo, obs.lo) and torch.equal(fresh.hi, obs.hi)
+    legacy = {k: v for k, v in state.items() if k != "calls"}
+    older = EmaQuantileObserver(update_every=3)
+    older.load_state_dict(legacy)  # files from before the call count: next update N calls on
+    assert older._calls == 6

@@ -60,9 +60,7 @@ def _export_bytes(qm, x, tmp_path, name: str) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("update_every", [1, pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
-    "the observers' host call counter (_calls, the update_every phase) is not in the state_dict: "
-    "the load hook restores it as num_updates * update_every, off by the calls since the last update")))])
+@pytest.mark.parametrize("update_every", [1, 2, 3])
 def test_resume_mid_ramp_matches_the_uninterrupted_run(tmp_path, update_every):
     cfg = qtrim_fx.QuantConfig(update_every=update_every)
     torch.manual_seed(SEED)
