@@ -9,6 +9,7 @@ from torch import nn
 
 from .onnx.profiles import TargetProfile, get_profile
 from .passes.fold_bn import FoldBatchNormPass
+from .passes.lean_relu import RestoreReluPass
 from .passes.lower_sites import LowerSitesPass
 from .passes.round_bias import RoundBiasPass
 from .prepare import _require_prepared
@@ -35,6 +36,6 @@ def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: 
     if opset is not None:
         profile = profile.replace(opset=int(opset))
     gm = copy.deepcopy(model).eval()
-    for p in (FoldBatchNormPass(), LowerSitesPass(profile), RoundBiasPass(profile)):
+    for p in (RestoreReluPass(), FoldBatchNormPass(), LowerSitesPass(profile), RoundBiasPass(profile)):
         gm = p(gm).graph_module
     return gm

@@ -19,10 +19,12 @@ untouched, so the prepared model is bit-identical to the original. Lowering
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 
-__all__ = ["bn_fold_factor", "channel_shape"]
+__all__ = ["bn_fold_factor", "channel_shape", "relu_keep_mask"]
 
 
 @torch.fx.wrap
@@ -37,3 +39,36 @@ def channel_shape(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[axis] = -1
     return v.reshape(shape)
+
+
+class _ReluKeepMaskFn(torch.autograd.Function):
+    """``relu(x)`` that saves the 1-byte mask ``x <= 0`` for backward instead of its 4-byte output.
+
+    The gradient is relu's own: 0 where the output is <= 0, else the incoming gradient (so a NaN
+    input passes its gradient, and a NaN gradient at a zeroed position becomes 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x <= 0)
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (zeroed,) = ctx.saved_tensors
+        return grad.masked_fill(zeroed, 0.0)
+
+
+@torch.fx.wrap
+def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
+    """``torch.relu(x)`` with the same value and gradient, but autograd keeps a bool mask, not the output.
+
+    ``torch.relu`` saves its output for backward. When the only reader of that output is a
+    quantization site (which saves nothing), the output would be kept alive for relu's backward
+    alone, next to the site's blended copy that the following layer saves: one extra
+    activation-sized float tensor per site. Saving ``x <= 0`` (1 byte per element) instead frees
+    it. Without autograd (eval, ``no_grad``) this is plain ``torch.relu``.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ReluKeepMaskFn.apply(x)
+    return torch.relu(x)

@@ -32,6 +32,7 @@ from .capture import Fallback, capture
 from .config import QuantConfig
 from .passes.annotate import AnnotateSitesPass
 from .passes.functionalize import FunctionalizeWeightedModulesPass
+from .passes.lean_relu import LeanReluPass
 from .passes.materialize import BLEND_ATTR, SITES_ATTR, InsertSitesPass, blend_control
 from .passes.normalize import NormalizeOpsPass
 from .passes.spec import SITE_NODE, SiteSpec
@@ -86,7 +87,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
             stacklevel=2,
         )
     for p in (NormalizeOpsPass(), FunctionalizeWeightedModulesPass(), NormalizeOpsPass(),
-              AnnotateSitesPass(config), InsertSitesPass(config)):
+              AnnotateSitesPass(config), InsertSitesPass(config), LeanReluPass()):
         gm = p(gm).graph_module
     if not any(spec.kind == "weight" for spec, _, _ in iter_sites(gm)):
         raise NoSitesError(

@@ -74,7 +74,7 @@ for _kind, _names in {
     "mul": "mul imul mul_ __mul__ __rmul__",
     "div": "div truediv itruediv div_ __truediv__ floordiv",
     "cat": "cat concat concatenate",
-    "relu": "relu relu_ relu6 hardtanh hardtanh_",
+    "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask",
     "activation": (
         "gelu silu silu_ hardswish hardswish_ hardsigmoid sigmoid sigmoid_ tanh tanh_ leaky_relu elu mish "
         "softplus prelu selu celu"

@@ -1,0 +1,193 @@
+"""LeanReluPass / RestoreReluPass: structure, bit-identical values and gradients, saved memory."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import qtrim_fx
+from models import get_model
+from qtrim_fx.ops import relu_keep_mask
+from qtrim_fx.passes.lean_relu import LeanReluPass, RestoreReluPass
+from qtrim_fx.passes.spec import ACT_SITE
+
+
+class Mixed(nn.Module):
+    """ReLUs in every form (a site replaces every use of its tensor, so each is read by its site only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.act(self.c1(x))          # module, inplace
+        b = F.relu(self.c2(a))            # function; its site feeds conv and the residual add
+        c = torch.relu(self.c3(b)) + b    # torch function
+        y = c.mean((2, 3))
+        return self.fc(y).relu()          # method, on the network output
+
+
+class SiteAndFloatReader(nn.Module):
+    """A hand-written graph: one relu output read by a site and by a float op, one by a site only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from qtrim_fx.blend import BlendControl
+        from qtrim_fx.observer import EmaQuantileObserver
+        from qtrim_fx.scheme import QuantScheme
+        from qtrim_fx.site import QuantSite
+
+        ctl = BlendControl(1.0)
+        self.s1 = QuantSite(QuantScheme(signed=False, symmetric=False), EmaQuantileObserver(), ctl)
+        self.s2 = QuantSite(QuantScheme(signed=False, symmetric=False), EmaQuantileObserver(), ctl)
+
+    def forward(self, x):
+        a = torch.relu(x)
+        b = torch.relu(x * 2)
+        return self.s1(a) + a, self.s2(b)
+
+
+def _lean_nodes(gm: fx.GraphModule) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is relu_keep_mask]
+
+
+def _without_pass(qm: fx.GraphModule) -> fx.GraphModule:
+    ref = copy.deepcopy(qm)
+    assert RestoreReluPass()(ref).modified
+    return ref
+
+
+def test_site_only_relus_are_swapped_in_place():
+    qm = qtrim_fx.prepare(Mixed())
+    lean = _lean_nodes(qm)
+    assert len(lean) == 4, qm.graph  # module (inplace), F.relu, torch.relu, Tensor.relu
+    for n in qm.graph.nodes:
+        if n.name in lean:
+            assert n.meta.get(ACT_SITE) is not None  # name and SiteSpec kept: the node was edited in place
+            assert all(u.op == "call_module" and u.target.startswith("qtrim_sites.") for u in n.users)
+    qm.graph.lint()
+
+
+def test_relu_with_a_float_reader_is_kept():
+    from qtrim_fx.site import QuantSite
+
+    class SitesAsLeaves(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, QuantSite) or super().is_leaf_module(m, name)
+
+    root = SiteAndFloatReader()
+    gm = fx.GraphModule(root, SitesAsLeaves().trace(root))
+    assert LeanReluPass()(gm).modified
+    lean = _lean_nodes(gm)
+    assert lean == ["relu_1"], gm.graph  # "relu" is also read by the add
+    x = torch.randn(2, 5)
+    ref = SiteAndFloatReader()
+    ref.s1.observer.observe(x.relu())
+    ref.s2.observer.observe((2 * x).relu())
+    root.load_state_dict(ref.state_dict())
+    for a, b in zip(gm(x), ref(x), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_idempotent_and_untouched_without_sites():
+    qm = qtrim_fx.prepare(Mixed())
+    before = str(qm.graph)
+    assert not LeanReluPass()(qm).modified and str(qm.graph) == before
+    plain = fx.symbolic_trace(Mixed())  # no sites: nothing qualifies
+    text = str(plain.graph)
+    assert not LeanReluPass()(plain).modified and str(plain.graph) == text
+
+
+def test_input_with_other_readers_is_not_swapped():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.d = nn.Conv2d(4, 4, 1)
+            self.r = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.c(x)
+            return self.d(self.r(h)) + h  # inplace relu on h, which is read again: leave its semantics alone
+
+    qm = qtrim_fx.prepare(Shared())
+    assert _lean_nodes(qm) == []
+
+
+def test_values_and_gradients_bit_identical():
+    torch.manual_seed(0)
+    model, (x,) = get_model("cifar_resnet18", width=8, batch_size=4)
+    qm = qtrim_fx.prepare(model)
+    assert len(_lean_nodes(qm)) == 17
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 0.6)
+    ref = _without_pass(qm)
+    assert _lean_nodes(ref) == []
+    for m in (qm, ref):
+        m.train()
+    torch.manual_seed(1)
+    out = qm(x)
+    torch.manual_seed(1)
+    out_ref = ref(x)
+    assert torch.equal(out, out_ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(qm.parameters()), g)
+    grads_ref = torch.autograd.grad(out_ref, list(ref.parameters()), g)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
+
+
+def test_relu_keep_mask_matches_relu_including_nan_gradients():
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan"), -0.0], requires_grad=True)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")])
+    ours = relu_keep_mask(x)
+    ref = torch.relu(x)
+    assert torch.equal(ours.nan_to_num(-7), ref.nan_to_num(-7))
+    (gx,) = torch.autograd.grad(ours, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(gx.nan_to_num(-7), gr.nan_to_num(-7))
+    with torch.no_grad():
+        assert torch.equal(relu_keep_mask(x).nan_to_num(-7), ref.nan_to_num(-7))
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values())
+
+
+def test_autograd_keeps_less_memory():
+    torch.manual_seed(0)
+    model, (x,) = get_model("cifar_resnet18", width=8, batch_size=4)
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    ref = _without_pass(qm)
+    qm.train()
+    ref.train()
+    lean, full = _saved_bytes(qm, x), _saved_bytes(ref, x)
+    # 17 float ReLU outputs (4 bytes/element) become bool masks (1 byte/element).
+    assert lean < 0.85 * full, (lean, full)
+
+
+def test_lowering_restores_standard_relu():
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    assert _lean_nodes(qm)
+    qtrim_fx.calibrate(qm, [x])
+    low = qtrim_fx.lower(qm)
+    assert _lean_nodes(low) == [] and _lean_nodes(qm)  # the prepared model is not modified
+    assert any(n.op == "call_function" and n.target is torch.relu for n in low.graph.nodes)
