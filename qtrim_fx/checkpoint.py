@@ -25,13 +25,13 @@ import dataclasses
 import importlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._io import write_atomically
 from .config import Override, QuantConfig
 from .passes.materialize import BLEND_ATTR, SITES_ATTR
 from .prepare import INFO_ATTR, SPECS_ATTR, _require_prepared, iter_sites, prepare, unwrap
@@ -229,17 +229,7 @@ def _read(path: Path, map_location: str | torch.device | None) -> dict[str, Any]
 
 
 def _write_atomically(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 # -- QuantConfig as plain data (loadable with weights_only=True) ----------------------------------

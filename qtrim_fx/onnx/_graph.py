@@ -19,6 +19,7 @@ __all__ = [
     "is_op",
     "qdq_params",
     "source_value",
+    "value_rank",
 ]
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
@@ -56,6 +57,16 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
     tensor = ir.convenience.get_const_tensor(source_value(value))
     return None if tensor is None else tensor.numpy()
+
+
+def value_rank(value: ir.Value | None) -> int | None:
+    """Rank of a value: from its constant array, else its shape; None when unknown."""
+    if value is None:
+        return None
+    array = const_array(value)
+    if array is not None:
+        return array.ndim
+    return None if value.shape is None else len(value.shape)
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params
+from ._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
 from .profiles import PER_CHANNEL_MIN_OPSET, TargetProfile, get_profile
 
 __all__ = ["Violation", "check"]
@@ -74,7 +74,7 @@ class _Context:
     def qdq_nodes(self) -> Iterator[tuple[ir.Node, QDQParams | None]]:
         for node in self.graph.all_nodes():
             if is_op(node, *_QDQ):
-                yield node, qdq_params(node, _rank(node.inputs[0]))
+                yield node, qdq_params(node, value_rank(node.inputs[0]))
 
 
 def check(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model, target: str | TargetProfile) -> list[Violation]:
@@ -101,15 +101,6 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Mode
 
 def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type}>"
-
-
-def _rank(value: ir.Value | None) -> int | None:
-    if value is None:
-        return None
-    array = const_array(value)
-    if array is not None:
-        return array.ndim
-    return None if value.shape is None else len(value.shape)
 
 
 # -- rules -----------------------------------------------------------------------------------
@@ -196,7 +187,7 @@ def _weight_axes(ctx: _Context) -> Iterator[Violation]:
             yield Violation("weight_per_channel", _name(node), f"target {prof.name!r} takes per-tensor weights "
                             "only; export with one scale per weight")
             continue
-        rank = _rank(node.inputs[0]) or _rank(node.outputs[0])
+        rank = value_rank(node.inputs[0]) or value_rank(node.outputs[0])
         for user, index in node.outputs[0].uses():
             want = _expected_axis(user, rank, prof) if rank and index == 1 and is_op(user, *_WEIGHTED) else None
             if want is not None and p.axis is not None and p.axis % rank != want:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import NameScope, add_initializer, const_array
+from ._graph import NameScope, add_initializer, const_array, value_rank
 from .dtypes import StorageType
 from .errors import ExportError
 from .profiles import TargetProfile
@@ -131,19 +131,10 @@ def _read_site(node: ir.Node) -> _Site:
                           f"{'per-tensor (one value)' if axis is None else f'per-channel axis {axis} (1-D)'}")
     if axis is None:
         return _Site(attrs, scale.reshape(()), zp.reshape(()), None)
-    rank = _rank(x)
+    rank = value_rank(x)
     if axis < 0 and rank is not None:
         axis += rank
     return _Site(attrs, scale.reshape(-1), zp.reshape(-1), axis)
-
-
-def _rank(value: ir.Value | None) -> int | None:
-    if value is None:
-        return None
-    array = const_array(value)
-    if array is not None:
-        return array.ndim
-    return None if value.shape is None else len(value.shape)
 
 
 def require_storage(st: StorageType, site: str, profile: TargetProfile, opset: int | None = None) -> None:

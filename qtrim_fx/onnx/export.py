@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
+from .._io import write_atomically
 from ..scheme import SchemeError
 from .check import Violation, check
 from .dtypes import storage_for
@@ -202,14 +202,4 @@ def _enforce(violations: list[Violation], prof: TargetProfile) -> None:
 
 
 def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: f.write(model.SerializeToString()))

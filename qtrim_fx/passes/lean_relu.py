@@ -72,6 +72,7 @@ class LeanReluPass:
             if x is None or len(x.users) != 1 or not _read_only_by_sites(gm, node):
                 continue
             node.op, node.target, node.args, node.kwargs = "call_function", relu_keep_mask, (x,), {}
+            node.meta.pop("is_wrapped", None)
             modified = True
         return finish(gm, modified)
 
@@ -84,5 +85,8 @@ class RestoreReluPass:
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is relu_keep_mask:
                 node.target = torch.relu
+                # A graph re-traced from a pickle marks calls of fx.wrap-ped functions; the mark makes
+                # codegen emit ``wrap("torch.relu")``, which would break every later symbolic trace.
+                node.meta.pop("is_wrapped", None)
                 modified = True
         return finish(gm, modified)

@@ -191,3 +191,21 @@ def test_lowering_restores_standard_relu():
     low = qtrim_fx.lower(qm)
     assert _lean_nodes(low) == [] and _lean_nodes(qm)  # the prepared model is not modified
     assert any(n.op == "call_function" and n.target is torch.relu for n in low.graph.nodes)
+
+
+def test_lowering_an_unpickled_model_leaves_tracing_intact():
+    # A GraphModule loaded from a pickle is re-traced, which marks fx.wrap-ped calls; restoring them to
+    # torch.relu must drop the mark, or codegen registers "torch.relu" as a wrapped name for every trace.
+    import io
+
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    buf = io.BytesIO()
+    torch.save(qm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    low = qtrim_fx.lower(loaded)
+    assert torch.equal(low(x), qtrim_fx.lower(qm)(x))
+    other, _ = get_model("tiny_mlp")
+    fx.symbolic_trace(other)  # raised KeyError: 'torch.relu'
