@@ -120,6 +120,8 @@ class Recipe:
     momentum: float = 0.2
     update_every: int = 4
     calib_batches: int = 8
+    p_lo: float = 0.001  # activation quantile levels (QuantConfig defaults); p_hi is also the |w| level
+    p_hi: float = 0.999
 
     @property
     def warmup(self) -> int:
@@ -146,14 +148,14 @@ class Recipe:
 
     def config(self, weight_bits: int) -> qtrim_fx.QuantConfig:
         return qtrim_fx.QuantConfig(weight_bits=weight_bits, momentum=self.momentum,
-                                    update_every=self.update_every)
+                                    update_every=self.update_every, p_lo=self.p_lo, p_hi=self.p_hi)
 
     def describe(self) -> str:
         return (f"cifar_resnet18(width={self.width}) at {self.image_size}x{self.image_size}, {self.epochs} "
                 f"epochs, batch {self.batch_size}, AdamW lr {self.lr:g} wd {self.weight_decay:g} cosine; "
                 f"Curriculum(E_w={self.warmup}, E_f={self.ramp_end}, H={self.horizon}); ReversePruner(K="
                 f"{self.every}, start=E_w); QuantConfig(momentum={self.momentum:g}, update_every="
-                f"{self.update_every}); PTQ calibration: {self.calib_batches} training batches")
+                f"{self.update_every}, p_lo={self.p_lo:g}, p_hi={self.p_hi:g}); PTQ calibration: {self.calib_batches} training batches")
 
 
 FULL = Recipe()
@@ -657,6 +659,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--w4", default=None, help="configurations also exported W4A8 (fake-quant ones retrain)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--act-quantiles", default=None, metavar="LO,HI",
+                    help="observer quantile levels p_lo,p_hi (default 0.001,0.999); results go to their own section")
     ap.add_argument("--out", type=Path, default=PLOTS, help="folder of the PNG plots")
     ap.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write every per-seed figure to this file")
@@ -681,6 +685,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if args.epochs or args.width:
         recipe = Recipe(**{**recipe.__dict__, **({"epochs": args.epochs} if args.epochs else {}),
                            **({"width": args.width} if args.width else {})})
+    section, suffix = SECTION, ""
+    if args.act_quantiles:
+        try:
+            p_lo, p_hi = (float(v) for v in args.act_quantiles.split(","))
+        except ValueError:
+            raise SystemExit(f"--act-quantiles takes LO,HI (e.g. 1e-5,0.99999), got {args.act_quantiles!r}") from None
+        recipe = Recipe(**{**recipe.__dict__, "p_lo": p_lo, "p_hi": p_hi})
+        section, suffix = f"{SECTION}, quantiles {p_lo:g} / {p_hi:g}", f"_q{p_hi:g}"
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     keys = (args.configs or ("fp32,qt95" if args.quick else ",".join(ABLATIONS))).split(",")
     w4 = (args.w4 if args.w4 is not None else ("fp32" if args.quick else "fp32,rp,qt95")).split(",")
@@ -706,7 +718,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 weights = w
     seconds = (time.perf_counter() - start, time.process_time() - cpu_start)
     args.out.mkdir(parents=True, exist_ok=True)
-    plots = [args.out / "paper_ablation_fig8_accuracy.png", args.out / "paper_ablation_fig9_weights.png"]
+    plots = [args.out / f"paper_ablation_fig8_accuracy{suffix}.png", args.out / f"paper_ablation_fig9_weights{suffix}.png"]
     plot_curves(histories, recipe, plots[0])
     plot_weights(weights, plots[1])
     command = "python benchmarks/paper_ablation.py" + ("" if argv is None else " " + " ".join(argv))
@@ -719,8 +731,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict:
                                          "rows": [r.__dict__ for r in rows], "histories": histories},
                                         indent=1, default=str))
     if not (args.quick or args.no_results):
-        write_section(SECTION, report)
-        log(f"wrote the '## {SECTION}' section of {RESULTS}")
+        write_section(section, report)
+        log(f"wrote the '## {section}' section of {RESULTS}")
     return {"rows": rows, "report": report, "seconds": seconds, "plots": plots}
 
 

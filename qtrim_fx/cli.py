@@ -225,7 +225,7 @@ def _require_matplotlib() -> None:
 
 
 def _write_json(path: str, data: Any) -> None:
-    from .verify import _json_safe
+    from .verify_report import _json_safe
 
     Path(path).write_text(json.dumps(_json_safe(data), indent=2) + "\n")
 
@@ -344,7 +344,7 @@ def _reference(args: argparse.Namespace, progress: Any) -> tuple[Any, list]:
 
 def _side_by_side(report: Any) -> list[str]:
     """The backends' figures as columns, one block per output (the same figures as the full table)."""
-    from .verify import _cos, _db, _pct, _sci
+    from .verify_report import _cos, _db, _pct, _sci
 
     ran = [b for b in report.backends if b.status == "ok"]
     if len(ran) < 2:

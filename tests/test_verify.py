@@ -16,7 +16,8 @@ import torch
 
 from models import get_model
 from qtrim_fx import _backend_worker as worker
-from qtrim_fx.verify import VerifyReport, _Accumulator, verify
+from qtrim_fx.verify import VerifyReport, verify
+from qtrim_fx.verify_metrics import _Accumulator
 
 BOGUS_PYTHON = "/nonexistent/venv/bin/python"
 IN_PROCESS = ("onnxruntime", "onnxruntime-noopt", "openvino", "onnx-reference")

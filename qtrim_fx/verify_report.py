@@ -1,0 +1,378 @@
+"""The result of :func:`qtrim_fx.verify`: per-backend, pairwise and per-layer metrics, and their rendering.
+
+``VerifyReport.table()`` / ``to_markdown()`` / ``to_json()`` render what :mod:`qtrim_fx.verify` measured;
+the CLI (``qtrim verify``) prints the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+WORST_LAYERS = 5
+
+# --- report --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputMetrics:
+    """Agreement of one output with its reference.
+
+    Attributes:
+        output: output name (of the verified ONNX model).
+        shape: shape of the output for the first batch.
+        mse: mean squared error.
+        sqnr_db: 10 log10(sum ref^2 / sum err^2); inf when identical.
+        max_abs_err: largest absolute difference.
+        cosine: cosine similarity of the flattened outputs.
+        top1: share of rows with the same argmax (2-D outputs only, else None), in [0, 1].
+    """
+
+    output: str
+    shape: list[int]
+    mse: float
+    sqnr_db: float
+    max_abs_err: float
+    cosine: float
+    top1: float | None = None
+
+
+@dataclass
+class BackendResult:
+    """One backend against the reference.
+
+    Attributes:
+        backend: backend name.
+        status: ``"ok"``, ``"skipped"`` (not available here; ``message`` says how to install) or
+            ``"error"`` (it failed; ``message`` says why).
+        message: reason for a skip or an error.
+        info: how it ran (versions, providers, node placement).
+        seconds: wall time of the inference calls.
+        outputs: metrics per output (empty unless ok).
+    """
+
+    backend: str
+    status: str
+    message: str = ""
+    info: str = ""
+    seconds: float = 0.0
+    outputs: list[OutputMetrics] = field(default_factory=list)
+
+
+@dataclass
+class PairResult:
+    """Two backends against each other (``a`` taken as the reference).
+
+    Attributes:
+        a: first backend.
+        b: second backend.
+        outputs: metrics per output.
+    """
+
+    a: str
+    b: str
+    outputs: list[OutputMetrics] = field(default_factory=list)
+
+
+@dataclass
+class LayerMetrics:
+    """One intermediate tensor of the model against the same tensor of the FP32 reference ONNX.
+
+    Attributes:
+        layer: display name (the reference tensor name, or the node name when matched by node).
+        op_type: ``DequantizeLinear`` (a quantized activation) or the compute op (Conv, Gemm, MatMul ...).
+        tensor: tensor name in the verified model.
+        reference_tensor: tensor name in the reference model.
+        matched_by: ``"tensor name"`` or ``"node name"``.
+        mse: mean squared error.
+        sqnr_db: SQNR in dB.
+        max_abs_err: largest absolute difference.
+        cosine: cosine similarity.
+    """
+
+    layer: str
+    op_type: str
+    tensor: str
+    reference_tensor: str
+    matched_by: str
+    mse: float = math.nan
+    sqnr_db: float = math.nan
+    max_abs_err: float = math.nan
+    cosine: float = math.nan
+
+
+@dataclass
+class PerLayerReport:
+    """Per-layer comparison on ONNX Runtime (optimizations off) against an FP32 ONNX reference.
+
+    Attributes:
+        backend: the runtime used for both models.
+        status: ``"ok"``, ``"skipped"`` or ``"error"``.
+        message: reason for a skip or an error, or how the reference was obtained.
+        layers: matched layers in graph order.
+        unmatched: candidates of the model with no counterpart in the reference.
+        worst: names of the lowest-SQNR layers, worst first.
+    """
+
+    backend: str = "onnxruntime-noopt"
+    status: str = "ok"
+    message: str = ""
+    layers: list[LayerMetrics] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    worst: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    """Everything :func:`verify` measured.
+
+    Attributes:
+        model: path of the verified ONNX model.
+        reference: description of the reference.
+        num_batches: number of input batches.
+        num_samples: number of samples (sum of first-dimension sizes of the first input).
+        output_names: outputs of the model.
+        backends: one result per requested backend, in request order.
+        pairs: every pair of backends that ran.
+        per_layer: per-layer report, when requested.
+    """
+
+    model: str
+    reference: str
+    num_batches: int
+    num_samples: int
+    output_names: list[str]
+    backends: list[BackendResult] = field(default_factory=list)
+    pairs: list[PairResult] = field(default_factory=list)
+    per_layer: PerLayerReport | None = None
+
+    def to_dict(self) -> dict:
+        """The report as plain Python data (floats may be inf or nan).
+
+        Returns:
+            A nested dict of lists, strings and numbers.
+        """
+        return asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The report as strict JSON; inf and nan become the strings ``"inf"``, ``"-inf"``, ``"nan"``.
+
+        Args:
+            path: file to write, if given.
+
+        Returns:
+            The JSON text.
+        """
+        text = json.dumps(_json_safe(self.to_dict()), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def failures(self, min_sqnr_db: float | None = None, min_top1: float | None = None) -> list[str]:
+        """Why :meth:`ok` would be False (empty when it is True).
+
+        Args:
+            min_sqnr_db: lowest acceptable SQNR per output, or None.
+            min_top1: lowest acceptable top-1 agreement as a fraction in [0, 1], or None.
+
+        Returns:
+            One line per problem.
+        """
+        if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+            raise ValueError(f"min_top1={min_top1} must be a fraction in [0, 1], e.g. 0.99 for 99 %")
+        problems = []
+        if not any(b.status == "ok" for b in self.backends):
+            problems.append("no backend ran (all skipped or failed)")
+        for b in self.backends:
+            if b.status == "error":
+                problems.append(f"{b.backend}: error: {b.message}")
+            for o in b.outputs:
+                where = f"{b.backend} output {o.output}"
+                if math.isnan(o.mse):
+                    problems.append(f"{where}: non-finite values")
+                if min_sqnr_db is not None and not o.sqnr_db >= min_sqnr_db:
+                    problems.append(f"{where}: SQNR {_db(o.sqnr_db)} dB < {min_sqnr_db} dB")
+                if min_top1 is not None and o.top1 is not None and not o.top1 >= min_top1:
+                    problems.append(f"{where}: top-1 {_pct(o.top1)} < {_pct(min_top1)}")
+        return problems
+
+    def ok(self, min_sqnr_db: float | None = None, min_top1: float | None = None) -> bool:
+        """True when at least one backend ran, none failed, and every output meets the thresholds.
+
+        Skipped backends do not count against it; pairs and per-layer figures are diagnostics only.
+
+        Args:
+            min_sqnr_db: lowest acceptable SQNR (dB) of every output of every backend, or None.
+            min_top1: lowest acceptable top-1 agreement (fraction in [0, 1]) of every 2-D output, or None.
+
+        Returns:
+            Whether the model passes.
+        """
+        return not self.failures(min_sqnr_db, min_top1)
+
+    def table(self) -> str:
+        """A fixed-width text rendering of every figure in the report.
+
+        Returns:
+            The text, lines separated by newlines.
+        """
+        return "\n".join(_render(self, markdown=False))
+
+    def to_markdown(self, path: str | os.PathLike | None = None) -> str:
+        """The report as Markdown tables.
+
+        Args:
+            path: file to write, if given.
+
+        Returns:
+            The Markdown text.
+        """
+        text = "\n".join(_render(self, markdown=True)) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+def _db(x: float) -> str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100.0 * x:.2f}%"
+
+
+def _sci(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.3e}"
+
+
+def _cos(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.6f}"
+
+
+def _metric_cells(m: OutputMetrics) -> list[str]:
+    return [
+        m.output,
+        "x".join(map(str, m.shape)),
+        _sci(m.mse),
+        _db(m.sqnr_db),
+        _sci(m.max_abs_err),
+        _cos(m.cosine),
+        _pct(m.top1),
+    ]
+
+
+def _grid(headers: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+        lines = [
+            "| " + " | ".join(esc(h) for h in headers) + " |",
+            "|" + "|".join("---" for _ in headers) + "|",
+        ]
+        return lines + ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+def _heading(text: str, markdown: bool) -> list[str]:
+    return ["", f"## {text}", ""] if markdown else ["", text]
+
+
+def _render_backends(report: VerifyReport, md: bool) -> list[str]:
+    headers = [
+        "backend",
+        "status",
+        "output",
+        "shape",
+        "MSE",
+        "SQNR dB",
+        "max|err|",
+        "cosine",
+        "top-1",
+        "time ms",
+    ]
+    rows = []
+    for b in report.backends:
+        if b.outputs:
+            rows += [[b.backend, b.status, *_metric_cells(o), f"{1000.0 * b.seconds:.2f}"] for o in b.outputs]
+        else:
+            rows.append([b.backend, b.status] + ["-"] * (len(headers) - 2))
+    lines = _heading("Backends vs reference", md) + _grid(headers, rows, md)
+    lines += ([""] if md else []) + ["Notes:" if not md else "**Notes**", *([""] if md else [])]
+    for b in report.backends:
+        lines.append(f"- {b.backend} ({b.status}): {b.info if b.status == 'ok' else b.message}")
+    return lines
+
+
+def _render_pairs(report: VerifyReport, md: bool) -> list[str]:
+    lines = _heading("Backend pairs (first backend taken as reference)", md)
+    if not report.pairs:
+        return [*lines, "(fewer than two backends ran)"]
+    headers = ["backend a", "backend b", "output", "shape", "MSE", "SQNR dB", "max|err|", "cosine", "top-1"]
+    rows = [[p.a, p.b, *_metric_cells(o)] for p in report.pairs for o in p.outputs]
+    return lines + _grid(headers, rows, md)
+
+
+def _render_layers(pl: PerLayerReport, md: bool) -> list[str]:
+    lines = _heading(f"Per layer ({pl.backend}, model vs FP32 reference ONNX): {pl.status}", md)
+    lines += [pl.message, *([""] if md else [])]
+    if pl.layers:
+        headers = ["#", "layer", "op", "matched by", "SQNR dB", "MSE", "max|err|", "cosine"]
+        rows = [
+            [
+                str(i),
+                la.layer,
+                la.op_type,
+                la.matched_by,
+                _db(la.sqnr_db),
+                _sci(la.mse),
+                _sci(la.max_abs_err),
+                _cos(la.cosine),
+            ]
+            for i, la in enumerate(pl.layers)
+        ]
+        lines += _grid(headers, rows, md)
+    by_name = {la.layer: la for la in pl.layers}
+    if pl.worst:
+        worst = ", ".join(f"{n} ({_db(by_name[n].sqnr_db)} dB)" for n in pl.worst)
+        lines += [*([""] if md else []), f"Worst layers: {worst}"]
+    lines.append(
+        f"Matched: {len(pl.layers)}; unmatched: {len(pl.unmatched)}"
+        + (f" ({', '.join(pl.unmatched)})" if pl.unmatched else "")
+    )
+    return lines
+
+
+def _render(report: VerifyReport, markdown: bool) -> list[str]:
+    title = f"qtrim verify: {report.model}"
+    lines = [f"# {title}" if markdown else title]
+    lines += [
+        "",
+        f"Reference: {report.reference}; {report.num_batches} batch(es), {report.num_samples} sample(s); "
+        f"outputs: {', '.join(report.output_names)}",
+    ]
+    lines += _render_backends(report, markdown) + _render_pairs(report, markdown)
+    if report.per_layer is not None:
+        lines += _render_layers(report.per_layer, markdown)
+    return lines
+
