@@ -12,9 +12,12 @@ draw per run), so an update costs the same for 1e5 and 1e7 elements.
 Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
 default). Only the tail order statistics are needed, so they come from
 ``torch.topk`` on the subsample rather than a full sort, and only on the runs
-whose extreme values can hold them (exact, see ``_top_values``). Nothing here
-reads a tensor back to the host; first-observation and all-non-finite cases are
-handled with ``torch.where``.
+whose extreme values can hold them (exact, see ``_top_values``). On accelerators
+nothing here reads a tensor back to the host; first-observation and all-non-finite
+cases are handled with ``torch.where``. On the CPU, where a host read costs no
+device synchronization, an update reads one number (the subsample's sum): when it
+is finite the ranks are host constants and the EMA needs no masks (about 20 fewer
+small ops, bit-identical results; see ``_observe_into``).
 
 Under ``torch.compile`` an update is one opaque custom op (``qtrim_fx::observe``,
 declared as mutating the four buffers): its host-side call counter (``update_every``),
@@ -100,6 +103,44 @@ def _filled_quantile(vv: torch.Tensor, nf: torch.Tensor, p: float) -> torch.Tens
     return torch.lerp(a, b, frac)
 
 
+def _finite_quantile(vv: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`_filled_quantile` of rows known to be all finite (``nf = n`` in every row).
+
+    The ranks and the interpolation weight are then the same for every row and are computed on
+    the host with the same float64 arithmetic; the values and the final ``lerp`` (same shapes,
+    same dtype) are unchanged, so the result is bit-identical, with ~20 fewer small ops.
+    """
+    c, n = vv.shape
+    upper = p >= 0.5
+    k = min(n, math.ceil((1.0 - p if upper else p) * (n - 1)) + 2)
+    i_lo, i_hi, frac = _finite_ranks(p, n, k, c, vv.dtype, vv.device)
+    top = _top_values(vv, k, upper)
+    return torch.lerp(top[:, i_lo], top[:, i_hi], frac)
+
+
+_FINITE_RANKS: dict[tuple, tuple[int, int, torch.Tensor]] = {}
+
+
+def _finite_ranks(p: float, n: int, k: int, c: int, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[int, int, torch.Tensor]:
+    key = (p, n, k, c, dtype, device)
+    r = _FINITE_RANKS.get(key)
+    if r is None:
+        if len(_FINITE_RANKS) > 1024:
+            _FINITE_RANKS.clear()
+        pos = p * float(n - 1)  # float64, as p * (nf - 1).to(float64)
+        lo_rank = math.floor(pos)
+        hi_rank = min(lo_rank + 1, n - 1)
+        if p >= 0.5:  # top[j] is the element of ascending rank n-1-j
+            i_lo, i_hi = n - 1 - lo_rank, n - 1 - hi_rank
+        else:
+            i_lo, i_hi = lo_rank, hi_rank
+        i_lo, i_hi = min(max(i_lo, 0), k - 1), min(max(i_hi, 0), k - 1)
+        frac = torch.full((c,), pos - lo_rank, dtype=torch.float64).to(dtype=dtype, device=device)
+        r = _FINITE_RANKS[key] = (i_lo, i_hi, frac)
+    return r
+
+
 def _two_tail_quantiles(
     lo_fill: torch.Tensor, hi_fill: torch.Tensor, nf: torch.Tensor, p_lo: float, p_hi: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +203,16 @@ def _top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     pick = torch.topk(ends, k, dim=-1, largest=largest, sorted=False).indices
     cand = blocks.gather(1, pick.unsqueeze(-1).expand(c, k, _BLOCK)).reshape(c, k * _BLOCK)
     return torch.topk(cand, k, dim=-1, largest=largest, sorted=True).values
+
+
+_ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    t = _ARANGE.get((n, device))
+    if t is None:
+        t = _ARANGE[(n, device)] = torch.arange(n, device=device)
+    return t
 
 
 # Observers reachable from compiled graphs, by id (the graph holds the id as a constant).
@@ -238,6 +289,8 @@ class EmaQuantileObserver(nn.Module):
     Statistics change only in ``train()`` mode.
     """
 
+    _cpu_fast_path = True  # class switch: tests compare it with the general path
+
     def __init__(
         self,
         mode: Mode = "range",
@@ -282,6 +335,8 @@ class EmaQuantileObserver(nn.Module):
         # A bool that flips once (``_updates`` changes every step: under torch.compile a guard on it
         # would recompile every step).
         self._initialized = False
+        # (lo, hi, their versions) when the EMAs were last known to hold no NaN (see _finite_ema).
+        self._nan_free: tuple | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._register_load_state_dict_pre_hook(self._on_load)
         self.register_state_dict_post_hook(_save_calls)
@@ -350,8 +405,9 @@ class EmaQuantileObserver(nn.Module):
                     # index_select along dim 0 copies whole runs out of the overlapping unfold view
                     # without materializing it (along another dim it would copy the view whole).
                     rows = rows.view(n).unfold(0, block, 1).index_select(0, starts).view(1, -1)
-                else:
-                    rows = rows.unfold(1, block, 1)[:, starts].reshape(c, -1)
+                else:  # the same runs of every row: one index_select of their columns
+                    cols = (starts.unsqueeze(1) + _arange(block, x.device)).view(-1)
+                    rows = rows.index_select(1, cols)
             else:
                 owned = False
         else:
@@ -387,13 +443,14 @@ class EmaQuantileObserver(nn.Module):
         return z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=x.device)
 
     def _step_stats(
-        self, x: torch.Tensor, nonfinite: torch.Tensor
+        self, x: torch.Tensor, nonfinite: torch.Tensor, rows: tuple[torch.Tensor, bool] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's (lo, hi, valid) quantiles of ``x`` (0-D per tensor, (C,) per channel).
 
         One finiteness mask and count serve both quantiles and the ``nonfinite`` counter.
+        ``rows``: the subsample, when the caller already drew it.
         """
-        rows, owned = self._rows(x)
+        rows, owned = self._rows(x) if rows is None else rows
         numel = rows.numel()
         if self.mode == "abs":
             a = rows.abs_() if owned else rows.abs()
@@ -415,6 +472,19 @@ class EmaQuantileObserver(nn.Module):
             lo_t, hi_t = lo_t.float(), hi_t.float()
         return lo_t, hi_t, valid
 
+    def _finite_step_stats(self, rows: torch.Tensor, owned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's (lo, hi) of a subsample known to be all finite (see :meth:`_observe_into`)."""
+        if self.mode == "abs":
+            m = _finite_quantile(rows.abs_() if owned else rows.abs(), self.p_hi)
+            lo_t, hi_t = -m, m
+        else:
+            lo_t, hi_t = _finite_quantile(rows, self.p_lo), _finite_quantile(rows, self.p_hi)
+        if self.axis is None:
+            lo_t, hi_t = lo_t[0], hi_t[0]
+        if lo_t.dtype != torch.float32:
+            lo_t, hi_t = lo_t.float(), hi_t.float()
+        return lo_t, hi_t
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Record one observation unconditionally (ignores train/eval and update_every).
@@ -432,7 +502,22 @@ class EmaQuantileObserver(nn.Module):
         sync = self.sync_ranks and _distributed()
         if x.numel() == 0 and not sync:
             return
-        lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x, nonfinite)
+        if self._cpu_fast_path and x.device.type == "cpu" and not sync and lo.shape == self._stat_shape(x):
+            # On the CPU a host read costs no device synchronization: when the subsample is all
+            # finite (the usual case) the ranks are host constants and the EMA needs no masks.
+            rows, owned = self._rows(x)
+            # A finite sum means every value is finite (one pass, no mask); an overflowing sum of
+            # finite values only sends the step down the general path, which gives the same result.
+            if math.isfinite(float(rows.sum())):
+                lo_t, hi_t = self._finite_step_stats(rows, owned)
+                self._finite_ema(lo, hi, lo_t, hi_t)
+                num_updates += 1
+                self._updates += 1
+                self._initialized = True
+                return
+            lo_t, hi_t, valid = self._step_stats(x, nonfinite, (rows, owned))
+        else:
+            lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x, nonfinite)
         if sync:
             lo_t, hi_t, valid = _all_reduce_mean(lo_t, hi_t, valid)
         if lo.shape != lo_t.shape:
@@ -453,6 +538,33 @@ class EmaQuantileObserver(nn.Module):
         num_updates += 1
         self._updates += 1
         self._initialized = True
+
+    def _stat_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.axis is None:
+            return ()
+        if not -x.dim() <= self.axis < x.dim():
+            return (-1,)  # never equal: the general path raises the error
+        return (x.shape[self.axis],)
+
+    def _finite_ema(self, lo: torch.Tensor, hi: torch.Tensor, lo_t: torch.Tensor, hi_t: torch.Tensor) -> None:
+        """The EMA update of :meth:`_observe_into` for all-valid step statistics.
+
+        Without never-observed (NaN) entries it is the plain blend, with the same arithmetic;
+        whether the buffers hold NaN is read once and remembered against their version counters.
+        """
+        known = self._nan_free
+        if not (known is not None and known[0] is lo and known[1] is hi and known[2] == (lo._version, hi._version)):
+            first = torch.isnan(lo)
+            if bool(first.any()):
+                mu = self.momentum
+                lo.copy_(torch.where(first, lo_t, (1.0 - mu) * lo + mu * lo_t))
+                hi.copy_(torch.where(first, hi_t, (1.0 - mu) * hi + mu * hi_t))
+                self._nan_free = (lo, hi, (lo._version, hi._version))  # every entry is now observed
+                return
+        mu = self.momentum
+        lo.copy_((1.0 - mu) * lo + mu * lo_t)
+        hi.copy_((1.0 - mu) * hi + mu * hi_t)
+        self._nan_free = (lo, hi, (lo._version, hi._version))
 
     def _train_call(
         self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor

@@ -442,3 +442,38 @@ def test_state_dict_keeps_the_update_every_phase():
     older = EmaQuantileObserver(update_every=3)
     older.load_state_dict(legacy)  # files from before the call count: next update N calls on
     assert older._calls == 6
+
+
+@pytest.mark.parametrize(
+    ("mode", "axis", "shape"),
+    [("range", None, (8, 16, 40, 40)), ("range", None, (3, 50)), ("range", 1, (4, 24, 30, 30)), ("range", 0, (5, 7)),
+     ("abs", 0, (64, 32, 3, 3)), ("abs", 0, (300, 700)), ("abs", None, (128, 96)), ("abs", 1, (16, 40, 3))],
+)
+def test_cpu_fast_path_is_bit_identical_to_the_general_path(mode, axis, shape):
+    """All-finite CPU updates take host-side ranks and a mask-free EMA; nothing may change."""
+    fast = EmaQuantileObserver(mode, axis=axis, momentum=0.3, max_samples=20_000)
+    slow = EmaQuantileObserver(mode, axis=axis, momentum=0.3, max_samples=20_000)
+    slow._cpu_fast_path = False
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x = torch.randn(shape, generator=gen) * (1 + step)
+        if step == 3:
+            x.view(-1)[::7] = float("nan")  # a step with non-finite values takes the general path in both
+        if step == 4:
+            x = x.round()  # ties in the order statistics
+        fast.observe(x)
+        slow.observe(x)
+        assert torch.equal(fast.lo, slow.lo) and torch.equal(fast.hi, slow.hi), step
+        assert torch.equal(fast.nonfinite, slow.nonfinite) and int(fast.num_updates) == int(slow.num_updates)
+    # Buffers replaced or reloaded with never-observed (NaN) entries: the fast EMA must notice.
+    state = {k: v.clone() for k, v in slow.state_dict().items()}
+    state["lo"].view(-1)[0] = float("nan")
+    state["hi"].view(-1)[0] = float("nan")
+    fast.load_state_dict(state)
+    slow.load_state_dict(state)
+    x = torch.randn(shape, generator=gen)
+    fast.observe(x)
+    slow.observe(x)
+    assert torch.equal(fast.lo, slow.lo) and torch.equal(fast.hi, slow.hi)
+    assert not torch.isnan(fast.lo).any()
+
