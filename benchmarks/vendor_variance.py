@@ -14,6 +14,7 @@ std of logit MSE, and the worst variant's gap to FP32 — mean ± s.d. over seed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -69,11 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 seed, tiny model, 3 variants, ORT only")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bits", default="8,4")
+    ap.add_argument("--act-quantiles", default=None, metavar="LO,HI",
+                    help="observer quantile levels p_lo,p_hi of the recipe (default 0.001,0.999); own sections")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(2)
     recipe = QUICK if args.quick else FULL
+    title = "Vendor variance, W{bits}A8"
+    if args.act_quantiles:
+        try:
+            p_lo, p_hi = (float(v) for v in args.act_quantiles.split(","))
+        except ValueError:
+            raise SystemExit(f"--act-quantiles takes LO,HI (e.g. 1e-5,0.99999), got {args.act_quantiles!r}") from None
+        recipe = dataclasses.replace(recipe, p_lo=p_lo, p_hi=p_hi)
+        title += f", quantiles {p_lo:g} / {p_hi:g}"
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     bits_list = [8] if args.quick else [int(b) for b in args.bits.split(",")]
     variants = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_write:
             # One section per weight width, so a run of one width keeps the other's figures.
             write_section(
-                f"Vendor variance, W{bits}A8",
+                title.format(bits=bits),
                 f"Command: `{cmd.strip()}`  \nMachine: {machine()}  \nRecipe: {recipe.describe()}; seeds {seeds}; "
                 f"{len(variants)} variants x {len(backends)} backends ({', '.join(backends)}); test split "
                 f"({n_eval} digits); 1 digit = {100 / n_eval:.2f} points. Mean ± s.d. over seeds; "
