@@ -14,7 +14,7 @@ Public API::
 from __future__ import annotations
 
 from .blend import BlendControl, blend_quant
-from .calibrate import calibrate
+from .calibrate import CollapsedRangeWarning, calibrate
 from .capture import CaptureError, capture
 from .checkpoint import CheckpointError
 from .config import Override, QuantConfig
@@ -40,6 +40,7 @@ __all__ = [
     "BlendControl",
     "CaptureError",
     "CheckpointError",
+    "CollapsedRangeWarning",
     "Curriculum",
     "EmaQuantileObserver",
     "ExportError",

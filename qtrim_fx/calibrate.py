@@ -160,4 +160,51 @@ def calibrate(
             "calibrate got no (non-empty) batches (every batch had batch size 0, or batches was empty); pass at "
             "least one batch of model inputs, e.g. calibrate(qm, [x]) or calibrate(qm, loader, input_fn=lambda b: b[0])"
         )
+    _warn_collapsed_ranges(model, stacklevel=3)
     return used
+
+
+class CollapsedRangeWarning(UserWarning):
+    """Calibrated activation ranges at the ε floor (see :func:`calibrate`)."""
+
+
+def _warn_collapsed_ranges(model: nn.Module, stacklevel: int) -> None:
+    """Warn about activation sites whose calibrated range is at the ε floor of their scale, in a model
+    whose BatchNorms were never trained.
+
+    Eval-mode activations of ~1e-7 are what an untrained network with BatchNorm gives (its running
+    variance is 1, whatever the activations are): scales derived from them clip training-mode
+    activations to nothing, and training at λ > 0 from there diverges (the straight-through
+    gradient passes the clipped values through BatchNorm's 1/sqrt(eps)). Constant tensors land
+    here too, which is harmless, so this is a warning.
+    """
+    fresh_bn = [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None
+        and bool((m.running_var == 1).all()) and bool((m.running_mean == 0).all())
+    ]
+    if not fresh_bn:  # tiny ranges without untrained BatchNorms are constants or small init scales
+        return
+    names: list[str] = []
+    floor = 0.0
+    for spec, site, _ in iter_sites(model):
+        obs = site.observer
+        if spec.kind != "activation" or not obs.initialized:
+            continue
+        lo, hi = obs.stats()
+        if float((hi - lo).max()) <= 10 * site.eps:
+            names.append(spec.name)
+            floor = max(floor, 10 * site.eps)
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"calibrate: {len(names)} activation site(s) have a calibrated range below {floor:g} ({shown}), and "
+            f"{len(fresh_bn)} BatchNorm layer(s) still hold their initial running statistics (mean 0, var 1: "
+            f"{', '.join(fresh_bn[:3])}{' ...' if len(fresh_bn) > 3 else ''}). Calibration runs in eval mode, so "
+            "these statistics do not describe the model's activations; their scales would clip training activations "
+            "to nothing "
+            "and training at λ > 0 from here diverges. Calibrate a trained model, or skip calibrate and let the "
+            "curriculum's λ = 0 warm-up collect the statistics in training mode.",
+            CollapsedRangeWarning,
+            stacklevel=stacklevel,
+        )

@@ -304,3 +304,30 @@ def test_numpy_batch_in_calibrate():
     qm = qtrim_fx.prepare(get_model("tiny_mlp")[0])
     _raises(TypeError, lambda: qtrim_fx.calibrate(qm, [np.zeros((2, 64), np.float32)]),
             "a calibration batch must be a tensor", "pass input_fn=")
+
+
+def test_calibrating_collapsed_activations_warns_with_the_sites_and_the_fix():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+    net = Net()
+    with torch.no_grad():
+        net.conv1.weight.mul_(1e-9)  # eval-mode activations of ~1e-9 beside an untrained BatchNorm (var 1)
+        net.conv1.bias.zero_()
+    qm = qtrim_fx.prepare(net)
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(qtrim_fx.CollapsedRangeWarning, match=r"bn\.out|relu") as rec:
+        qtrim_fx.calibrate(qm, [x])
+    text = str(rec[0].message)
+    assert "initial running statistics" in text and "warm-up" in text and "bn" in text
+    healthy = qtrim_fx.prepare(Net())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qtrim_fx.CollapsedRangeWarning)
+        qtrim_fx.calibrate(healthy, [x])
