@@ -163,6 +163,13 @@ class _Analysis:
         self.weights[g] = (op, kind, axis, users)
         self.add_candidate(data, "input", kind, self.owner(op))
 
+    def through_views(self, n: object) -> object:
+        """The tensor ``n`` is a view of, through single-reader reshapes/transposes."""
+        while (isinstance(n, fx.Node) and self.kind[n] == "reshape" and n.args and isinstance(n.args[0], fx.Node)
+               and len(n.args[0].users) == 1):
+            n = n.args[0]
+        return n
+
     def is_weighted_output(self, n: object) -> bool:
         """``n`` is the output of a conv/linear/matmul-with-weight (or of the BatchNorm folded into one)."""
         if not isinstance(n, fx.Node):
@@ -223,7 +230,11 @@ class _Analysis:
                         self.add_candidate(a, role, k, self.owner(n))
             elif k == "cat" and n not in self.region:
                 for a in (n.args[0] if n.args and isinstance(n.args[0], (list, tuple)) else ()):
-                    self.add_candidate(a, "input", k, self.owner(n))
+                    # A conv/linear output reaching the concat through views (a ViT's patch embedding) is
+                    # an op *output*: back ends that want inputs-only Q/DQ drop it (OpenVINO mis-computes a
+                    # quantized Conv -> Reshape -> Transpose -> Concat chain; TensorRT wants no output Q).
+                    role = "output" if self.is_weighted_output(self.through_views(a)) else "input"
+                    self.add_candidate(a, role, k, self.owner(n))
             elif k in _NONLINEAR and n not in self.region:
                 self.add_candidate(n, "input", k, self.owner(n))
 
