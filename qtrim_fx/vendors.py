@@ -5,7 +5,8 @@ observers, clipping and granularity. This module emulates that with *independent
 ONNX Runtime's ``quantize_static`` with MinMax / Percentile / Entropy calibration, per-tensor
 or per-channel weights, uint8 asymmetric or int8 symmetric activations, small or large
 calibration sets — applied to the checkpoint's FP32 graph (the prepared model at λ = 0), plus
-our own embedded-scale QDQ export, and runs every variant on ONNX Runtime and OpenVINO.
+our own embedded-scale QDQ export (one file per runtime, exported with that runtime's target profile),
+and runs every variant on ONNX Runtime and OpenVINO.
 
 The report gives top-1 and logit MSE vs the FP32 model per variant and backend, and the spread
 across variants (max − min top-1, std of logit MSE, the worst variant): a hardware-neutral
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .onnx.profiles import profile_names
 
 __all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "VendorReport", "VendorRow", "VendorVariant", "vendor_sweep"]
 
@@ -298,6 +301,7 @@ def vendor_sweep(
         report = VendorReport(fp32_top1=float((ref.argmax(1) == target).mean()), weight_bits=weight_bits)
         for v in tqdm(variants, disable=not progress, desc="vendor variants", leave=False):
             path = work / f"{v.name}.onnx"
+            paths = dict.fromkeys(backends, path)  # the file each backend runs
             try:
                 if v.tool == "qtrim":
                     qm = model if qtrim_fx.is_prepared(model) else qtrim_fx.prepare(model)
@@ -306,8 +310,13 @@ def vendor_sweep(
                     saved = float(qm.qtrim_blend.value)
                     qtrim_fx.set_blend(qm, 1.0)
                     try:
-                        qtrim_fx.export_onnx(qm, (eval_x[0][:1],), path, "onnxruntime",
-                                             opset=21 if weight_bits == 4 else None)
+                        # One export per runtime with that runtime's target profile, as a user deploys it.
+                        for b in backends:
+                            target = b if b in profile_names() else "onnxruntime"
+                            paths[b] = work / f"{v.name}.{target}.onnx"
+                            if not paths[b].exists():
+                                qtrim_fx.export_onnx(qm, (eval_x[0][:1],), paths[b], target,
+                                                     opset=21 if weight_bits == 4 else None)
                     finally:
                         qtrim_fx.set_blend(qm, saved)
                 else:
@@ -318,7 +327,7 @@ def vendor_sweep(
                 continue
             for b in backends:
                 try:
-                    out = _run(path, b, x_np)
+                    out = _run(paths[b], b, x_np)
                 except Exception as e:
                     report.rows.append(VendorRow(v.name, b, "error", message=f"{type(e).__name__}: {e}"[:200]))
                     continue
