@@ -312,10 +312,10 @@ def vendor_sweep(
                     try:
                         # One export per runtime with that runtime's target profile, as a user deploys it.
                         for b in backends:
-                            target = b if b in profile_names() else "onnxruntime"
-                            paths[b] = work / f"{v.name}.{target}.onnx"
+                            profile = b if b in profile_names() else "onnxruntime"
+                            paths[b] = work / f"{v.name}.{profile}.onnx"
                             if not paths[b].exists():
-                                qtrim_fx.export_onnx(qm, (eval_x[0][:1],), paths[b], target,
+                                qtrim_fx.export_onnx(qm, (eval_x[0][:1],), paths[b], profile,
                                                      opset=21 if weight_bits == 4 else None)
                     finally:
                         qtrim_fx.set_blend(qm, saved)
