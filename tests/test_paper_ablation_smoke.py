@@ -54,3 +54,20 @@ def test_quick_mode_produces_a_finite_table(tmp_path, monkeypatch):
     for plot in out["plots"]:
         assert plot.parent == tmp_path and plot.exists() and 0 < plot.stat().st_size < 300_000
     assert (results.read_text() if results.exists() else None) == before  # quick mode writes no RESULTS.md
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_vit_recipe_runs_both_runtimes_on_their_own_files(tmp_path, monkeypatch):
+    ablation = _load_script()
+    monkeypatch.delenv("QTRIM_QNN_PYTHON", raising=False)
+    ablation.FAILURES.clear()
+    out = ablation.main(["--quick", "--model", "vit", "--no-results", "--out", str(tmp_path)])
+    ours = [r for r in out["rows"] if r.key != "ort"]
+    assert {(r.key, r.bits) for r in ours} >= {("fp32", 8), ("qt97", 8)}
+    for r in ours:  # our exports run on both runtimes (OpenVINO on its target's file) and agree
+        for name in ("top1_openvino", "mse_openvino", "pair_onnxruntime_openvino"):
+            assert math.isfinite(r.figures[name]), (r.key, r.bits, name)
+        assert r.figures["pair_onnxruntime_openvino"] >= 90.0, (r.key, r.bits, r.figures["pair_onnxruntime_openvino"])
+    assert not [f for f in ablation.FAILURES if not f.startswith("ort_")]  # only the ORT anchor may fail on OV
+    assert "Quant-Trim = QAT + RP 0.97" in out["report"]
