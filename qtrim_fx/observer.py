@@ -205,6 +205,14 @@ def _top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return torch.topk(cand, k, dim=-1, largest=largest, sorted=True).values
 
 
+def _versions(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int] | None:
+    """In-place version counters of the EMA buffers; None for inference tensors (never "known")."""
+    try:
+        return lo._version, hi._version
+    except RuntimeError:
+        return None
+
+
 _ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -553,18 +561,19 @@ class EmaQuantileObserver(nn.Module):
         whether the buffers hold NaN is read once and remembered against their version counters.
         """
         known = self._nan_free
-        if not (known is not None and known[0] is lo and known[1] is hi and known[2] == (lo._version, hi._version)):
+        if not (known is not None and known[0] is lo and known[1] is hi and known[2] is not None
+                and known[2] == _versions(lo, hi)):
             first = torch.isnan(lo)
             if bool(first.any()):
                 mu = self.momentum
                 lo.copy_(torch.where(first, lo_t, (1.0 - mu) * lo + mu * lo_t))
                 hi.copy_(torch.where(first, hi_t, (1.0 - mu) * hi + mu * hi_t))
-                self._nan_free = (lo, hi, (lo._version, hi._version))  # every entry is now observed
+                self._nan_free = (lo, hi, _versions(lo, hi))  # every entry is now observed
                 return
         mu = self.momentum
         lo.copy_((1.0 - mu) * lo + mu * lo_t)
         hi.copy_((1.0 - mu) * hi + mu * hi_t)
-        self._nan_free = (lo, hi, (lo._version, hi._version))
+        self._nan_free = (lo, hi, _versions(lo, hi))
 
     def _train_call(
         self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor

@@ -477,3 +477,16 @@ def test_cpu_fast_path_is_bit_identical_to_the_general_path(mode, axis, shape):
     assert torch.equal(fast.lo, slow.lo) and torch.equal(fast.hi, slow.hi)
     assert not torch.isnan(fast.lo).any()
 
+
+
+def test_observer_made_and_used_under_inference_mode():
+    # Inference tensors have no version counter; the CPU fast path must not rely on one.
+    with torch.inference_mode():
+        obs = EmaQuantileObserver("range", momentum=0.5)
+        ref = EmaQuantileObserver("range", momentum=0.5)
+        ref._cpu_fast_path = False
+        for seed in range(3):
+            x = torch.randn(500, generator=torch.Generator().manual_seed(seed))
+            obs.observe(x)
+            ref.observe(x)
+        assert torch.equal(obs.lo, ref.lo) and torch.equal(obs.hi, ref.hi)
