@@ -311,10 +311,12 @@ def vendor_sweep(
                     qtrim_fx.set_blend(qm, 1.0)
                     try:
                         # One export per runtime with that runtime's target profile, as a user deploys it.
+                        exported: set[str] = set()  # this call's files only: a reused workdir may hold old ones
                         for b in backends:
                             profile = b if b in profile_names() else "onnxruntime"
                             paths[b] = work / f"{v.name}.{profile}.onnx"
-                            if not paths[b].exists():
+                            if profile not in exported:
+                                exported.add(profile)
                                 qtrim_fx.export_onnx(qm, (eval_x[0][:1],), paths[b], profile,
                                                      opset=21 if weight_bits == 4 else None)
                     finally:

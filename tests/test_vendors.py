@@ -69,3 +69,16 @@ def test_cli_vendors(tmp_path):
     d = json.loads((tmp_path / "v.json").read_text())
     assert len(d["rows"]) == len(QUICK_VARIANTS)
     assert (tmp_path / "v.png").stat().st_size > 0
+
+
+def test_reused_workdir_exports_this_models_files(tmp_path):
+    calib = _data((8, 64), 2, 0)
+    runs = []
+    for seed in (0, 1):
+        model, _ = get_model("tiny_mlp", batch_size=8, seed=seed)
+        report = vendor_sweep(model, calib, _data((8, 64), 1, 1), variants=(QUICK_VARIANTS[0],),
+                              backends=("onnxruntime",), workdir=tmp_path)
+        runs.append((tmp_path / "qtrim-embedded.onnxruntime.onnx").read_bytes())
+        (row,) = report.rows
+        assert row.top1 >= 0.75, row  # agrees with *this* model's FP32 classes
+    assert runs[0] != runs[1]  # the second sweep wrote its own file
