@@ -85,6 +85,18 @@ CASES = {
         {"width": 64, "batch_size": 64, "image_size": 32, "num_classes": 10},
         {"width": 8, "batch_size": 4, "image_size": 16, "num_classes": 10},
     ),
+    "tv_resnet18": ModelCase(
+        "torchvision resnet18, batch 64, 32x32",
+        "tv_resnet18",
+        {"batch_size": 64, "image_size": 32, "num_classes": 10},
+        {"batch_size": 2, "image_size": 32, "num_classes": 10},
+    ),
+    "tv_resnet18_64": ModelCase(
+        "torchvision resnet18, batch 32, 64x64",
+        "tv_resnet18",
+        {"batch_size": 32, "image_size": 64, "num_classes": 10},
+        {"batch_size": 2, "image_size": 32, "num_classes": 10},
+    ),
     "mobilenet_v3_small": ModelCase(
         "torchvision mobilenet_v3_small, batch 32, 96x96",
         "tv_mobilenet_v3_small",

@@ -42,21 +42,30 @@ def channel_shape(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 
 class _ReluKeepMaskFn(torch.autograd.Function):
-    """``relu(x)`` that saves the 1-byte mask ``x <= 0`` for backward instead of its 4-byte output.
+    """``relu(x)`` that saves a 1-byte "passes" mask for backward instead of its 4-byte output.
 
-    The gradient is relu's own: 0 where the output is <= 0, else the incoming gradient (so a NaN
-    input passes its gradient, and a NaN gradient at a zeroed position becomes 0).
+    The gradient is relu's own, ``threshold_backward(grad, y, 0)``: 0 where the output ``y`` is
+    <= 0, else the incoming gradient (so a NaN input passes its gradient, and a NaN gradient at a
+    zeroed position becomes 0). The mask is ``y != 0`` taken by a dtype conversion of ``y``
+    (true for positive and NaN outputs, exactly where ``y <= 0`` is false), and backward feeds it,
+    converted back to the gradient's dtype (0 or 1), to the same ``threshold_backward``.
+
+    Conversions are used because on the CPU a comparison producing ``bool`` (``x <= 0``) is ~5x
+    slower than ``relu`` itself and ``masked_fill``/``where`` with a bool mask ~25x slower than
+    ``threshold_backward`` (measured with torch 2.14 on AVX-512); ``to(bool)``, the bool→uint8
+    view and uint8→float are vectorized.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x <= 0)
-        return torch.relu(x)
+        y = torch.relu(x)
+        ctx.save_for_backward(y.to(torch.bool).view(torch.uint8))
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (zeroed,) = ctx.saved_tensors
-        return grad.masked_fill(zeroed, 0.0)
+        (passes,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, passes.to(grad.dtype), 0)
 
 
 @torch.fx.wrap
@@ -66,7 +75,7 @@ def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
     ``torch.relu`` saves its output for backward. When the only reader of that output is a
     quantization site (which saves nothing), the output would be kept alive for relu's backward
     alone, next to the site's blended copy that the following layer saves: one extra
-    activation-sized float tensor per site. Saving ``x <= 0`` (1 byte per element) instead frees
+    activation-sized float tensor per site. Saving ``y != 0`` (1 byte per element) instead frees
     it. Without autograd (eval, ``no_grad``) this is plain ``torch.relu``.
     """
     if torch.is_grad_enabled() and x.requires_grad:

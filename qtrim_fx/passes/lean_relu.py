@@ -5,7 +5,7 @@ ReLU is usually read only by its activation site, whose blended copy is what the
 layer saves; the ReLU output then stays alive for the ReLU's backward alone (one extra
 activation-sized tensor per site, about +40% training memory on a ResNet). This pass
 swaps such ReLUs for :func:`qtrim_fx.ops.relu_keep_mask` (same value, same gradient,
-saves ``x > 0`` as bool)::
+saves ``relu(x) != 0`` as a 1-byte mask)::
 
     before:  y  = call_module[layer1.0.relu](x)              (nn.ReLU, inplace or not)
              yq = call_module[qtrim_sites.layer1_0_relu_out](y)

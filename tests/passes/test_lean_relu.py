@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -155,6 +156,21 @@ def test_relu_keep_mask_matches_relu_including_nan_gradients():
     assert torch.equal(gx.nan_to_num(-7), gr.nan_to_num(-7))
     with torch.no_grad():
         assert torch.equal(relu_keep_mask(x).nan_to_num(-7), ref.nan_to_num(-7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_relu_keep_mask_gradient_bits_match_relu(dtype):
+    # Infinities, subnormals, signed zeros and negative gradients at zeroed positions: the
+    # gradient must equal relu's bit for bit (+0.0 where zeroed, NaN gradients dropped there).
+    tiny = torch.finfo(dtype).smallest_normal / 4
+    x = torch.tensor([float("inf"), -float("inf"), tiny, -tiny, 0.0, -0.0, float("nan"), 3.0, -3.0],
+                     dtype=dtype, requires_grad=True)
+    g = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0, float("nan"), -7.0, float("inf"), -9.0], dtype=dtype)
+    (gx,) = torch.autograd.grad(relu_keep_mask(x), x, g)
+    (gr,) = torch.autograd.grad(torch.relu(x), x, g)
+    assert gx.dtype == gr.dtype
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float64: torch.int64}[dtype]
+    assert torch.equal(gx.view(bits), gr.view(bits))
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
