@@ -96,7 +96,10 @@ class _BlendFoldedFn(torch.autograd.Function):
         if t.dtype != w.dtype:
             t = t.to(w.dtype)
         t.div_(f)
-        t = torch.where(f != 0, t, w)
+        # Channels with f = 0 (γ = 0) keep w. On the CPU a host read costs no synchronization,
+        # and skipping the weight-sized ``where`` when no channel has f = 0 saves a slow pass.
+        if f.device.type != "cpu" or bool((f == 0).any()):
+            t = torch.where(f != 0, t, w)
         if not lam_is_one:
             torch.lerp(w, t, lam.to(w.dtype), out=t)
         return t

@@ -413,9 +413,10 @@ class EmaQuantileObserver(nn.Module):
                     # index_select along dim 0 copies whole runs out of the overlapping unfold view
                     # without materializing it (along another dim it would copy the view whole).
                     rows = rows.view(n).unfold(0, block, 1).index_select(0, starts).view(1, -1)
-                else:  # the same runs of every row: one index_select of their columns
-                    cols = (starts.unsqueeze(1) + _arange(block, x.device)).view(-1)
-                    rows = rows.index_select(1, cols)
+                else:  # the same runs of every row: one gather of their columns (~4x faster on the
+                    # CPU than index_select along dim 1; the same elements in the same order)
+                    cols = (starts.unsqueeze(1) + _arange(block, x.device)).view(1, -1)
+                    rows = torch.gather(rows, 1, cols.expand(c, -1))
             else:
                 owned = False
         else:

@@ -87,6 +87,25 @@ def test_every_site_gives_the_reference_bits(name, lam, dtype):
         assert torch.equal(_bits(out), _bits(ref)), site.observer_name()
 
 
+@pytest.mark.parametrize("lam", [0.4, 1.0])
+def test_folded_weight_with_zero_and_nan_fold_factors_gives_the_reference_bits(lam):
+    # γ = 0 channels keep w (no division by zero); the eager path skips the weight-sized
+    # ``where`` only when no channel has f = 0, so both branches are checked here.
+    _, qm, _ = _prepared("tiny_convnet", lam)
+    qm.eval()
+    w = qm.get_parameter("conv1.weight")
+    site = next(s for spec, s, _ in qtrim_fx.iter_sites(qm) if spec.param == "conv1.weight")
+    c = w.shape[0]
+    folds = [torch.rand(c) + 0.5, torch.rand(c) + 0.5, torch.rand(c) + 0.5]
+    folds[1][1] = 0.0
+    folds[2][0], folds[2][2] = 0.0, float("nan")
+    for fold in folds:
+        out = site(w, fold)
+        ref = _reference_site(site, w, fold)
+        assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(site(w, folds[1])[1], w[1].detach())
+
+
 def test_nothing_is_saved_for_backward_and_gradient_is_identity():
     _, qm, _ = _prepared("tiny_convnet", 0.6)
     qm.train()
