@@ -80,22 +80,32 @@ class _BlendQuantFn(torch.autograd.Function):
 
 
 class _BlendFoldedFn(torch.autograd.Function):
-    """``lerp(w, where(f ≠ 0, Q(w·f) / f, w), λ)`` for a conv weight followed by BatchNorm.
+    """``lerp(w, where(f ≠ 0, q · (s / f), w), λ)`` for a conv weight followed by BatchNorm.
 
-    ``wf`` is ``w·f`` (computed by the caller, who observed it) and is consumed: the
-    quantization is written into it. Identity gradient for ``w``; saves nothing.
+    ``q = clip(round(w·f / s) + z) − z`` is the deployed integer grid of the folded weight ``w·f``,
+    computed exactly as QuantizeLinear does (``w·f`` first, then ``/ s``). The float weight the
+    training conv sees, ``Q(w·f) / f``, is taken as ``q · (s / f)``: one per-channel factor, one
+    pass, instead of ``(q · s) / f`` (it may differ in the last bit; it has no deployed
+    counterpart, the deployed conv uses ``q`` and ``s``). ``wf`` is ``w·f`` (computed by the
+    caller, who observed it) and is consumed. Identity gradient for ``w``; saves nothing.
     """
 
     @staticmethod
     def forward(ctx: Any, w, wf, f, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool):  # type: ignore[override]
+        ratio = scale / f
         if torch.compiler.is_compiling():
-            q = _fake_quantize_functional(wf.float(), scale, zero_point, qmin, qmax).to(w.dtype)
-            return torch.lerp(w, torch.where(f != 0, q / f, w), lam.to(w.dtype))
-        t = fake_quantize_(wf if wf.dtype == torch.float32 else wf.float(), scale, zero_point, qmin, qmax,
-                           inplace=True)
+            z: Any = 0.0 if zero_point is None else zero_point
+            q = torch.clamp(torch.round(wf.float() / scale) + z, qmin, qmax) - z
+            return torch.lerp(w, torch.where(f != 0, (q * ratio).to(w.dtype), w), lam.to(w.dtype))
+        t = wf if wf.dtype == torch.float32 else wf.float()
+        t.div_(scale).round_()
+        if zero_point is None:
+            t.clamp_(qmin, qmax)
+        else:
+            t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+        t.mul_(ratio)
         if t.dtype != w.dtype:
             t = t.to(w.dtype)
-        t.div_(f)
         # Channels with f = 0 (γ = 0) keep w. On the CPU a host read costs no synchronization,
         # and skipping the weight-sized ``where`` when no channel has f = 0 saves a slow pass.
         if f.device.type != "cpu" or bool((f == 0).any()):
@@ -162,7 +172,9 @@ def blend_quant_folded(
     qmax: int,
     lam_is_one: bool = False,
 ) -> torch.Tensor:
-    """Blend a BN-folded weight: ``lerp(w, where(f ≠ 0, Q(wf)/f, w), lam)``, identity gradient for ``w``.
+    """Blend a BN-folded weight: ``lerp(w, where(f ≠ 0, q·(s/f), w), lam)``, identity gradient for ``w``.
+
+    ``q`` is the integer grid of ``wf`` minus the zero point (see :class:`_BlendFoldedFn`).
 
     Args:
         w: the FP32 master weight.

@@ -59,13 +59,14 @@ class _ReluKeepMaskFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = torch.relu(x)
-        ctx.save_for_backward(y.to(torch.bool).view(torch.uint8))
+        ctx.save_for_backward(y.to(torch.bool))
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (passes,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad, passes.to(grad.dtype), 0)
+        # bool -> uint8 is a free view; uint8 -> float is vectorized (bool -> float is not).
+        return torch.ops.aten.threshold_backward(grad, passes.view(torch.uint8).to(grad.dtype), 0)
 
 
 @torch.fx.wrap
@@ -78,6 +79,6 @@ def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
     activation-sized float tensor per site. Saving ``y != 0`` (1 byte per element) instead frees
     it. Without autograd (eval, ``no_grad``) this is plain ``torch.relu``.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
         return _ReluKeepMaskFn.apply(x)
     return torch.relu(x)

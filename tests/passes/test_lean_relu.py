@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -225,3 +226,16 @@ def test_lowering_an_unpickled_model_leaves_tracing_intact():
     assert torch.equal(low(x), qtrim_fx.lower(qm)(x))
     other, _ = get_model("tiny_mlp")
     fx.symbolic_trace(other)  # raised KeyError: 'torch.relu'
+
+
+def test_torchscript_tracing_sees_a_plain_relu():
+    # The legacy (TorchScript) ONNX exporter traces prepared models; under tracing the mask
+    # function is plain torch.relu (its autograd Function and dtype views are not traceable).
+    model, (x,) = get_model("cifar_resnet18", width=4, batch_size=2)
+    qm = qtrim_fx.prepare(model).eval()
+    assert _lean_nodes(qm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(qm, (x,), check_trace=False)
+    assert "aten::relu" in str(traced.graph)
+    assert torch.equal(traced(x), qm(x))
