@@ -8,6 +8,8 @@ Configurations, each on its own deep copy of the same seeded model:
   train mode, statistics updating every step (the default ``update_every=1``);
   (every model's BatchNorm running statistics are first set from the batch, as in a trained
   net, so that eval-mode calibration sees realistic activations);
+* ``ours, update_every=4``: the same with ``QuantConfig(update_every=4)`` (statistics updated on
+  every 4th training step), for information;
 * ``ours, frozen stats``: the same with every observer disabled (what a step costs once
   the statistics are settled, or between ``update_every`` updates), for information;
 * ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping("x86")``, train mode
@@ -65,8 +67,12 @@ import qtrim_fx  # noqa: E402
 from models import get_model  # noqa: E402
 
 TITLE = "Training-step overhead"
-GOALS = {"resnet18": 1.3, "vit": 1.5}  # ours / FP32, eager
-GOAL_VS_AO = 0.7
+# ours / FP32, eager. The issue's "ResNet-18 (batch 64, 32x32)" is read both ways: the CIFAR
+# architecture (3x3 stem, no max-pool) and torchvision's resnet18 at 32x32, the model whose torch.ao
+# QAT cost (1.7-2.4x FP32) the issue quotes; the 64x64 case is its second quoted setting.
+GOALS = {"resnet18": 1.3, "tv_resnet18": 1.3, "tv_resnet18_64": 1.3, "vit": 1.5}
+GOAL_VS_AO = 0.7  # ours / torch.ao, for the models of GOALS (mobilenet_v3_small: reported, no goal)
+EVERY = 4  # the "ours, update_every=N" row
 GOAL_MEM = 1.3
 
 
@@ -127,8 +133,8 @@ class Config:
 # -- building the configurations ------------------------------------------------------------------------
 
 
-def _prepare_ours(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    qm = qtrim_fx.prepare(copy.deepcopy(model))
+def _prepare_ours(model: nn.Module, x: torch.Tensor, update_every: int = 1) -> nn.Module:
+    qm = qtrim_fx.prepare(copy.deepcopy(model), config=qtrim_fx.QuantConfig(update_every=update_every))
     qtrim_fx.calibrate(qm, [x])
     qtrim_fx.set_blend(qm, 1.0)
     return qm.train()
@@ -198,6 +204,7 @@ def build_configs(case: ModelCase, quick: bool, torchao: bool, autocast: bool, c
     fp32 = copy.deepcopy(model).train()
     ours = _prepare_ours(model, x)
     configs = [Config("fp32", fp32), Config("ours", ours),
+               Config(f"ours, update_every={EVERY}", _prepare_ours(model, x, EVERY)),
                Config("ours, frozen stats", _freeze_statistics(_prepare_ours(model, x)))]
     if torchao:
         try:
@@ -332,7 +339,11 @@ def _verdict(key: str, by: dict[str, Config]) -> str:
     parts = [f"{key}: ours/FP32 {r:.3f}x" + (f" (goal <= {goal}x: {'met' if r <= goal else 'MISSED'})" if goal else "")]
     if ao is not None and _med(ao):
         ra = _med(ours) / _med(ao)
-        parts.append(f"ours/torch.ao {ra:.3f}x (goal <= {GOAL_VS_AO}x: {'met' if ra <= GOAL_VS_AO else 'MISSED'})")
+        parts.append(f"ours/torch.ao {ra:.3f}x" + (
+            f" (goal <= {GOAL_VS_AO}x: {'met' if ra <= GOAL_VS_AO else 'MISSED'})" if goal else " (no goal)"))
+        every = by.get(f"ours, update_every={EVERY}")
+        if every is not None and _med(every):
+            parts.append(f"ours update_every={EVERY}/torch.ao {_med(every) / _med(ao):.3f}x")
     if ours.peak and fp32.peak:
         rm = ours.peak / fp32.peak
         parts.append(f"peak memory ours/FP32 {rm:.3f}x (goal <= {GOAL_MEM}x: {'met' if rm <= GOAL_MEM else 'MISSED'})")
@@ -349,7 +360,8 @@ def render(runs: list[Run], explains: dict, args, command: str) -> tuple[str, li
         f"Median of {args.repeats} round-robin steps per configuration after {args.warmup} warm-up steps; "
         "step = zero_grad + forward + cross-entropy + backward + SGD(momentum 0.9).step; BatchNorm running "
         "statistics of every model first set from the batch. "
-        "ours = prepare + calibrate(1 batch) + set_blend(1.0), train mode, statistics updating every step; "
+        "ours = prepare + calibrate(1 batch) + set_blend(1.0), train mode, statistics updating every step "
+        f"(the default; update_every={EVERY}: every {EVERY}th step); "
         "frozen stats = observers disabled; torch.ao = prepare_qat_fx(get_default_qat_qconfig_mapping('x86')); "
         "bf16 = the same step under torch.autocast('cpu', torch.bfloat16), compared with FP32 under autocast; "
         "compiled = torch.compile(model) of FP32 and of ours, compared with each other. "

@@ -8,9 +8,9 @@ ends (λ = 0 gives x, λ = 1 gives x̂ bit for bit); the gradient with respect t
 nothing is saved for backward, so blend-quant adds no activation memory.
 
 Hot path (eager): x̂ is computed in place on one fresh float32 tensor
-(``x / s`` → round → + z → clip → − z → · s: one allocation, at most six passes,
-the same float32 operations in the same order as :func:`~qtrim_fx.quantize.fake_quantize`,
-so the bits are identical), the ``lerp`` is written into that tensor too, and it
+(``x / s`` → round → + z → clip → − z → · s: one allocation, at most six passes, five
+for a per-tensor zero point on the CPU, which moves into the clip bounds; the bits are those of
+:func:`~qtrim_fx.quantize.fake_quantize`), the ``lerp`` is written into that tensor too, and it
 is skipped when the host-side mirror of λ says λ = 1. Under ``torch.compile`` the
 plain functional form is traced instead (the compiler fuses it into one kernel).
 
@@ -41,6 +41,13 @@ def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     into +0.0, as ``+ z`` does there).
     """
     t = x.div_(scale) if inplace else torch.div(x, scale)
+    if zero_point is not None and zero_point.dim() == 0 and zero_point.device.type == "cpu":
+        # A per-tensor zero point on the CPU is read to the host (no synchronization) and moved
+        # into the bounds: clip(r + z, qmin, qmax) − z = clip(r, qmin − z, qmax − z) for the
+        # integer-valued r = round(x / s) (beyond 2^24 both sides saturate alike), one pass fewer;
+        # the final + 0.0 turns a −0.0 (r = −0.0 inside the range) into the +0.0 that q − z gives.
+        z = float(zero_point)
+        return t.round_().clamp_(qmin - z, qmax - z).mul_(scale).add_(0.0)
     t.round_().add_(0.0 if zero_point is None else zero_point).clamp_(qmin, qmax)
     if zero_point is not None:
         t.sub_(zero_point)

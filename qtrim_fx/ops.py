@@ -79,6 +79,9 @@ def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
     activation-sized float tensor per site. Saving ``y != 0`` (1 byte per element) instead frees
     it. Without autograd (eval, ``no_grad``) this is plain ``torch.relu``.
     """
-    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+    # Under torch.compile the partitioner chooses what backward keeps (a plain relu lets it save
+    # a mask or recompute); under TorchScript tracing (legacy ONNX export) a plain relu is traced.
+    if (torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()):
         return _ReluKeepMaskFn.apply(x)
     return torch.relu(x)

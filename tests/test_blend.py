@@ -156,3 +156,27 @@ class TestBlendControl:
     def test_constructor_rejects_values_outside_unit_interval(self, bad):
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
             BlendControl(bad)
+
+
+@pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (4, False), (16, False)])
+@pytest.mark.parametrize("zp_at", ["qmin", "mid", "qmax"])
+def test_in_place_fake_quantize_moves_the_zero_point_into_the_bounds_bit_exactly(bits, signed, zp_at):
+    # The CPU per-tensor path computes clip(round(x/s), qmin-z, qmax-z)*s + 0.0 instead of
+    # (clip(round(x/s) + z, qmin, qmax) - z)*s: compare bits on ties, signed zeros, tiny
+    # negatives (round to -0.0), saturating and beyond-2^24 values, subnormals and non-finites.
+    from qtrim_fx.blend import fake_quantize_
+    from qtrim_fx.quantize import fake_quantize_raw
+
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    z = {"qmin": qmin, "mid": (qmin + qmax) // 2, "qmax": qmax}[zp_at]
+    s = 0.0375
+    k = torch.arange(-300, 300, dtype=torch.float32)
+    special = torch.tensor([0.0, -0.0, -1e-30, 1e-30, -0.4 * s, -0.5 * s, 0.5 * s, 1.5 * s, 2.5 * s, -2.5 * s,
+                            3e7, -3e7, 2.0**25 * s, -(2.0**25) * s, 1e-45, -1e-45,
+                            float("inf"), -float("inf"), float("nan")], dtype=torch.float32)
+    x = torch.cat([k * s, (k + 0.5) * s, (k - 0.5) * s, torch.randn(4000) * 40 * s, special])
+    scale, zp = torch.tensor(s), torch.tensor(float(z))
+    ours = fake_quantize_(x.clone(), scale, zp, qmin, qmax, inplace=True)
+    ref = fake_quantize_raw(x, scale, zp, qmin, qmax, None)
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(fake_quantize_(x, scale, zp, qmin, qmax).view(torch.int32), ref.view(torch.int32))
