@@ -316,8 +316,11 @@ def test_train_overhead_benchmark_smoke():
     ((key, _, configs),) = out["results"]
     by = {c.key: c for c in configs}
     assert key == "resnet18"
-    for k in ("fp32", "ours", "ours, frozen stats", "torch.ao", "fp32 bf16", "ours bf16"):
+    every = f"ours, update_every={module.EVERY}"
+    for k in ("fp32", "ours", every, "ours, frozen stats", "torch.ao", "fp32 bf16", "ours bf16"):
         assert by[k].error is None and len(by[k].times) == 1 and by[k].peak > 0, k
+    assert {site.observer.update_every for _, site, _ in qtrim_fx.iter_sites(by[every].model)} == {module.EVERY}
+    assert {site.observer.update_every for _, site, _ in qtrim_fx.iter_sites(by["ours"].model)} == {1}
     assert "| ours |" in out["markdown"] and "ours/FP32" in out["markdown"]
     assert (results.read_text() if results.exists() else None) == before  # --no-write
 
