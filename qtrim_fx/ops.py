@@ -9,7 +9,8 @@ BatchNorm folding during training (conv -> bn pairs), as materialize emits it::
     z  = bn(y)                                               # BN still trains with batch stats
 
 The site observes and quantizes the *folded* weight ``w·f`` (the weight that is
-deployed) and hands the conv ``Q(w·f) / f``, so in eval
+deployed) and hands the conv ``Q(w·f) / f`` (computed as ``q · (s / f)`` from the exact integer
+grid ``q`` of ``w·f``, see ``qtrim_fx.blend._BlendFoldedFn``), so in eval
 ``bn(conv(x, Q(w·f)/f) + b) = conv(x, Q(w·f)) + (b − mean)·f + β``, which is the
 deployed folded conv (up to float rounding). At λ = 0 the site returns ``w``
 untouched, so the prepared model is bit-identical to the original. Lowering
