@@ -30,28 +30,42 @@ from .quantize import _broadcast
 __all__ = ["BlendControl", "blend_quant", "blend_to"]
 
 
+def _round_clip_(t: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> bool:
+    """``t ← clip(round(t) + z, qmin, qmax) − z`` in place (``t`` holds ``x / s``): the integer grid
+    minus the zero point. Returns whether a −0.0 may be left where that difference is 0.
+
+    A per-tensor zero point on the CPU is read to the host (no synchronization) and moved into the
+    bounds: ``clip(r + z, qmin, qmax) − z = clip(r, qmin − z, qmax − z)`` for the integer-valued
+    ``r = round(t)`` (beyond 2^24 both sides saturate alike), one pass fewer. ``zero_point=None``
+    means z = 0 and needs no ± z pass. Both leave the −0.0 that ``round`` gives for small negative
+    ``t``; ``(r + z) − z`` (the general path) gives +0.0 there.
+    """
+    t.round_()
+    if zero_point is None:
+        t.clamp_(qmin, qmax)
+        return True
+    if zero_point.dim() == 0 and zero_point.device.type == "cpu":
+        z = float(zero_point)
+        t.clamp_(qmin - z, qmax - z)
+        return True
+    t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+    return False
+
+
 def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
                    qmax: int, inplace: bool = False) -> torch.Tensor:
     """``(clip(round(x / s) + z) − z) · s`` in float32 with one allocation (none if ``inplace``).
 
     ``x`` is float32; with ``inplace`` it is overwritten (the caller must own it). ``scale``
     and ``zero_point`` are already shaped to broadcast against ``x``; ``zero_point=None``
-    means z = 0 (symmetric signed grids) and saves the − z pass. Bit-identical to
-    :func:`~qtrim_fx.quantize.fake_quantize_raw` (``+ 0.0`` still turns a rounded −0.0
-    into +0.0, as ``+ z`` does there).
+    means z = 0 (symmetric signed grids). Bit-identical to
+    :func:`~qtrim_fx.quantize.fake_quantize_raw` (a final ``+ 0.0`` turns a −0.0 left by
+    :func:`_round_clip_` into the +0.0 that ``q − z`` gives there).
     """
     t = x.div_(scale) if inplace else torch.div(x, scale)
-    if zero_point is not None and zero_point.dim() == 0 and zero_point.device.type == "cpu":
-        # A per-tensor zero point on the CPU is read to the host (no synchronization) and moved
-        # into the bounds: clip(r + z, qmin, qmax) − z = clip(r, qmin − z, qmax − z) for the
-        # integer-valued r = round(x / s) (beyond 2^24 both sides saturate alike), one pass fewer;
-        # the final + 0.0 turns a −0.0 (r = −0.0 inside the range) into the +0.0 that q − z gives.
-        z = float(zero_point)
-        return t.round_().clamp_(qmin - z, qmax - z).mul_(scale).add_(0.0)
-    t.round_().add_(0.0 if zero_point is None else zero_point).clamp_(qmin, qmax)
-    if zero_point is not None:
-        t.sub_(zero_point)
-    return t.mul_(scale)
+    signed_zero = _round_clip_(t, zero_point, qmin, qmax)
+    t.mul_(scale)
+    return t.add_(0.0) if signed_zero else t
 
 
 def _fake_quantize_functional(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
@@ -105,11 +119,7 @@ class _BlendFoldedFn(torch.autograd.Function):
             q = torch.clamp(torch.round(wf.float() / scale) + z, qmin, qmax) - z
             return torch.lerp(w, torch.where(f != 0, (q * ratio).to(w.dtype), w), lam.to(w.dtype))
         t = wf if wf.dtype == torch.float32 else wf.float()
-        t.div_(scale).round_()
-        if zero_point is None:
-            t.clamp_(qmin, qmax)
-        else:
-            t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+        _round_clip_(t.div_(scale), zero_point, qmin, qmax)  # a −0.0 it may leave is harmless here
         t.mul_(ratio)
         if t.dtype != w.dtype:
             t = t.to(w.dtype)

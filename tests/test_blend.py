@@ -159,7 +159,7 @@ class TestBlendControl:
 
 
 @pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (4, False), (16, False)])
-@pytest.mark.parametrize("zp_at", ["qmin", "mid", "qmax"])
+@pytest.mark.parametrize("zp_at", ["qmin", "mid", "qmax", "none"])
 def test_in_place_fake_quantize_moves_the_zero_point_into_the_bounds_bit_exactly(bits, signed, zp_at):
     # The CPU per-tensor path computes clip(round(x/s), qmin-z, qmax-z)*s + 0.0 instead of
     # (clip(round(x/s) + z, qmin, qmax) - z)*s: compare bits on ties, signed zeros, tiny
@@ -168,7 +168,7 @@ def test_in_place_fake_quantize_moves_the_zero_point_into_the_bounds_bit_exactly
     from qtrim_fx.quantize import fake_quantize_raw
 
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    z = {"qmin": qmin, "mid": (qmin + qmax) // 2, "qmax": qmax}[zp_at]
+    z = {"qmin": qmin, "mid": (qmin + qmax) // 2, "qmax": qmax, "none": 0}[zp_at]
     s = 0.0375
     k = torch.arange(-300, 300, dtype=torch.float32)
     special = torch.tensor([0.0, -0.0, -1e-30, 1e-30, -0.4 * s, -0.5 * s, 0.5 * s, 1.5 * s, 2.5 * s, -2.5 * s,
@@ -176,7 +176,11 @@ def test_in_place_fake_quantize_moves_the_zero_point_into_the_bounds_bit_exactly
                             float("inf"), -float("inf"), float("nan")], dtype=torch.float32)
     x = torch.cat([k * s, (k + 0.5) * s, (k - 0.5) * s, torch.randn(4000) * 40 * s, special])
     scale, zp = torch.tensor(s), torch.tensor(float(z))
-    ours = fake_quantize_(x.clone(), scale, zp, qmin, qmax, inplace=True)
+    zp_arg = None if zp_at == "none" else zp  # None: z = 0 without the ± z passes
+    ours = fake_quantize_(x.clone(), scale, zp_arg, qmin, qmax, inplace=True)
     ref = fake_quantize_raw(x, scale, zp, qmin, qmax, None)
     assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
-    assert torch.equal(fake_quantize_(x, scale, zp, qmin, qmax).view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(fake_quantize_(x, scale, zp_arg, qmin, qmax).view(torch.int32), ref.view(torch.int32))
+    # The general (per-channel / accelerator) path: a zero point that is not a 0-D CPU tensor.
+    general = fake_quantize_(x.clone().view(1, -1), scale, zp.reshape(1, 1), qmin, qmax, inplace=True)
+    assert torch.equal(general.view(-1).view(torch.int32), ref.view(torch.int32))
