@@ -490,3 +490,40 @@ def test_observer_made_and_used_under_inference_mode():
             obs.observe(x)
             ref.observe(x)
         assert torch.equal(obs.lo, ref.lo) and torch.equal(obs.hi, ref.hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dist", ["normal", "heavy", "ties", "constant", "signed_zeros", "sorted"])
+@pytest.mark.parametrize("levels", [(0.001, 0.999), (0.003, 0.9975), (0.0005,), (0.999,)])
+def test_host_selection_equals_the_topk_quantiles(dtype, dist, levels):
+    """The per-tensor CPU path picks order statistics with numpy.partition; values must match topk's."""
+    from qtrim_fx.observer import _finite_quantile, _host_select_pays, _host_select_quantiles
+
+    g = torch.Generator().manual_seed(hash((dist, levels)) % 1000)
+    n = 32 * 3125
+    x = {
+        "normal": lambda: torch.randn(n, generator=g),
+        "heavy": lambda: torch.randn(n, generator=g) ** 5,
+        "ties": lambda: torch.randint(-3, 4, (n,), generator=g).float(),
+        "constant": lambda: torch.full((n,), 2.5),
+        "signed_zeros": lambda: torch.where(torch.rand(n, generator=g) < 0.5, -0.0, 0.0) + (torch.rand(n, generator=g) < 0.01) * 7,
+        "sorted": lambda: torch.sort(torch.randn(n, generator=g)).values,
+    }[dist]().to(dtype).view(1, n)
+    assert _host_select_pays(n, levels)
+    q = _host_select_quantiles(x, levels)
+    assert q.dtype == torch.float32 and q.shape == (len(levels),)
+    for i, p in enumerate(levels):
+        ref = _finite_quantile(x, p).float()[0]
+        assert torch.equal(q[i], ref), (p, q[i], ref)
+        # and against numpy's linear-interpolation quantile, computed independently in float64
+        np_ref = np.quantile(x.double().numpy()[0], p)
+        assert abs(float(q[i]) - np_ref) <= 1e-6 * max(1.0, abs(np_ref))
+
+
+def test_host_selection_is_used_only_where_it_pays():
+    from qtrim_fx.observer import _host_select_pays
+
+    assert _host_select_pays(100_000, (0.001, 0.999))
+    assert not _host_select_pays(99_999, (0.001, 0.999))  # not whole blocks: a full partition would be slow
+    assert not _host_select_pays(100_000, (0.5,))  # the median's k is too large for the block prefilter
+    assert not _host_select_pays(1024, (0.001, 0.999))  # short rows: topk is cheaper
