@@ -12,9 +12,7 @@ draw per run), so an update costs the same for 1e5 and 1e7 elements.
 Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
 default). Only the tail order statistics are needed, so they come from
 ``torch.topk`` on the subsample rather than a full sort, and only on the runs
-whose extreme values can hold them (exact, see ``_top_values``); a per-tensor
-update on the CPU selects them with ``numpy.partition`` instead, ~6x cheaper
-than ``topk`` there (same values, see ``_host_select_quantiles``). On accelerators
+whose extreme values can hold them (exact, see ``_top_values``). On accelerators
 nothing here reads a tensor back to the host; first-observation and all-non-finite
 cases are handled with ``torch.where``. On the CPU, where a host read costs no
 device synchronization, an update reads one number (the subsample's sum): when it
@@ -36,7 +34,6 @@ import math
 import weakref
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -87,7 +84,7 @@ def _filled_quantile(vv: torch.Tensor, nf: torch.Tensor, p: float) -> torch.Tens
     """Quantile ``p`` of the ``nf`` finite values of each row of ``vv`` (non-finite ones filled by ``_fill``)."""
     n = vv.shape[-1]
     upper = p >= 0.5
-    k = _tail_k(n, p)
+    k = min(n, math.ceil((1.0 - p if upper else p) * (n - 1)) + 2)
     pos = p * (nf - 1).clamp(min=0).to(torch.float64)
     lo_rank = torch.floor(pos)
     frac = (pos - lo_rank).to(vv.dtype)
@@ -115,7 +112,7 @@ def _finite_quantile(vv: torch.Tensor, p: float) -> torch.Tensor:
     """
     c, n = vv.shape
     upper = p >= 0.5
-    k = _tail_k(n, p)
+    k = min(n, math.ceil((1.0 - p if upper else p) * (n - 1)) + 2)
     i_lo, i_hi, frac = _finite_ranks(p, n, k, c, vv.dtype, vv.device)
     top = _top_values(vv, k, upper)
     return torch.lerp(top[:, i_lo], top[:, i_hi], frac)
@@ -150,7 +147,8 @@ def _two_tail_quantiles(
     """``_filled_quantile`` at ``p_lo < 0.5 <= p_hi`` at once: the same arithmetic, element for
     element, with the rank bookkeeping of both levels done on (2, C) tensors (half the small ops)."""
     n = lo_fill.shape[-1]
-    k_lo, k_hi = _tail_k(n, p_lo), _tail_k(n, p_hi)
+    k_lo = min(n, math.ceil(p_lo * (n - 1)) + 2)
+    k_hi = min(n, math.ceil((1.0 - p_hi) * (n - 1)) + 2)
     top = torch.cat([_top_values(lo_fill, k_lo, False), _top_values(hi_fill, k_hi, True)], -1)
     levels, sign, kmax, offset = _tail_constants(p_lo, p_hi, k_lo, k_hi, nf.device)
     last = nf - 1
@@ -205,61 +203,6 @@ def _top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     pick = torch.topk(ends, k, dim=-1, largest=largest, sorted=False).indices
     cand = blocks.gather(1, pick.unsqueeze(-1).expand(c, k, _BLOCK)).reshape(c, k * _BLOCK)
     return torch.topk(cand, k, dim=-1, largest=largest, sorted=True).values
-
-
-_HOST_SELECT_MIN = 4096  # below this, two torch.topk calls are cheaper than the host selection
-
-
-def _tail_k(n: int, p: float) -> int:
-    """How many order statistics from the near end of ``n`` values hold quantile ``p`` and its neighbour."""
-    return min(n, math.ceil((1.0 - p if p >= 0.5 else p) * (n - 1)) + 2)
-
-
-def _host_select_pays(n: int, levels: tuple[float, ...]) -> bool:
-    """Whether :func:`_host_select_quantiles` beats ``topk`` on a row of ``n``: long rows that the
-    block prefilter cuts down at every level (a full ``numpy.partition`` of 1e5 values is slower)."""
-    return n >= _HOST_SELECT_MIN and n % _BLOCK == 0 and all(n // _BLOCK >= 8 * _tail_k(n, p) for p in levels)
-
-
-def _host_select_quantiles(row: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
-    """:func:`_finite_quantile` of a single all-finite CPU row at each level, selected with NumPy.
-
-    The order statistics are the same values (a selection is exact whatever algorithm finds it),
-    and the ranks, interpolation weights and final ``torch.lerp`` are those of
-    :func:`_finite_quantile`, so the result is bit-identical (up to the sign of a zero order
-    statistic among equal ±0.0). Why: on the CPU ``torch.topk`` costs ~25 µs on a few thousand
-    values, ``numpy.partition`` ~4 µs, and a per-tensor update makes four such selections.
-    The row (``_host_select_pays``) is first cut to the ``k`` blocks of ``_BLOCK`` whose maxima
-    (minima) are the largest (smallest), as in :func:`_top_values`. Returns the quantiles stacked
-    in a float32 vector.
-    """
-    n = row.shape[-1]
-    v = row.reshape(n)
-    a = v.numpy()
-    nb = n // _BLOCK
-    picked, fracs = [], []
-    for p in levels:
-        upper = p >= 0.5
-        k = _tail_k(n, p)
-        i_lo, i_hi, frac = _finite_ranks(p, n, k, 1, v.dtype, v.device)
-        blocks = v.view(nb, _BLOCK)  # (torch.aminmax over the blocks is ~5x slower than these)
-        e = (blocks.amax(-1) if upper else blocks.amin(-1)).numpy()
-        sel = np.argpartition(e, nb - k)[nb - k:] if upper else np.argpartition(e, k - 1)[:k]
-        cand = a.reshape(nb, _BLOCK)[sel].reshape(-1)
-        m = cand.size
-        # top[j] of _finite_quantile is the candidate of ascending rank m-1-j (upper) or j (lower).
-        ra, rb = (m - 1 - i_lo, m - 1 - i_hi) if upper else (i_lo, i_hi)
-        r0, r1 = min(ra, rb), max(ra, rb)
-        part = np.partition(cand, r0)
-        # Adjacent ranks (the usual case): the next order statistic is the least value above r0.
-        v1 = part[r1] if r1 == r0 else part[r0 + 1:].min() if r1 == r0 + 1 else np.partition(part, r1)[r1]
-        v0 = part[r0]
-        picked.append((v0, v1) if ra <= rb else (v1, v0))
-        fracs.append(frac)
-    top = torch.from_numpy(np.array(picked, dtype=a.dtype))
-    frac = fracs[0] if len(fracs) == 1 else torch.cat(fracs)
-    q = torch.lerp(top[:, 0], top[:, 1], frac)
-    return q if q.dtype == torch.float32 else q.float()
 
 
 def _versions(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int] | None:
@@ -540,13 +483,6 @@ class EmaQuantileObserver(nn.Module):
 
     def _finite_step_stats(self, rows: torch.Tensor, owned: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (lo, hi) of a subsample known to be all finite (see :meth:`_observe_into`)."""
-        levels = (self.p_hi,) if self.mode == "abs" else (self.p_lo, self.p_hi)
-        if self.axis is None and _host_select_pays(rows.shape[1], levels):  # CPU only (the caller's fast path)
-            if self.mode == "abs":
-                m = _host_select_quantiles(rows.abs_() if owned else rows.abs(), (self.p_hi,))
-                return -m[0], m[0]
-            q = _host_select_quantiles(rows, (self.p_lo, self.p_hi))
-            return q[0], q[1]
         if self.mode == "abs":
             m = _finite_quantile(rows.abs_() if owned else rows.abs(), self.p_hi)
             lo_t, hi_t = -m, m
