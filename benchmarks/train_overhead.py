@@ -341,6 +341,8 @@ def _verdict(key: str, by: dict[str, Config]) -> str:
         ra = _med(ours) / _med(ao)
         parts.append(f"ours/torch.ao {ra:.3f}x" + (
             f" (goal <= {GOAL_VS_AO}x: {'met' if ra <= GOAL_VS_AO else 'MISSED'})" if goal else " (no goal)"))
+        # The floor of that ratio: a quantizer costing nothing would run at FP32's step time.
+        parts.append(f"floor FP32/torch.ao {_med(fp32) / _med(ao):.3f}x")
         every = by.get(f"ours, update_every={EVERY}")
         if every is not None and _med(every):
             parts.append(f"ours update_every={EVERY}/torch.ao {_med(every) / _med(ao):.3f}x")

@@ -322,6 +322,7 @@ def test_train_overhead_benchmark_smoke():
     assert {site.observer.update_every for _, site, _ in qtrim_fx.iter_sites(by[every].model)} == {module.EVERY}
     assert {site.observer.update_every for _, site, _ in qtrim_fx.iter_sites(by["ours"].model)} == {1}
     assert "| ours |" in out["markdown"] and "ours/FP32" in out["markdown"]
+    assert "floor FP32/torch.ao" in out["markdown"]  # the ratio a zero-cost quantizer would reach
     assert (results.read_text() if results.exists() else None) == before  # --no-write
 
 
