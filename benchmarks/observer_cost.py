@@ -4,8 +4,13 @@ The observer computes its quantiles on a subsample of at most ``S_max`` elements
 so one update should cost about the same for a 1e5- and a 1e7-element tensor.
 Goal: the 1e7 update takes at most 3x the 1e5 update (per-tensor "range" mode,
 train mode, float32). A per-channel "abs" update of a 1e7-element weight with
-512 output channels, a per-channel (axis 1) activation update and a bfloat16 input
-are reported for information.
+512 output channels, a per-channel (axis 1) activation update, a bfloat16 input and
+two weights whose per-channel rows are short (a ViT MLP weight, a depthwise conv) are
+reported for information.
+
+Each case is also timed with the tail selections forced onto ``torch.topk``
+(``qtrim_fx.observer._HOST_SELECT = False``) in the same round-robin, so the table
+shows what the NumPy selection (used where CPU ``topk`` would sort whole rows) saves.
 
 Usage::
 
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qtrim_fx import observer as observer_module
 from qtrim_fx.observer import EmaQuantileObserver
 
 SECTION = "## Observer update cost"
@@ -51,35 +57,52 @@ CASES = [
         torch.float32,
     ),
     ("range, per-tensor, 1e7 activation, bfloat16", {"mode": "range"}, (100, 1000, 10, 10), torch.bfloat16),
+    ("abs, per-channel (axis 0, 768 ch), ViT MLP weight", {"mode": "abs", "axis": 0}, (768, 192), torch.float32),
+    ("abs, per-channel (axis 0, 576 ch), depthwise 5x5 weight", {"mode": "abs", "axis": 0}, (576, 1, 5, 5),
+     torch.float32),
 ]
 
 
-Row = tuple[str, tuple[int, ...], float, float]  # label, shape, median s, min s
+Row = tuple[str, tuple[int, ...], float, float, float]  # label, shape, median s, min s, median s with topk only
 
 
 def measure(repeats: int, warmup: int = 3) -> list[Row]:
-    """Median and best wall time of one training-mode ``observer(x)`` call per case.
+    """Median and best wall time of one training-mode ``observer(x)`` call per case, and the
+    median with every tail selection on ``torch.topk``.
 
-    The cases are timed round-robin (one update of each case per round), so a burst of
-    load from another process on a shared machine hits all cases alike instead of
-    skewing the ratio between them.
+    The cases and both variants are timed round-robin (one update of each per round), so a
+    burst of load from another process on a shared machine hits all of them alike instead of
+    skewing the ratios between them. Each update draws a fresh subsample (the seed mixes in
+    the update count), so ``topk`` never sees the same input twice.
     """
     gen = torch.Generator().manual_seed(0)
     setups = []
     for _, kwargs, shape, dtype in CASES:
         x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
-        obs = EmaQuantileObserver(**kwargs).train()
-        for _ in range(warmup):
-            obs(x)
-        setups.append((obs, x))
-    times: list[list[float]] = [[] for _ in CASES]
-    for _ in range(repeats):
-        for (obs, x), t in zip(setups, times, strict=True):
-            t0 = time.perf_counter()
-            obs(x)
-            t.append(time.perf_counter() - t0)
+        pair = []
+        for host in (True, False):
+            # Its own copy of the input: both observers draw the same subsample (same seed), and
+            # the second would otherwise read it from the cache the first just filled.
+            obs, xv = EmaQuantileObserver(**kwargs).train(), x.clone()
+            observer_module._HOST_SELECT = host
+            for _ in range(warmup):
+                obs(xv)
+            pair.append((obs, xv))
+        setups.append(pair)
+    times: list[list[list[float]]] = [[[], []] for _ in CASES]
+    try:
+        for r in range(repeats):
+            for pair, t in zip(setups, times, strict=True):
+                for j in (0, 1) if r % 2 else (1, 0):  # alternate which variant goes first
+                    obs, xv = pair[j]
+                    observer_module._HOST_SELECT = j == 0
+                    t0 = time.perf_counter()
+                    obs(xv)
+                    t[j].append(time.perf_counter() - t0)
+    finally:
+        observer_module._HOST_SELECT = True
     return [
-        (label, shape, statistics.median(t), min(t))
+        (label, shape, statistics.median(t[0]), min(t[0]), statistics.median(t[1]))
         for (label, _, shape, _), t in zip(CASES, times, strict=True)
     ]
 
@@ -106,17 +129,19 @@ def render(rows: list[Row], command: str) -> str:
         "Median wall time of one `EmaQuantileObserver` update (train mode, float32 input unless",
         "noted, default S_max = 1e5, p = (0.001, 0.999), random normal data). The first two rows",
         "are the goal; the others are for information. Cases are timed round-robin; the",
-        "ratio is of medians.",
+        "ratio is of medians. \"topk only\": the same update with every tail selection on",
+        "`torch.topk` (`qtrim_fx.observer._HOST_SELECT = False`), timed in the same rounds.",
         "",
-        "| case | elements | median (ms) | min (ms) | median vs 1e5 |",
-        "|---|---:|---:|---:|---:|",
+        "| case | elements | median (ms) | min (ms) | median vs 1e5 | topk only (ms) | ours vs topk only |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, shape, med, best in rows:
+    for label, shape, med, best, med_topk in rows:
         n = 1
         for d in shape:
             n *= d
         lines.append(
-            f"| {label} `{tuple(shape)}` | {n:.2e} | {med * 1e3:.3f} | {best * 1e3:.3f} | {med / base:.2f}x |"
+            f"| {label} `{tuple(shape)}` | {n:.2e} | {med * 1e3:.3f} | {best * 1e3:.3f} | {med / base:.2f}x "
+            f"| {med_topk * 1e3:.3f} | {med / med_topk:.2f}x |"
         )
     verdict = "met" if ratio <= GOAL_RATIO else "MISSED"
     lines += [

@@ -12,7 +12,10 @@ draw per run), so an update costs the same for 1e5 and 1e7 elements.
 Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
 default). Only the tail order statistics are needed, so they come from
 ``torch.topk`` on the subsample rather than a full sort, and only on the runs
-whose extreme values can hold them (exact, see ``_top_values``). On accelerators
+whose extreme values can hold them (exact, see ``_top_values``). Where CPU ``topk``
+would sort whole rows (it does when ``64·k > n``: the per-tensor tails, short
+per-channel rows), ``numpy.partition`` selects the same values 3-5x faster
+(see ``_host_selects``). On accelerators
 nothing here reads a tensor back to the host; first-observation and all-non-finite
 cases are handled with ``torch.where``. On the CPU, where a host read costs no
 device synchronization, an update reads one number (the subsample's sum): when it
@@ -34,6 +37,7 @@ import math
 import weakref
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -197,12 +201,53 @@ def _top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     c, n = vv.shape
     nb = n // _BLOCK
     if n % _BLOCK or nb < 8 * k:
-        return torch.topk(vv, k, dim=-1, largest=largest, sorted=True).values
+        return _topk_values(vv, k, largest)
     blocks = vv.view(c, nb, _BLOCK) if vv.is_contiguous() else vv.reshape(c, nb, _BLOCK)
     ends = blocks.amax(-1) if largest else blocks.amin(-1)
-    pick = torch.topk(ends, k, dim=-1, largest=largest, sorted=False).indices
+    if _host_selects(ends, k):
+        a = ends.numpy()
+        pick = np.argpartition(a, nb - k, axis=-1)[:, nb - k :] if largest else np.argpartition(a, k - 1, axis=-1)[:, :k]
+        pick = torch.from_numpy(np.ascontiguousarray(pick, dtype=np.int64))
+    else:
+        pick = torch.topk(ends, k, dim=-1, largest=largest, sorted=False).indices
     cand = blocks.gather(1, pick.unsqueeze(-1).expand(c, k, _BLOCK)).reshape(c, k * _BLOCK)
-    return torch.topk(cand, k, dim=-1, largest=largest, sorted=True).values
+    return _topk_values(cand, k, largest)
+
+
+_HOST_SELECT = True  # module switch: tests compare the NumPy selection with torch.topk
+_HOST_SELECT_MIN = 256  # fewer elements: one topk call is cheaper than the NumPy round trip
+
+
+def _host_selects(v: torch.Tensor, k: int) -> bool:
+    """Whether ``k`` extremes of each row of ``v`` are selected with NumPy instead of ``torch.topk``.
+
+    Why: when ``64·k > n`` the CPU ``topk`` sorts every row whole (measured here, fresh data per
+    call: 25 µs for k=102 of 3 125 values, 395 µs for k=3 of each of 768 rows of 128), while
+    ``numpy.partition`` selects in linear time (5 µs, 115 µs). Only plain CPU float32/float64
+    tensors qualify (not fakes or other subclasses, not under tracing); elsewhere ``topk`` runs.
+    A selection is exact whichever algorithm finds it, so the values are the same (among equal
+    values, which of ``+0.0``/``-0.0`` is returned may differ).
+    """
+    return (
+        _HOST_SELECT
+        and type(v) is torch.Tensor
+        and v.device.type == "cpu"
+        and v.dtype in (torch.float32, torch.float64)
+        and 64 * k > v.shape[-1]
+        and v.numel() >= _HOST_SELECT_MIN
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _topk_values(v: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """``torch.topk(v, k, dim=-1, largest=largest, sorted=True).values`` of a 2-D ``v`` without NaN."""
+    if not _host_selects(v, k):
+        return torch.topk(v, k, dim=-1, largest=largest, sorted=True).values
+    a = v.detach().numpy()
+    n = a.shape[-1]
+    part = np.partition(a, n - k, axis=-1)[:, n - k :] if largest else np.partition(a, k - 1, axis=-1)[:, :k]
+    part.sort(axis=-1)  # ascending, in the partitioned copy
+    return torch.from_numpy(np.ascontiguousarray(part[:, ::-1] if largest else part))
 
 
 def _versions(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int] | None:

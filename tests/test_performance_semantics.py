@@ -347,6 +347,65 @@ def test_block_prefiltered_top_values_equal_topk():
             assert torch.equal(_top_values(v, k, largest), torch.topk(v, k, largest=largest).values)
 
 
+def _selection_inputs(c: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
+    v = torch.randn(c, n, generator=gen, dtype=dtype)
+    signed_zeros = v.clone()
+    signed_zeros[:, ::3] = 0.0
+    signed_zeros[:, 1::3] = -0.0
+    infs = v.clone()
+    infs[:, ::7] = float("inf")
+    infs[:, 1::11] = -float("inf")
+    return [v, v.mul(2).round(), v.sort(-1).values, v.sort(-1, descending=True).values,
+            torch.full_like(v, 1.5), signed_zeros, infs, v.abs()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("c", "n", "k"), [(1, 3125, 102), (1, 3264, 102), (768, 128, 3), (576, 9, 2),
+                                            (96, 25, 2), (3, 640, 11), (2, 300, 300)])
+def test_numpy_selection_equals_topk(dtype, c, n, k):
+    """Where CPU topk would sort whole rows, the tails are selected with numpy.partition: same values."""
+    from qtrim_fx import observer as obs
+
+    gen = torch.Generator().manual_seed(c * 7919 + n)
+    for v in _selection_inputs(c, n, dtype, gen):
+        assert obs._host_selects(v, k)  # the NumPy path is the one under test
+        for largest in (True, False):
+            ref = torch.topk(v, k, dim=-1, largest=largest, sorted=True).values
+            got = obs._topk_values(v, k, largest)
+            assert got.dtype == ref.dtype and got.shape == ref.shape
+            assert torch.equal(got, ref)  # (== treats -0.0 and +0.0 as equal)
+
+
+def test_numpy_selection_is_skipped_where_topk_is_cheaper():
+    from qtrim_fx import observer as obs
+
+    assert not obs._host_selects(torch.randn(512, 192), 3)  # topk's partial sort (64*k <= n)
+    assert not obs._host_selects(torch.randn(1, 27), 2)  # too small to pay the round trip
+    assert not obs._host_selects(torch.randn(768, 128, dtype=torch.bfloat16), 3)  # no NumPy dtype
+    assert obs._host_selects(torch.randn(768, 128), 3)
+
+
+@pytest.mark.parametrize(("mode", "axis", "shape"), [("range", None, (64, 65, 768)), ("range", None, (8, 16, 32, 32)),
+                                                     ("abs", 0, (768, 192)), ("abs", 0, (576, 1, 3, 3)),
+                                                     ("abs", 0, (64, 3, 7, 7)), ("range", 1, (16, 96, 8, 8))])
+def test_observer_statistics_equal_with_and_without_numpy_selection(monkeypatch, mode, axis, shape):
+    """Whole observer updates (fast and general CPU paths, EMA included) give the same statistics."""
+    from qtrim_fx import observer as obs
+
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(shape, generator=gen) * (1 + i) for i in range(4)]
+    xs[2].view(-1)[::97] = float("nan")  # one update through the general (masked) path
+    results = []
+    for host in (True, False):
+        monkeypatch.setattr(obs, "_HOST_SELECT", host)
+        o = obs.EmaQuantileObserver(mode, axis=axis, momentum=0.3, max_samples=50_000).train()
+        for x in xs:
+            o(x)
+        results.append((o.lo.clone(), o.hi.clone(), o.nonfinite.clone()))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("p_lo", "p_hi"), [(0.001, 0.999), (0.2, 0.7), (0.49, 0.5)])
 def test_two_tail_quantiles_equal_the_one_level_path(p_lo, p_hi):
     from qtrim_fx.observer import _fill, _filled_quantile, _refill, _two_tail_quantiles
