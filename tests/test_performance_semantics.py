@@ -326,6 +326,23 @@ def test_train_overhead_benchmark_smoke():
     assert (results.read_text() if results.exists() else None) == before  # --no-write
 
 
+def test_observer_cost_benchmark_smoke(monkeypatch):
+    """observer_cost.py times each case with and without the NumPy selection and leaves the switch on."""
+    from qtrim_fx import observer as obs
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "observer_cost.py"
+    spec = importlib.util.spec_from_file_location("observer_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "CASES", [c for c in module.CASES if np.prod(c[2]) <= 200_000]
+                        + [("range, per-tensor, 1e6", {"mode": "range"}, (10, 1000, 10, 10), torch.float32)])
+    rows = module.measure(repeats=2, warmup=1)
+    assert obs._HOST_SELECT is True
+    assert len(rows) == len(module.CASES) and all(r[2] > 0 and r[4] > 0 for r in rows)
+    table = module.render(rows, "python benchmarks/observer_cost.py")
+    assert "topk only (ms)" in table and "ours vs topk only" in table
+
+
 # -- observer fast paths are exact -----------------------------------------------------------------------------
 
 
