@@ -205,7 +205,7 @@ def _top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     blocks = vv.view(c, nb, _BLOCK) if vv.is_contiguous() else vv.reshape(c, nb, _BLOCK)
     ends = blocks.amax(-1) if largest else blocks.amin(-1)
     if _host_selects(ends, k):
-        a = ends.numpy()
+        a = ends.detach().numpy()
         pick = np.argpartition(a, nb - k, axis=-1)[:, nb - k :] if largest else np.argpartition(a, k - 1, axis=-1)[:, :k]
         pick = torch.from_numpy(np.ascontiguousarray(pick, dtype=np.int64))
     else:

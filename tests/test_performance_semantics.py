@@ -393,6 +393,16 @@ def test_numpy_selection_equals_topk(dtype, c, n, k):
             assert torch.equal(got, ref)  # (== treats -0.0 and +0.0 as equal)
 
 
+def test_tail_quantiles_of_a_tensor_that_requires_grad():
+    """tail_quantiles is public: a grad-tracking input takes the NumPy path like a plain one."""
+    from qtrim_fx.observer import tail_quantiles
+
+    w = torch.randn(3, 100_000, generator=torch.Generator().manual_seed(0))
+    ref, valid_ref = tail_quantiles(w, 0.999)
+    got, valid = tail_quantiles(w.clone().requires_grad_() * 1.0, 0.999)
+    assert torch.equal(got.detach(), ref) and torch.equal(valid, valid_ref)
+
+
 def test_numpy_selection_is_skipped_where_topk_is_cheaper():
     from qtrim_fx import observer as obs
 
