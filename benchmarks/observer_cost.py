@@ -9,7 +9,7 @@ two weights whose per-channel rows are short (a ViT MLP weight, a depthwise conv
 reported for information.
 
 Each case is also timed with the tail selections forced onto ``torch.topk``
-(``qtrim_fx.observer._HOST_SELECT = False``) in the same round-robin, so the table
+(``qtrim_fx.runtime.quantiles.HOST_SELECT = False``) in the same round-robin, so the table
 shows what the NumPy selection (used where CPU ``topk`` would sort whole rows) saves.
 
 Usage::
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from qtrim_fx import observer as observer_module
-from qtrim_fx.observer import EmaQuantileObserver
+from qtrim_fx.runtime import quantiles as observer_module
+from qtrim_fx.runtime.observer import EmaQuantileObserver
 
 SECTION = "## Observer update cost"
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -84,7 +84,7 @@ def measure(repeats: int, warmup: int = 3) -> list[Row]:
             # Its own copy of the input: both observers draw the same subsample (same seed), and
             # the second would otherwise read it from the cache the first just filled.
             obs, xv = EmaQuantileObserver(**kwargs).train(), x.clone()
-            observer_module._HOST_SELECT = host
+            observer_module.HOST_SELECT = host
             for _ in range(warmup):
                 obs(xv)
             pair.append((obs, xv))
@@ -95,12 +95,12 @@ def measure(repeats: int, warmup: int = 3) -> list[Row]:
             for pair, t in zip(setups, times, strict=True):
                 for j in (0, 1) if r % 2 else (1, 0):  # alternate which variant goes first
                     obs, xv = pair[j]
-                    observer_module._HOST_SELECT = j == 0
+                    observer_module.HOST_SELECT = j == 0
                     t0 = time.perf_counter()
                     obs(xv)
                     t[j].append(time.perf_counter() - t0)
     finally:
-        observer_module._HOST_SELECT = True
+        observer_module.HOST_SELECT = True
     return [
         (label, shape, statistics.median(t[0]), min(t[0]), statistics.median(t[1]))
         for (label, _, shape, _), t in zip(CASES, times, strict=True)
@@ -130,7 +130,7 @@ def render(rows: list[Row], command: str) -> str:
         "noted, default S_max = 1e5, p = (0.001, 0.999), random normal data). The first two rows",
         "are the goal; the others are for information. Cases are timed round-robin; the",
         "ratio is of medians. \"topk only\": the same update with every tail selection on",
-        "`torch.topk` (`qtrim_fx.observer._HOST_SELECT = False`), timed in the same rounds.",
+        "`torch.topk` (`qtrim_fx.runtime.quantiles.HOST_SELECT = False`), timed in the same rounds.",
         "",
         "| case | elements | median (ms) | min (ms) | median vs 1e5 | topk only (ms) | ours vs topk only |",
         "|---|---:|---:|---:|---:|---:|---:|",

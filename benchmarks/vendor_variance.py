@@ -29,7 +29,7 @@ from _common import machine, write_section
 from paper_ablation import ABLATIONS, FULL, QUICK, load_data, post_training_quantize, train
 
 import qtrim_fx
-from qtrim_fx.vendors import DEFAULT_VARIANTS, QUICK_VARIANTS
+from qtrim_fx.verification.vendors import DEFAULT_VARIANTS, QUICK_VARIANTS
 
 CHECKPOINTS = {"fp32": "FP32 checkpoint", "qat": "QAT-only checkpoint", "qt95": "Quant-Trim checkpoint"}
 

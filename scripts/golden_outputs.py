@@ -30,7 +30,7 @@ GOLDEN = Path(__file__).with_name("golden_outputs.json")
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
-    from qtrim_fx.cli import main
+    from qtrim_fx.tools.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):

@@ -14,9 +14,9 @@ from torch import nn
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx import checkpoint
-from qtrim_fx.checkpoint import CheckpointError
-from qtrim_fx.nonfinite import NonFiniteWarning
+from qtrim_fx.core.errors import CheckpointError
+from qtrim_fx.runtime.nonfinite import NonFiniteWarning
+from qtrim_fx.train import checkpoint
 
 
 def _raises(exc: type[BaseException], call, *fragments: str) -> str:

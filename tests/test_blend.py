@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qtrim_fx.blend import BlendControl, blend_quant
-from qtrim_fx.quantize import fake_quantize
-from qtrim_fx.scheme import QuantScheme
+from qtrim_fx.core.fakequant import fake_quantize
+from qtrim_fx.core.scheme import QuantScheme
+from qtrim_fx.runtime.blend import BlendControl, blend_quant
 
 _SCHEMES = [
     QuantScheme(bits=8, signed=True, symmetric=True),
@@ -164,8 +164,8 @@ def test_in_place_fake_quantize_moves_the_zero_point_into_the_bounds_bit_exactly
     # The CPU per-tensor path computes clip(round(x/s), qmin-z, qmax-z)*s + 0.0 instead of
     # (clip(round(x/s) + z, qmin, qmax) - z)*s: compare bits on ties, signed zeros, tiny
     # negatives (round to -0.0), saturating and beyond-2^24 values, subnormals and non-finites.
-    from qtrim_fx.blend import fake_quantize_
-    from qtrim_fx.quantize import fake_quantize_raw
+    from qtrim_fx.core.fakequant import fake_quantize_raw
+    from qtrim_fx.runtime.blend import fake_quantize_
 
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     z = {"qmin": qmin, "mid": (qmin + qmax) // 2, "qmax": qmax, "none": 0}[zp_at]

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtrim_fx
-from qtrim_fx.capture import capture
-from qtrim_fx.modules.mode import MODE_ATTR, TrainingFlag, mode_select
-from qtrim_fx.passes.spec import FLOAT_REGION, SITE_NODE
+from qtrim_fx.core.spec import FLOAT_REGION, SITE_NODE
+from qtrim_fx.frontend.mode import MODE_ATTR, TrainingFlag, mode_select
+from qtrim_fx.frontend.trace import capture
 
 BATCH = 2
 

@@ -21,7 +21,7 @@ import pytest
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.cli import main
+from qtrim_fx.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -60,7 +60,7 @@ class Run:
 def _start(*args: str, cwd: Path) -> Run:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("QTRIM_TRACEBACK", None)
-    proc = subprocess.Popen([sys.executable, "-m", "qtrim_fx.cli", *args], cwd=cwd, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "qtrim_fx.tools.cli", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     return Run(list(args), proc)
 
@@ -315,7 +315,7 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_unexpected_failure_is_one_line_exit_3(monkeypatch, capsys):
-    import qtrim_fx.cli as cli
+    import qtrim_fx.tools.cli as cli
 
     def boom(args):
         raise RuntimeError("something broke\nsecond line")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtrim_fx.curriculum import Curriculum
+from qtrim_fx.train.curriculum import Curriculum
 
 
 def paper_lambda(t: float, e_w: float, e_f: float, h: float, alpha_max: float = 1.0) -> float:

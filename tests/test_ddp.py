@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.nonfinite import NonFiniteWarning
+from qtrim_fx.runtime.nonfinite import NonFiniteWarning
 
 WORLD = 2
 STEPS_PER_EPOCH = 3

@@ -10,8 +10,8 @@ import torch
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.export import export_onnx
 from qtrim_fx.onnx import ExportError, ProfileError, check
+from qtrim_fx.onnx.export_model import export_onnx
 from tests.helpers.qmodels import calibrated, train_on_digits
 
 

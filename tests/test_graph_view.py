@@ -1,4 +1,4 @@
-"""qtrim_fx.graph_view: the networkx view of a prepared graph and its DOT / SVG / HTML drawings."""
+"""qtrim_fx.tools.graph_view: the networkx view of a prepared graph and its DOT / SVG / HTML drawings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.fx as fx
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.graph_view import CATEGORIES, graph_to_networkx, to_dot, to_html, to_svg, write_graph
+from qtrim_fx.tools.graph_view import CATEGORIES, graph_to_networkx, to_dot, to_html, to_svg, write_graph
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 

@@ -14,7 +14,7 @@ from models import get_model
 
 L = pytest.importorskip("lightning")
 
-from qtrim_fx.integrations.lightning import QuantTrimCallback  # noqa: E402
+from qtrim_fx.train.lightning import QuantTrimCallback  # noqa: E402
 
 CURRICULUM = qtrim_fx.Curriculum(warmup=0, ramp_end=2, horizon=1)
 BATCHES = 3

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from qtrim_fx.observer import EmaQuantileObserver
-from qtrim_fx.quantize import derive_qparams
-from qtrim_fx.scheme import QuantScheme, SchemeError
+from qtrim_fx.core.fakequant import derive_qparams
+from qtrim_fx.core.scheme import QuantScheme, SchemeError
+from qtrim_fx.runtime.observer import EmaQuantileObserver
 
 P_LO, P_HI = 0.001, 0.999
 

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 import qtrim_fx
-import qtrim_fx.site as site_mod
+import qtrim_fx.runtime.site as site_mod
 from models import get_model
-from qtrim_fx.blend import blend_to
-from qtrim_fx.ops import channel_shape
-from qtrim_fx.quantize import derive_qparams, fake_quantize_raw, quantize
+from qtrim_fx.core.fakequant import derive_qparams, fake_quantize_raw, quantize
+from qtrim_fx.runtime.blend import blend_to
+from qtrim_fx.runtime.ops import channel_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -328,7 +328,7 @@ def test_train_overhead_benchmark_smoke():
 
 def test_observer_cost_benchmark_smoke(monkeypatch):
     """observer_cost.py times each case with and without the NumPy selection and leaves the switch on."""
-    from qtrim_fx import observer as obs
+    from qtrim_fx.runtime import quantiles as obs
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "observer_cost.py"
     spec = importlib.util.spec_from_file_location("observer_cost", path)
@@ -337,7 +337,7 @@ def test_observer_cost_benchmark_smoke(monkeypatch):
     monkeypatch.setattr(module, "CASES", [c for c in module.CASES if np.prod(c[2]) <= 200_000]
                         + [("range, per-tensor, 1e6", {"mode": "range"}, (10, 1000, 10, 10), torch.float32)])
     rows = module.measure(repeats=2, warmup=1)
-    assert obs._HOST_SELECT is True
+    assert obs.HOST_SELECT is True
     assert len(rows) == len(module.CASES) and all(r[2] > 0 and r[4] > 0 for r in rows)
     table = module.render(rows, "python benchmarks/observer_cost.py")
     assert "topk only (ms)" in table and "ours vs topk only" in table
@@ -347,7 +347,7 @@ def test_observer_cost_benchmark_smoke(monkeypatch):
 
 
 def test_block_prefiltered_top_values_equal_topk():
-    from qtrim_fx.observer import _top_values
+    from qtrim_fx.runtime.quantiles import top_values as _top_values
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(120):
@@ -381,11 +381,11 @@ def _selection_inputs(c: int, n: int, dtype: torch.dtype, gen: torch.Generator) 
                                             (96, 25, 2), (3, 640, 11), (2, 300, 300)])
 def test_numpy_selection_equals_topk(dtype, c, n, k):
     """Where CPU topk would sort whole rows, the tails are selected with numpy.partition: same values."""
-    from qtrim_fx import observer as obs
+    from qtrim_fx.runtime import quantiles as obs
 
     gen = torch.Generator().manual_seed(c * 7919 + n)
     for v in _selection_inputs(c, n, dtype, gen):
-        assert obs._host_selects(v, k)  # the NumPy path is the one under test
+        assert obs.host_selects(v, k)  # the NumPy path is the one under test
         for largest in (True, False):
             ref = torch.topk(v, k, dim=-1, largest=largest, sorted=True).values
             got = obs._topk_values(v, k, largest)
@@ -395,7 +395,7 @@ def test_numpy_selection_equals_topk(dtype, c, n, k):
 
 def test_tail_quantiles_of_a_tensor_that_requires_grad():
     """tail_quantiles is public: a grad-tracking input takes the NumPy path like a plain one."""
-    from qtrim_fx.observer import tail_quantiles
+    from qtrim_fx.runtime.quantiles import tail_quantiles
 
     w = torch.randn(3, 100_000, generator=torch.Generator().manual_seed(0))
     ref, valid_ref = tail_quantiles(w, 0.999)
@@ -404,12 +404,12 @@ def test_tail_quantiles_of_a_tensor_that_requires_grad():
 
 
 def test_numpy_selection_is_skipped_where_topk_is_cheaper():
-    from qtrim_fx import observer as obs
+    from qtrim_fx.runtime import quantiles as obs
 
-    assert not obs._host_selects(torch.randn(512, 192), 3)  # topk's partial sort (64*k <= n)
-    assert not obs._host_selects(torch.randn(1, 27), 2)  # too small to pay the round trip
-    assert not obs._host_selects(torch.randn(768, 128, dtype=torch.bfloat16), 3)  # no NumPy dtype
-    assert obs._host_selects(torch.randn(768, 128), 3)
+    assert not obs.host_selects(torch.randn(512, 192), 3)  # topk's partial sort (64*k <= n)
+    assert not obs.host_selects(torch.randn(1, 27), 2)  # too small to pay the round trip
+    assert not obs.host_selects(torch.randn(768, 128, dtype=torch.bfloat16), 3)  # no NumPy dtype
+    assert obs.host_selects(torch.randn(768, 128), 3)
 
 
 @pytest.mark.parametrize(("mode", "axis", "shape"), [("range", None, (64, 65, 768)), ("range", None, (8, 16, 32, 32)),
@@ -417,14 +417,14 @@ def test_numpy_selection_is_skipped_where_topk_is_cheaper():
                                                      ("abs", 0, (64, 3, 7, 7)), ("range", 1, (16, 96, 8, 8))])
 def test_observer_statistics_equal_with_and_without_numpy_selection(monkeypatch, mode, axis, shape):
     """Whole observer updates (fast and general CPU paths, EMA included) give the same statistics."""
-    from qtrim_fx import observer as obs
+    from qtrim_fx.runtime import quantiles as obs
 
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(shape, generator=gen) * (1 + i) for i in range(4)]
     xs[2].view(-1)[::97] = float("nan")  # one update through the general (masked) path
     results = []
     for host in (True, False):
-        monkeypatch.setattr(obs, "_HOST_SELECT", host)
+        monkeypatch.setattr(obs, "HOST_SELECT", host)
         o = obs.EmaQuantileObserver(mode, axis=axis, momentum=0.3, max_samples=50_000).train()
         for x in xs:
             o(x)
@@ -435,7 +435,10 @@ def test_observer_statistics_equal_with_and_without_numpy_selection(monkeypatch,
 
 @pytest.mark.parametrize(("p_lo", "p_hi"), [(0.001, 0.999), (0.2, 0.7), (0.49, 0.5)])
 def test_two_tail_quantiles_equal_the_one_level_path(p_lo, p_hi):
-    from qtrim_fx.observer import _fill, _filled_quantile, _refill, _two_tail_quantiles
+    from qtrim_fx.runtime.quantiles import fill_nonfinite as _fill
+    from qtrim_fx.runtime.quantiles import filled_quantile as _filled_quantile
+    from qtrim_fx.runtime.quantiles import refill as _refill
+    from qtrim_fx.runtime.quantiles import two_tail_quantiles as _two_tail_quantiles
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(40):

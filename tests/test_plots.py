@@ -1,4 +1,4 @@
-"""qtrim_fx.plots: every function writes a valid PNG, takes the inputs it documents and refuses the rest."""
+"""qtrim_fx.tools.plots: every function writes a valid PNG, takes the inputs it documents and refuses the rest."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ pytest.importorskip("matplotlib")
 import matplotlib.pyplot as plt
 
 from qtrim_fx import Curriculum, ReversePruner
-from qtrim_fx.plots import plot_curriculum, plot_layer_sqnr, plot_weight_distributions
-from qtrim_fx.verify import LayerMetrics, PerLayerReport, VerifyReport
+from qtrim_fx.tools.plots import plot_curriculum, plot_layer_sqnr, plot_weight_distributions
+from qtrim_fx.verification.run import LayerMetrics, PerLayerReport, VerifyReport
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

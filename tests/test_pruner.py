@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from qtrim_fx.pruner import ReversePruner
-from qtrim_fx.scheme import SchemeError
+from qtrim_fx.core.scheme import SchemeError
+from qtrim_fx.train.pruner import ReversePruner
 
 
 def _weights(seed: int = 0) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""qtrim_fx.quantize against the ONNX reference QuantizeLinear / DequantizeLinear (opset 21).
+"""qtrim_fx.core.fakequant against the ONNX reference QuantizeLinear / DequantizeLinear (opset 21).
 
 Codes must match exactly and dequantized values bit for bit, for int8, uint8, int4 and
 uint4, per tensor and per channel, including exact .5 ties (round half to even) and
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from qtrim_fx.quantize import dequantize, derive_qparams, fake_quantize, quantize
-from qtrim_fx.scheme import QuantScheme, SchemeError
+from qtrim_fx.core.fakequant import dequantize, derive_qparams, fake_quantize, quantize
+from qtrim_fx.core.scheme import QuantScheme, SchemeError
 
 OPSET = 21
 # dtype name -> (ONNX element type, scheme). The ranges come from the ONNX spec, not from QuantScheme.

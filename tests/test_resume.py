@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx import checkpoint
+from qtrim_fx.train import checkpoint
 
 STEPS = 3
 EPOCHS = 5

@@ -8,7 +8,7 @@ import ml_dtypes
 import pytest
 from onnx import TensorProto, helper
 
-from qtrim_fx.scheme import QuantScheme, SchemeError
+from qtrim_fx.core.scheme import QuantScheme, SchemeError
 
 
 @pytest.mark.parametrize("bits", range(2, 17))

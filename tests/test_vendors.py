@@ -10,7 +10,7 @@ import torch
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.vendors import QUICK_VARIANTS, VendorVariant, vendor_sweep
+from qtrim_fx.verification.vendors import QUICK_VARIANTS, VendorVariant, vendor_sweep
 
 
 def _data(shape, n, seed):
@@ -59,7 +59,7 @@ def test_float_model_is_prepared_and_a_failing_variant_is_reported():
 
 def test_cli_vendors(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qtrim_fx.cli", "vendors", "tiny_convnet", "--variants", "quick",
+        [sys.executable, "-m", "qtrim_fx.tools.cli", "vendors", "tiny_convnet", "--variants", "quick",
          "--backends", "onnxruntime", "--calib-batches", "2", "--eval-batches", "2",
          "--json", str(tmp_path / "v.json"), "--plot", str(tmp_path / "v.png")],
         capture_output=True, text=True, timeout=300,

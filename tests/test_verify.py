@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from models import get_model
-from qtrim_fx import _backend_worker as worker
-from qtrim_fx.verify import VerifyReport, verify
-from qtrim_fx.verify_metrics import _Accumulator
+from qtrim_fx.verification import backend_worker as worker
+from qtrim_fx.verification.metrics import _Accumulator
+from qtrim_fx.verification.run import VerifyReport, verify
 
 BOGUS_PYTHON = "/nonexistent/venv/bin/python"
 IN_PROCESS = ("onnxruntime", "onnxruntime-noopt", "openvino", "onnx-reference")

@@ -1,4 +1,1 @@
-"""Integrations with training frameworks (optional dependencies, imported on demand).
-
-* :mod:`qtrim_fx.integrations.lightning`: ``QuantTrimCallback`` for PyTorch Lightning.
-"""
+"""Deprecated: the Lightning integration moved to :mod:`qtrim_fx.train.lightning`."""

@@ -2,18 +2,19 @@
 
 ::
 
-    from qtrim_fx.onnx import export_lowered, check, get_profile
+    from qtrim_fx.onnx import check
+    from qtrim_fx.onnx import export_lowered, get_profile
     model = export_lowered(lowered_gm, (x,), "model.qdq.onnx", "tensorrt")
     assert not check("model.qdq.onnx", "tensorrt")
 """
 
 from __future__ import annotations
 
-from .check import Violation, check
-from .errors import ExportError, ProfileError
-from .export import export_lowered, qdq_passes, run_qdq_passes
-from .profiles import TargetProfile, WeightAxes, get_profile, profile_names, register_profile
-from .qdq import is_quant_dequant, quant_dequant
+from qtrim_fx.core.errors import ExportError, ProfileError
+from qtrim_fx.core.profiles import TargetProfile, WeightAxes, get_profile, profile_names, register_profile
+from qtrim_fx.onnx.check import Violation, check
+from qtrim_fx.onnx.export import export_lowered, qdq_passes, run_qdq_passes
+from qtrim_fx.runtime.qdq import is_quant_dequant, quant_dequant
 
 __all__ = [
     "ExportError",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .dtypes import StorageType, storage_of
+from qtrim_fx.core.dtypes import StorageType, storage_of
 
 __all__ = [
     "NameScope",

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
-from .profiles import PER_CHANNEL_MIN_OPSET, TargetProfile, get_profile
+from qtrim_fx.core.profiles import PER_CHANNEL_MIN_OPSET, TargetProfile, get_profile
+from qtrim_fx.onnx._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
 
 __all__ = ["Violation", "check"]
 

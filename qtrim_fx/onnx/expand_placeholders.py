@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import NameScope, add_initializer, const_array, value_rank
-from .dtypes import StorageType
-from .errors import ExportError
-from .profiles import TargetProfile
-from .qdq import QDQAttrs, is_placeholder
+from qtrim_fx.core.dtypes import StorageType
+from qtrim_fx.core.errors import ExportError
+from qtrim_fx.core.profiles import TargetProfile
+from qtrim_fx.onnx._graph import NameScope, add_initializer, const_array, value_rank
+from qtrim_fx.runtime.qdq import QDQAttrs, is_placeholder
 
 __all__ = ["ExpandPlaceholdersPass", "quantize_codes", "require_storage"]
 

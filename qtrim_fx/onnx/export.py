@@ -27,20 +27,20 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
-from .._io import write_atomically
-from ..scheme import SchemeError
-from .check import Violation, check
-from .dtypes import storage_for
-from .errors import ExportError
-from .expand_placeholders import ExpandPlaceholdersPass, require_storage
-from .finalize import FinalizeModelPass, validate_model
-from .fold_weight_layout import FoldWeightLayoutPass
-from .merge_qdq import MergeDuplicateQDQPass
-from .name_after_sites import NameAfterSitesPass
-from .profiles import TargetProfile, get_profile
-from .qdq import PLACEHOLDER_DOMAIN, PLACEHOLDER_OPSET, is_quant_dequant
-from .quantize_bias import QuantizeBiasPass
-from .requantize_shape_ops import RequantizeAfterShapeOpsPass
+from qtrim_fx.core.dtypes import storage_for
+from qtrim_fx.core.errors import ExportError
+from qtrim_fx.core.fileio import write_atomically
+from qtrim_fx.core.profiles import TargetProfile, get_profile
+from qtrim_fx.core.scheme import SchemeError
+from qtrim_fx.onnx.check import Violation, check
+from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass, require_storage
+from qtrim_fx.onnx.finalize import FinalizeModelPass, validate_model
+from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
+from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
+from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
+from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
+from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
+from qtrim_fx.runtime.qdq import PLACEHOLDER_DOMAIN, PLACEHOLDER_OPSET, is_quant_dequant
 
 __all__ = ["export_lowered", "qdq_passes", "run_qdq_passes"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
-from .errors import ExportError
-from .profiles import TargetProfile
+from qtrim_fx.core.errors import ExportError
+from qtrim_fx.core.profiles import TargetProfile
 
 __all__ = ["FinalizeModelPass", "validate_model"]
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import const_array, is_op
+from qtrim_fx.onnx._graph import const_array, is_op
 
 __all__ = ["FoldWeightLayoutPass"]
 

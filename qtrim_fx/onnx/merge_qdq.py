@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._graph import QDQParams, is_op, qdq_params
+from qtrim_fx.onnx._graph import QDQParams, is_op, qdq_params
 
 __all__ = ["MergeDuplicateQDQPass"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._graph import NameScope, const_array, is_op
+from qtrim_fx.onnx._graph import NameScope, const_array, is_op
 
 __all__ = ["NameAfterSitesPass", "module_of_site"]
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._graph import NameScope, add_initializer, const_array, is_op, qdq_params
-from .profiles import TargetProfile
+from qtrim_fx.core.profiles import TargetProfile
+from qtrim_fx.onnx._graph import NameScope, add_initializer, const_array, is_op, qdq_params
 
 __all__ = ["QuantizeBiasPass"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._graph import NameScope, const_array, dequantizes_constant, is_op, qdq_params
+from qtrim_fx.onnx._graph import NameScope, const_array, dequantizes_constant, is_op, qdq_params
 
 __all__ = ["RequantizeAfterShapeOpsPass"]
 

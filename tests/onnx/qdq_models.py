@@ -17,11 +17,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from qtrim_fx.onnx.profiles import TargetProfile
-from qtrim_fx.onnx.qdq import quant_dequant
-from qtrim_fx.passes.spec import site_key
-from qtrim_fx.quantize import derive_qparams
-from qtrim_fx.scheme import QuantScheme
+from qtrim_fx.core.fakequant import derive_qparams
+from qtrim_fx.core.profiles import TargetProfile
+from qtrim_fx.core.scheme import QuantScheme
+from qtrim_fx.core.spec import site_key
+from qtrim_fx.runtime.qdq import quant_dequant
 
 
 class _Lowered(nn.Module):

@@ -18,9 +18,9 @@ from qtrim_fx.onnx.finalize import FinalizeModelPass, validate_model
 from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass, module_of_site
-from qtrim_fx.onnx.qdq import quant_dequant
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
+from qtrim_fx.runtime.qdq import quant_dequant
 
 ORT = get_profile("onnxruntime")
 F32 = TensorProto.FLOAT

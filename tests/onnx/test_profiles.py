@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from qtrim_fx.onnx import profiles
-from qtrim_fx.onnx.errors import ProfileError
-from qtrim_fx.onnx.profiles import TargetProfile, WeightAxes, get_profile, profile_names, register_profile
-from qtrim_fx.scheme import SchemeError
+from qtrim_fx.core import profiles
+from qtrim_fx.core.errors import ProfileError
+from qtrim_fx.core.profiles import TargetProfile, WeightAxes, get_profile, profile_names, register_profile
+from qtrim_fx.core.scheme import SchemeError
 
 
 def test_builtin_names_and_aliases():

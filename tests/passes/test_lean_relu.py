@@ -13,9 +13,10 @@ from torch import nn
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.ops import relu_keep_mask
-from qtrim_fx.passes.lean_relu import LeanReluPass, RestoreReluPass
-from qtrim_fx.passes.spec import ACT_SITE
+from qtrim_fx.core.spec import ACT_SITE
+from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
+from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
+from qtrim_fx.runtime.ops import relu_keep_mask
 
 
 class Mixed(nn.Module):
@@ -42,10 +43,10 @@ class SiteAndFloatReader(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from qtrim_fx.blend import BlendControl
-        from qtrim_fx.observer import EmaQuantileObserver
-        from qtrim_fx.scheme import QuantScheme
-        from qtrim_fx.site import QuantSite
+        from qtrim_fx.core.scheme import QuantScheme
+        from qtrim_fx.runtime.blend import BlendControl
+        from qtrim_fx.runtime.observer import EmaQuantileObserver
+        from qtrim_fx.runtime.site import QuantSite
 
         ctl = BlendControl(1.0)
         self.s1 = QuantSite(QuantScheme(signed=False, symmetric=False), EmaQuantileObserver(), ctl)
@@ -79,7 +80,7 @@ def test_site_only_relus_are_swapped_in_place():
 
 
 def test_relu_with_a_float_reader_is_kept():
-    from qtrim_fx.site import QuantSite
+    from qtrim_fx.runtime.site import QuantSite
 
     class SitesAsLeaves(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, name: str) -> bool:

@@ -10,13 +10,16 @@ from torch import nn
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.lower import lower
+from qtrim_fx.core.spec import LOWER_PLAN, SITE_NODE
 from qtrim_fx.onnx import get_profile
-from qtrim_fx.onnx.qdq import quant_dequant
-from qtrim_fx.passes.fold_bn import FoldBatchNormPass
-from qtrim_fx.passes.lower_sites import LowerSitesPass, UncalibratedSitesError
-from qtrim_fx.passes.round_bias import RoundBiasPass
-from qtrim_fx.passes.spec import SITE_NODE
+from qtrim_fx.passes.base import PassContractError
+from qtrim_fx.passes.lower.api import lower
+from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
+from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass as _Fold
+from qtrim_fx.passes.lower.lower_sites import LowerSitesPass, UncalibratedSitesError
+from qtrim_fx.passes.lower.plan import PlanLoweringPass, lowering_plan
+from qtrim_fx.passes.lower.round_bias import RoundBiasPass
+from qtrim_fx.runtime.qdq import quant_dequant
 from tests.helpers.qmodels import calibrated
 
 
@@ -67,7 +70,8 @@ def test_lower_sites_structure_and_parity(convnet):
     assert not hasattr(lg, "qtrim_sites")
     assert not any(SITE_NODE in n.meta and n.op == "call_module" for n in lg.graph.nodes)
     lg.graph.lint()
-    assert not LowerSitesPass(get_profile("onnxruntime"))(lg).modified
+    assert not LowerSitesPass()(lg).modified
+    assert not PlanLoweringPass(get_profile("onnxruntime"))(lg).modified  # no sites left to plan
     assert qm.qtrim_sites is not None  # the prepared model is untouched
     with torch.no_grad():
         a, b = qm(x), lg(x)
@@ -119,3 +123,36 @@ def test_round_bias_only_for_int32_targets(convnet):
     assert not RoundBiasPass(prof)(lg).modified
     for name, b in lg.qtrim_bias.named_buffers():
         assert torch.isfinite(b).all(), name
+
+
+def test_plan_decides_without_editing_and_is_idempotent(convnet):
+    qm, _ = convnet
+    gm = _Fold()(copy.deepcopy(qm).eval()).graph_module
+    code = gm.code
+    first = PlanLoweringPass(get_profile("tensorrt"))(gm)
+    assert first.modified and gm.code == code  # records only: the graph is unchanged
+    assert not PlanLoweringPass(get_profile("tensorrt"))(gm).modified
+    plans = [n.meta[LOWER_PLAN] for n in gm.graph.nodes if LOWER_PLAN in n.meta]
+    assert len(plans) == len(list(qtrim_fx.iter_sites(qm)))
+    assert PlanLoweringPass(get_profile("onnxruntime"))(gm).modified  # another target, other records
+
+
+def test_lower_sites_requires_a_plan(convnet):
+    qm, _ = convnet
+    gm = copy.deepcopy(qm).eval()
+    with pytest.raises(PassContractError, match="PlanLoweringPass"):
+        LowerSitesPass()(gm)
+
+
+def test_lowering_plan_says_why_a_site_is_dropped(convnet):
+    qm, _ = convnet
+    plan = lowering_plan(qm, "tensorrt")
+    outs = {s.name for s, _, _ in qtrim_fx.iter_sites(qm) if s.role == "output"}
+    dropped = {name for name, p in plan.items() if not p.kept}
+    assert dropped == outs
+    assert all("tensorrt" in plan[name].reason and plan[name].scale is None for name in dropped)
+    kept = lowering_plan(qm, "onnxruntime")
+    assert all(p.kept and p.scale is not None for p in kept.values())
+    lg = lower(qm, "onnxruntime")  # the plan is what lowering applies
+    for n in _qdq_nodes(lg):
+        assert torch.equal(lg.get_buffer(str(n.args[1].target)), kept[n.args[-1]].scale)

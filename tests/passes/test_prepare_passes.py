@@ -13,12 +13,12 @@ from torch import nn
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx.capture import capture
-from qtrim_fx.passes.annotate import AnnotateSitesPass
-from qtrim_fx.passes.functionalize import FunctionalizeWeightedModulesPass
-from qtrim_fx.passes.materialize import InsertSitesPass
-from qtrim_fx.passes.normalize import NormalizeOpsPass
-from qtrim_fx.passes.spec import ACT_SITE, FLOAT_REGION, OP_KIND, SITE_NODE, WEIGHT_SITE
+from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, OP_KIND, SITE_NODE, WEIGHT_SITE
+from qtrim_fx.frontend.trace import capture
+from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
+from qtrim_fx.passes.prepare.materialize import InsertSitesPass
+from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
 
 
 def _pipeline_until(gm: fx.GraphModule, stop: str) -> fx.GraphModule:

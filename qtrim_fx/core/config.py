@@ -1,0 +1,184 @@
+"""What to quantize and how: :class:`QuantConfig` with per-layer overrides.
+
+Defaults follow the paper: INT8 symmetric per-channel weights, UINT8 asymmetric
+per-tensor activations, EMA-quantile statistics with p_lo = 0.001, p_hi = 0.999,
+μ = 1e-3 and subsamples of at most 1e5 elements.
+
+Overrides are matched in order, the last match winning, against a site's owning
+module name (regex, ``re.fullmatch``), its module type and its op kind::
+
+    QuantConfig(weight_bits=4, overrides=(
+        Override(name=r"conv1|fc", weight_bits=8),       # first/last layer stay 8 bit
+        Override(name=r"layer4\\..*", exclude=True),      # leave a block in float
+        Override(op="conv_transpose", weight_per_channel=False),
+    ))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+
+from torch import nn
+
+from qtrim_fx.core.scheme import QuantScheme, SchemeError
+
+__all__ = ["Override", "QuantConfig", "SiteSettings"]
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """The resolved settings of one site (after overrides)."""
+
+    weight_bits: int
+    weight_per_channel: bool
+    act_bits: int
+    act_signed: bool
+    act_symmetric: bool
+    exclude: bool
+
+    def weight_scheme(self, channel_axis: int | None) -> QuantScheme:
+        axis = channel_axis if self.weight_per_channel else None
+        return QuantScheme(bits=self.weight_bits, signed=True, symmetric=True, axis=axis, narrow=True)
+
+    def act_scheme(self) -> QuantScheme:
+        return QuantScheme(bits=self.act_bits, signed=self.act_signed, symmetric=self.act_symmetric)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Settings for the sites matching ``name`` (regex), ``module_type`` and ``op`` (all given must match).
+
+    Any field left ``None`` keeps the value from the base config (or an earlier override).
+    """
+
+    name: str | None = None
+    module_type: type[nn.Module] | tuple[type[nn.Module], ...] | None = None
+    op: str | None = None
+    weight_bits: int | None = None
+    weight_per_channel: bool | None = None
+    act_bits: int | None = None
+    act_signed: bool | None = None
+    act_symmetric: bool | None = None
+    exclude: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is None and self.module_type is None and self.op is None:
+            raise SchemeError("Override needs at least one of name=, module_type= or op= to match sites")
+        if self.name is not None:
+            try:
+                re.compile(self.name)
+            except re.error as e:
+                raise SchemeError(f"Override name={self.name!r} is not a valid regex: {e}") from e
+
+    def matches(self, module: str | None, module_type: type | None, op: str) -> bool:
+        if self.name is not None and (module is None or re.fullmatch(self.name, module) is None):
+            return False
+        if self.module_type is not None and (module_type is None or not issubclass(module_type, self.module_type)):
+            return False
+        return self.op is None or self.op == op
+
+
+_OVERRIDABLE = ("weight_bits", "weight_per_channel", "act_bits", "act_signed", "act_symmetric", "exclude")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantization settings for :func:`qtrim_fx.prepare`.
+
+    Args:
+        weight_bits: weight integer width (8 = INT8, 4 = INT4), symmetric, signed.
+        weight_per_channel: one scale per output channel (else per tensor).
+        act_bits, act_signed, act_symmetric: activation grid (default UINT8 asymmetric).
+        p_lo, p_hi: activation quantile levels; ``p_hi`` is also the |w| quantile of weights.
+        momentum: EMA momentum μ of the statistics.
+        max_samples: subsample bound S_max of each quantile.
+        eps: lower bound ε of derived scales.
+        update_every: update statistics every N training steps (1 = every step).
+        seed: base seed of the observers' subsampling.
+        quantize_inputs: quantize model inputs that feed weighted ops.
+        overrides: per-site :class:`Override` rules (last match wins).
+    """
+
+    weight_bits: int = 8
+    weight_per_channel: bool = True
+    act_bits: int = 8
+    act_signed: bool = False
+    act_symmetric: bool = False
+    p_lo: float = 0.001
+    p_hi: float = 0.999
+    momentum: float = 1e-3
+    max_samples: int = 100_000
+    eps: float = 1e-6
+    update_every: int = 1
+    seed: int = 0
+    quantize_inputs: bool = True
+    overrides: tuple[Override, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # Building the schemes validates bits (2..16) with the scheme's own messages.
+        QuantScheme(bits=self.weight_bits)
+        QuantScheme(bits=self.act_bits, signed=self.act_signed, symmetric=self.act_symmetric)
+        for name in ("p_lo", "p_hi"):
+            p = getattr(self, name)
+            if not (isinstance(p, (int, float)) and 0.0 < p < 1.0):
+                raise SchemeError(f"QuantConfig {name}={p!r} must lie strictly between 0 and 1 (quantile levels; "
+                                  "the defaults are p_lo=0.001, p_hi=0.999)")
+        if self.p_lo >= self.p_hi:
+            raise SchemeError(f"QuantConfig p_lo={self.p_lo} must be below p_hi={self.p_hi} (e.g. p_lo=0.001, "
+                              "p_hi=0.999)")
+        if not (isinstance(self.momentum, (int, float)) and 0.0 < self.momentum <= 1.0):
+            raise SchemeError(f"QuantConfig momentum={self.momentum!r} must lie in (0, 1] (paper: 1e-4..1e-2)")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise SchemeError(f"QuantConfig eps={self.eps!r} must be a positive number")
+        for name in ("max_samples", "update_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SchemeError(f"QuantConfig {name}={v!r} must be a positive int")
+        if not isinstance(self.overrides, tuple):
+            object.__setattr__(self, "overrides", tuple(self.overrides))
+        for o in self.overrides:
+            if not isinstance(o, Override):
+                raise SchemeError(f"QuantConfig overrides must be Override(...) records, got {o!r}")
+            merged = self._apply(o, self.base_settings())
+            QuantScheme(bits=merged.weight_bits)
+            QuantScheme(bits=merged.act_bits, signed=merged.act_signed, symmetric=merged.act_symmetric)
+
+    def base_settings(self) -> SiteSettings:
+        return SiteSettings(
+            weight_bits=self.weight_bits,
+            weight_per_channel=self.weight_per_channel,
+            act_bits=self.act_bits,
+            act_signed=self.act_signed,
+            act_symmetric=self.act_symmetric,
+            exclude=False,
+        )
+
+    @staticmethod
+    def _apply(o: Override, s: SiteSettings) -> SiteSettings:
+        changes = {k: getattr(o, k) for k in _OVERRIDABLE if getattr(o, k) is not None}
+        return replace(s, **changes) if changes else s
+
+    def settings_for(self, module: str | None, module_type: type | None, op: str) -> SiteSettings:
+        """Resolve the settings of a site owned by ``module`` (qualified name) for op kind ``op``."""
+        s = self.base_settings()
+        for o in self.overrides:
+            if o.matches(module, module_type, op):
+                s = self._apply(o, s)
+        return s
+
+    def observer_kwargs(self) -> dict[str, float | int]:
+        return {
+            "p_lo": self.p_lo,
+            "p_hi": self.p_hi,
+            "momentum": self.momentum,
+            "max_samples": self.max_samples,
+            "update_every": self.update_every,
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain, printable form (overrides as their repr)."""
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "overrides"}
+        out["overrides"] = [repr(o) for o in self.overrides]
+        return out

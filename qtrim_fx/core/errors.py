@@ -1,0 +1,76 @@
+"""Every error qtrim_fx raises, rooted at one :class:`QtrimError`.
+
+::
+
+    QtrimError
+    ├── ConfigError (ValueError)        a scheme, config or argument that cannot be honoured
+    │   └── NoSitesError                 the model has nothing qtrim_fx can quantize
+    ├── CaptureError (ValueError)       neither front end could capture the model
+    ├── CheckpointError (ValueError, RuntimeError)   a state from another model/config, or corrupted
+    ├── ProfileError (ValueError)       a target profile that is unknown or contradicts itself
+    ├── ExportError (ValueError)        a model that cannot be written as a clean QDQ file
+    │   └── UncalibratedSitesError       sites without statistics
+    └── VerifyError (RuntimeError)      a verification that cannot be run as asked
+
+``except qtrim_fx.QtrimError`` catches all of them; each is also the builtin exception callers
+already catch (``ValueError`` for bad input, ``RuntimeError`` like ``nn.Module.load_state_dict``).
+``SchemeError`` is the former name of :class:`ConfigError` and stays an alias of it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CaptureError",
+    "CheckpointError",
+    "ConfigError",
+    "ExportError",
+    "NoSitesError",
+    "ProfileError",
+    "QtrimError",
+    "SchemeError",
+    "UncalibratedSitesError",
+    "VerifyError",
+]
+
+
+class QtrimError(Exception):
+    """Root of every error raised by qtrim_fx."""
+
+
+class ConfigError(QtrimError, ValueError):
+    """A quantization scheme, config or argument that cannot be honoured."""
+
+
+#: Former name of :class:`ConfigError` (kept: ``except SchemeError`` still catches the same errors).
+SchemeError = ConfigError
+
+
+class NoSitesError(ConfigError):
+    """The model has nothing qtrim_fx can quantize."""
+
+
+class CaptureError(QtrimError, ValueError):
+    """Neither symbolic tracing nor ``torch.export`` could capture the model."""
+
+
+class CheckpointError(QtrimError, ValueError, RuntimeError):
+    """A checkpoint that is corrupted or belongs to another model or config.
+
+    Also a ``RuntimeError``, like the errors of ``nn.Module.load_state_dict``.
+    """
+
+
+class ProfileError(QtrimError, ValueError):
+    """A target profile that is unknown or contradicts itself."""
+
+
+class ExportError(QtrimError, ValueError):
+    """A lowered model that cannot be exported as a clean QDQ graph for the requested target."""
+
+
+class UncalibratedSitesError(ExportError):
+    """Export was asked for a model whose sites have no statistics yet."""
+
+
+class VerifyError(QtrimError, RuntimeError):
+    """A verification run that cannot be carried out as asked (no backend, no inputs, ...)."""

@@ -1,0 +1,324 @@
+"""Capture: any ``nn.Module`` -> ``torch.fx.GraphModule``, without touching the model's code.
+
+Front ends, in order:
+
+1. ``torch.fx.symbolic_trace`` with a tracer that turns a submodule whose
+   forward cannot be traced (data-dependent control flow, iteration over a
+   proxy, ...) into a *leaf* on the spot: the partial nodes it emitted are
+   erased, a ``call_module`` node takes their place and the reason is recorded.
+   Libraries' own "do not trace" registrations (timm's) are honoured; those
+   holding weights are reported like the automatic leaves, since nothing inside
+   them is quantized. ``nn.MultiheadAttention`` is traced through a reference
+   implementation (``qtrim_fx.frontend.mha``) so its projections and attention
+   core appear as ordinary linear / sdpa nodes.
+2. ``torch.export`` (non-strict, dynamic shapes) when the root forward itself
+   cannot be traced (Hugging Face transformers, ...). Needs example inputs
+   (``qtrim_fx.frontend.export_frontend``).
+
+Both front ends keep ``train()`` / ``eval()`` working on the captured graph
+(tracing freezes every ``self.training`` it reads): the model is traced in
+both modes and every constant that differs (dropout flags and probabilities,
+``p if self.training else 0``) becomes a runtime ``mode_select``
+(``qtrim_fx.frontend.mode``); weightless submodules whose graph changes with the
+mode (stochastic depth, drop path) become leaves, so they keep their own
+train/eval behaviour.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx._symbolic_trace import Scope, ScopeContextManager
+
+from qtrim_fx.core.errors import CaptureError
+from qtrim_fx.frontend.mha import mha_supported, traceable_mha_forward
+from qtrim_fx.frontend.mode import GraphMismatch, constant_diffs, merge_mode_constants
+
+__all__ = ["CaptureError", "CaptureResult", "Fallback", "capture"]
+
+Frontend = Literal["symbolic_trace", "torch.export"]
+
+_MAX_MODE_ROUNDS = 16  # distinct mode-dependent module classes leafed before giving up
+_TRACER_CONSTANTS = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
+
+
+class _RootNotTraceable(Exception):
+    """Symbolic tracing failed in the root forward itself (``__cause__`` says why)."""
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A submodule kept as an opaque leaf (its internals are not quantized), and why."""
+
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    gm: fx.GraphModule
+    frontend: Frontend
+    fallbacks: tuple[Fallback, ...]
+
+
+def _library_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """Modules and functions that libraries register as not symbolically traceable (timm).
+
+    Only consulted when the library is already imported (a timm model implies it is):
+    importing timm costs seconds and pulls in torch._dynamo.
+    """
+    if "timm" not in sys.modules:
+        return (), ()
+    try:
+        from timm.layers import _fx as timm_fx  # type: ignore[import-not-found]
+    except Exception:
+        return (), ()
+    mods = getattr(timm_fx, "_leaf_modules", set())
+    fns = getattr(timm_fx, "_autowrap_functions", set())
+    return tuple(mods), tuple(f for f in fns if callable(f))
+
+
+@functools.cache
+def _weighted_types() -> tuple[type, ...]:
+    return (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+
+
+def _has_weights(m: nn.Module) -> bool:
+    """Whether quantizable weights live inside ``m`` (a weighted layer, or any parameter of rank ≥ 2)."""
+    return any(isinstance(s, _weighted_types()) for s in m.modules()) or any(p.dim() >= 2 for p in m.parameters())
+
+
+class _LeafFallbackTracer(fx.Tracer):
+    """A tracer that leafs the innermost submodule that fails to trace.
+
+    Args:
+        leaf_types: module types registered as not traceable (by a library).
+        autowrap_functions: functions registered as not traceable.
+        forced: qualname -> reason of submodules to keep as leaves (found by an earlier trace).
+        mode_leaves: weightless module types whose graph depends on train()/eval().
+    """
+
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...],
+        autowrap_functions: tuple[Callable, ...],
+        forced: Mapping[str, str],
+        mode_leaves: frozenset[type],
+    ) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.leaf_types = leaf_types
+        self.mode_leaves = mode_leaves
+        self.fallbacks: dict[str, str] = dict(forced)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention):
+            return not mha_supported(m)
+        if qualname in self.fallbacks:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            if qualname and _has_weights(m):
+                self.fallbacks[qualname] = (
+                    f"{type(m).__module__}.{type(m).__qualname__} is registered by its library as not "
+                    "symbolically traceable"
+                )
+            return True
+        if type(m) in self.mode_leaves and not _has_weights(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        qualname = self.path_of_module(m)
+        if isinstance(m, nn.MultiheadAttention) and mha_supported(m):
+            forward = functools.partial(traceable_mha_forward, m)
+        with ScopeContextManager(self.scope, Scope(qualname, type(m))) as scope:
+            num_calls = self.num_calls.get(qualname, 0)
+            key = f"{scope.module_path}@{num_calls}" if num_calls else scope.module_path
+            self.module_stack[key] = (qualname, scope.module_type)
+            self.num_calls[qualname] = num_calls + 1
+            try:
+                if self.is_leaf_module(m, qualname):
+                    return self.create_proxy("call_module", qualname, args, kwargs)
+                if not qualname:  # the root: failures go to the caller (torch.export fallback)
+                    return forward(*args, **kwargs)
+                return self._trace_or_leaf(m, qualname, forward, args, kwargs)
+            finally:
+                self.module_stack.pop(key, None)
+
+    def _trace_or_leaf(self, m: nn.Module, qualname: str, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        mark = self.graph._root.prev  # last node before this call
+        saved_stack = collections.OrderedDict(self.module_stack)
+        try:
+            return forward(*args, **kwargs)
+        except Exception as e:  # any failure inside the submodule: leaf it
+            node = self.graph._root.prev
+            while node is not mark:
+                prev = node.prev
+                self.graph.erase_node(node)
+                node = prev
+            self.module_stack = saved_stack
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+            self.fallbacks[qualname] = reason
+            return self.create_proxy("call_module", qualname, args, kwargs)
+
+
+@dataclass
+class _Trace:
+    gm: fx.GraphModule
+    fallbacks: dict[str, str]
+
+
+def _trace(model: nn.Module, training: bool | None, forced: Mapping[str, str], mode_leaves: frozenset[type]) -> _Trace:
+    """One symbolic trace with every module in ``training`` mode (``None``: as the model is)."""
+    leaf_types, fns = _library_leaves()
+    tracer = _LeafFallbackTracer(leaf_types, fns, forced, mode_leaves)
+    modes = {m: m.training for m in model.modules()}
+    attrs = set(vars(model))
+    try:
+        if training is not None:
+            model.train(training)
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        gm.training = modes[model]  # the root's own flag only: submodules are the model's
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for name in set(vars(model)) - attrs:  # constants the tracer parked on the model (_tensor_constant0)
+            if name.startswith(_TRACER_CONSTANTS):
+                delattr(model, name)
+    return _Trace(gm, tracer.fallbacks)
+
+
+def _owner(node: fx.Node | None) -> str | None:
+    stack = node.meta.get("nn_module_stack") if node is not None else None
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _mode_leaf(model: nn.Module, nodes: tuple[fx.Node | None, fx.Node | None]) -> type | None:
+    """The type of a weightless submodule owning one of the first nodes where the two traces differ."""
+    for n in nodes:
+        owner = _owner(n)
+        try:
+            m = model.get_submodule(owner) if owner else None
+        except AttributeError:
+            m = None
+        if m is not None and not _has_weights(m):
+            return type(m)
+    return None
+
+
+def _symbolic(model: nn.Module) -> CaptureResult:
+    """Trace in the model's mode and in the other one; merge them so the graph follows train()/eval()."""
+    mode_leaves: frozenset[type] = frozenset()
+    forced: dict[str, str] = {}
+    try:
+        kept = _trace(model, None, forced, mode_leaves)
+    except Exception as e:  # submodule failures were leafed: this one is the root's own
+        raise _RootNotTraceable() from e
+    for _ in range(_MAX_MODE_ROUNDS):
+        try:
+            other = _trace(model, not model.training, kept.fallbacks, mode_leaves)
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            _warn_mode(model, f"its forward cannot be traced in {_mode(not model.training)} mode ({why})")
+            break
+        if other.fallbacks.keys() != kept.fallbacks.keys():  # a submodule fails in one mode only: leaf it in both
+            forced = {**other.fallbacks, **kept.fallbacks}
+            kept = _trace(model, None, forced, mode_leaves)
+            continue
+        try:
+            diffs = constant_diffs(kept.gm.graph, other.gm.graph)
+        except GraphMismatch as e:
+            leaf = _mode_leaf(model, e.nodes)
+            if leaf is None or leaf in mode_leaves:
+                where = next((o for o in map(_owner, e.nodes) if o), None)
+                _warn_mode(model, f"the graph of {where or 'its forward'} changes with the mode")
+                break
+            mode_leaves = mode_leaves | {leaf}
+            kept = _trace(model, None, forced, mode_leaves)
+            continue
+        if diffs:
+            merge_mode_constants(kept.gm, diffs, model.training)
+            kept.gm.graph.lint()
+            kept.gm.recompile()
+        break
+    else:
+        _warn_mode(model, f"more than {_MAX_MODE_ROUNDS} kinds of submodules change their graph with the mode")
+    fallbacks = tuple(Fallback(k, v) for k, v in kept.fallbacks.items())
+    return CaptureResult(kept.gm, "symbolic_trace", fallbacks)
+
+
+def _mode(training: bool) -> str:
+    return "train()" if training else "eval()"
+
+
+def _warn_mode(model: nn.Module, why: str) -> None:
+    warnings.warn(
+        f"qtrim_fx: {model.__class__.__name__} was captured in {_mode(model.training)} mode and keeps that "
+        f"behaviour after train()/eval() where {why}",
+        stacklevel=5,
+    )
+
+
+def _check_inputs(example_inputs: Any) -> None:
+    if example_inputs is None or isinstance(example_inputs, (tuple, list, Mapping, torch.Tensor)):
+        return
+    raise CaptureError(
+        f"example_inputs must be a tuple of positional inputs, a dict of keyword inputs or a tensor, "
+        f"got {type(example_inputs).__name__}; e.g. prepare(model, (torch.randn(1, 3, 224, 224),)) or "
+        "prepare(model, {'input_ids': ids, 'attention_mask': mask})"
+    )
+
+
+def capture(model: nn.Module, example_inputs: Any = None) -> CaptureResult:
+    """Capture ``model`` as an FX GraphModule (symbolic tracing first, then ``torch.export``).
+
+    Args:
+        model: any ``nn.Module``; its code is not modified. The result shares its parameters.
+        example_inputs: positional inputs (tuple/list/tensor) or keyword inputs (dict);
+            only needed when symbolic tracing cannot capture the model.
+
+    Returns:
+        :class:`CaptureResult` with the graph module, the front end used and the leaf fallbacks.
+
+    Raises:
+        CaptureError: when neither front end can capture the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"prepare() needs an nn.Module, got {type(model).__name__}")
+    _check_inputs(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    try:
+        return _symbolic(model)
+    except _RootNotTraceable as e:  # the root forward is not traceable: try torch.export
+        cause = e.__cause__
+        trace_error = f"{type(cause).__name__}: {cause}".splitlines()[0]
+    if example_inputs is None:
+        raise CaptureError(
+            f"{model.__class__.__name__}.forward cannot be symbolically traced ({trace_error}). "
+            "Pass example inputs so it can be captured with torch.export: "
+            "qtrim_fx.prepare(model, example_inputs=(x,)) or example_inputs={'input_ids': ids, ...}"
+        )
+    from qtrim_fx.frontend.export_frontend import ExportFailed, export_capture
+
+    try:
+        gm = export_capture(model, example_inputs)
+    except ExportFailed as e:
+        cause = e.__cause__
+        export_error = f"{type(cause).__name__}: {cause}".splitlines()[0]
+        raise CaptureError(
+            f"cannot capture {model.__class__.__name__}: symbolic tracing failed ({trace_error}) and "
+            f"torch.export failed ({export_error}). Options: make the data-dependent Python in the failing "
+            "forward traceable, mark the offending submodule as a leaf, or check that example_inputs match "
+            "the forward signature."
+        ) from e
+    return CaptureResult(gm, "torch.export", ())

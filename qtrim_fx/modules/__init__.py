@@ -1,1 +1,0 @@
-"""Traceable reference implementations of torch.nn modules that FX keeps opaque."""

@@ -1,0 +1,107 @@
+"""``qtrim_fx.export_onnx``: prepared model -> clean QDQ ONNX for one target (lower + export + ONNX passes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import onnx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qtrim_fx.core.errors import ExportError, ProfileError
+from qtrim_fx.core.profiles import TargetProfile, get_profile
+from qtrim_fx.onnx.export import export_lowered
+from qtrim_fx.passes.lower.api import lower
+from qtrim_fx.runtime.prepared import unwrap
+
+__all__ = ["export_onnx"]
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    target: str | TargetProfile = "onnxruntime",
+    opset: int | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+) -> onnx.ModelProto:
+    """Write a standard QuantizeLinear/DequantizeLinear ONNX file of a prepared model for ``target``.
+
+    BatchNorm is folded, every site becomes Q/DQ with qparams derived from its stored statistics
+    for the target's grid, weights are stored as int8/int4 initializers + DequantizeLinear, and the
+    file is checked against the target's rules before it is (atomically) written.
+
+    Args:
+        model: a prepared model that has been calibrated or trained (every site has statistics).
+        example_inputs: positional inputs (tuple or tensor) for tracing.
+        path: output ``.onnx`` path.
+        target: ``onnxruntime`` (default), ``tensorrt``, ``openvino``, ``qnn``, ``npu`` or a TargetProfile.
+        opset: override the target's opset (21 for INT4 weights).
+        input_names, output_names: ONNX graph input/output names.
+        dynamic_batch: symbolic batch dimension on inputs and outputs.
+
+    Returns:
+        The written ``onnx.ModelProto``.
+
+    Raises:
+        TypeError: ``example_inputs`` are not tensors (or not as many as the forward takes).
+        ProfileError: unknown target, or one the sites cannot be exported to (INT4 below opset 21, ...).
+        ExportError: sites without statistics (calibrate first), inputs the model cannot run on,
+            or a result that breaks the target's rules. No file is written on any error.
+    """
+    profile = get_profile(target)
+    if opset is not None:
+        if isinstance(opset, bool) or not isinstance(opset, int):
+            raise ProfileError(f"opset must be an int such as 17 or 21, got {opset!r}")
+        profile = profile.replace(opset=opset)
+    model = unwrap(model)
+    args = _positional_inputs(model, example_inputs)
+    gm = lower(model, profile)
+    _dry_run(gm, args)
+    return export_lowered(gm, args, path, profile, input_names, output_names, dynamic_batch)
+
+
+def _positional_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
+    """``example_inputs`` as a tuple, checked against the forward's inputs before the (slow) lowering."""
+    if isinstance(example_inputs, Mapping):
+        raise TypeError("export_onnx takes positional example inputs (a tuple of tensors), not a dict; "
+                        "pass tuple(inputs.values()) in the order of the forward's arguments")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"export_onnx example_inputs must be a tensor or a tuple of tensors, got "
+                        f"{type(example_inputs).__name__}; e.g. export_onnx(qm, (x,), path)")
+    for i, a in enumerate(example_inputs):
+        if not (a is None or isinstance(a, (torch.Tensor, bool, int, float))):
+            raise TypeError(f"example input #{i} is a {type(a).__module__}.{type(a).__qualname__}; export_onnx "
+                            "takes torch tensors: convert it with torch.as_tensor(...)")
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, fx.Graph):
+        names = [n.name for n in graph.nodes if n.op == "placeholder"]
+        required = [n.name for n in graph.nodes if n.op == "placeholder" and not n.args]
+        if not len(required) <= len(example_inputs) <= len(names):
+            raise TypeError(f"the model's forward takes {len(required)} input(s) ({', '.join(names)}) but "
+                            f"export_onnx got {len(example_inputs)} example input(s); pass one tensor per input")
+    return tuple(example_inputs)
+
+
+def _dry_run(gm: nn.Module, args: tuple[Any, ...]) -> None:
+    """Run the lowered model once so wrong shapes or dtypes fail here, with the fix, not inside the exporter."""
+    try:
+        with torch.no_grad():
+            gm(*args)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ExportError(
+            f"the model does not run on the example inputs ({why}); pass inputs with the shapes and dtypes its "
+            f"forward expects, e.g. one batch of your data (got {_describe(args)})"
+        ) from e
+
+
+def _describe(args: tuple[Any, ...]) -> str:
+    return ", ".join(f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else repr(a) for a in args)

@@ -1,0 +1,37 @@
+"""``qtrim_fx.lower``: a prepared model -> a frozen, deployable GraphModule for one target."""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+from torch import nn
+
+from qtrim_fx.core.profiles import TargetProfile, get_profile
+from qtrim_fx.passes.base import run_passes
+from qtrim_fx.passes.lower.pipeline import lower_passes
+from qtrim_fx.runtime.prepared import require_prepared
+
+__all__ = ["lower"]
+
+
+def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: int | None = None) -> fx.GraphModule:
+    """Fold BatchNorm and freeze every site into ``quant_dequant`` for ``target``.
+
+    The prepared model is not modified (the result is a copy in eval mode).
+
+    Args:
+        model: a prepared, calibrated or trained model.
+        target: a profile name (``onnxruntime``, ``tensorrt``, ``openvino``, ``qnn``, ``npu``) or a
+            :class:`~qtrim_fx.core.profiles.TargetProfile`.
+        opset: override the profile's opset (e.g. 21 for INT4 weights).
+
+    Returns:
+        The lowered ``GraphModule``: float ops + ``quant_dequant`` calls, equal to ONNX QDQ semantics.
+    """
+    require_prepared(model, "lower")
+    profile = get_profile(target)
+    if opset is not None:
+        profile = profile.replace(opset=int(opset))
+    gm = copy.deepcopy(model).eval()
+    return run_passes(gm, lower_passes(profile))

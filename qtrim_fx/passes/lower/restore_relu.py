@@ -1,0 +1,33 @@
+"""RestoreReluPass: the lean ReLUs of a prepared model back to ``torch.relu`` for deployment.
+
+``LeanReluPass`` (prepare) swaps site-only ReLUs for :func:`qtrim_fx.runtime.ops.relu_keep_mask`,
+which saves a 1-byte mask for backward. A lowered graph holds only standard ops::
+
+    before:  y = call_function[relu_keep_mask](x)
+    after:   y = call_function[torch.relu](x)          (node name and meta kept)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from qtrim_fx.passes.base import GraphPass, PassResult, finish
+from qtrim_fx.runtime.ops import relu_keep_mask
+
+__all__ = ["RestoreReluPass"]
+
+
+class RestoreReluPass(GraphPass):
+    """Lowering: ``relu_keep_mask(x)`` back to ``torch.relu(x)`` (a standard op for export)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is relu_keep_mask:
+                node.target = torch.relu
+                # A graph re-traced from a pickle marks calls of fx.wrap-ped functions; the mark makes
+                # codegen emit ``wrap("torch.relu")``, which would break every later symbolic trace.
+                node.meta.pop("is_wrapped", None)
+                modified = True
+        return finish(gm, modified)

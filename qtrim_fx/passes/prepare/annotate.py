@@ -1,0 +1,417 @@
+"""AnnotateSitesPass: decide every quantization site (analysis only, no graph edits).
+
+Reads ``node.meta[OP_KIND]`` (``NormalizeOpsPass``) and writes frozen
+:class:`~qtrim_fx.core.spec.SiteSpec` records::
+
+    get_attr[layer1.0.conv1.weight]  meta[WEIGHT_SITE] = SiteSpec("layer1.0.conv1.weight", "weight", int8 per-channel(0),
+                                                                  folded_bn="layer1.0.bn1")
+    call_module[layer1.0.relu]       meta[ACT_SITE]    = SiteSpec("layer1.0.relu.out", "activation", uint8 asym)
+    matmul (QKᵀ), softmax, P         meta[FLOAT_REGION] = True          (attention scores stay float)
+
+Rules (DESIGN.md):
+* weight sites: the parameter operand of every conv / conv_transpose / linear, and of
+  matmul / bmm / einsum when one operand is a parameter; found through views, chunks
+  and transposes of the parameter (``in_proj_weight.chunk(3)``, ``W.t()``);
+* activation sites (one per tensor, shared by all consumers): the data input of
+  weighted ops, both inputs of residual adds, the inputs of concats, outputs of
+  nonlinearities, the sources of Q, K, V of attention matmuls / SDPA (traced back
+  through reshapes to the projection), and — with role ``"output"`` — outputs of
+  weighted ops (after a foldable BatchNorm) that no other site covers;
+* never: attention scores (QKᵀ, its scaling, the mask add, softmax in/out, the
+  probabilities entering P·V), non-tensors (shapes, Python scalars), constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, OP_KIND, OWNER, WEIGHT_SITE, SiteSpec
+from qtrim_fx.passes.base import GraphPass, PassResult
+from qtrim_fx.passes.prepare.normalize import arg, is_tensor_node
+
+__all__ = ["AnnotateSitesPass"]
+
+_WEIGHTED = frozenset({"conv", "conv_transpose", "linear"})
+_MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
+_VIEWS = frozenset({"reshape", "dropout"})
+_SCORE = frozenset({"mul", "div", "add", "sub", "softmax", "dropout", "mask", "reshape"})
+_NONLINEAR = frozenset({"relu", "activation"})
+# Output channel axis of each weighted op's weight, in the weight's own layout.
+_OUT_AXIS = {"conv": 0, "conv_transpose": 1, "linear": 0}
+
+
+@dataclass
+class _Candidate:
+    role: str = "output"
+    consumers: list[str] = field(default_factory=list)
+    owners: list[str | None] = field(default_factory=list)
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig) -> None:
+        self.gm = gm
+        self.config = config
+        self.modules = dict(gm.named_modules())
+        self.params = dict(gm.named_parameters(remove_duplicate=False))
+        self.kind = {n: n.meta.get(OP_KIND, "other") for n in gm.graph.nodes}
+        self._tensor: dict[fx.Node, bool] = {}
+        self.dynamic = self._dynamic_nodes()
+        self.region: set[fx.Node] = set()
+        self.candidates: dict[fx.Node, _Candidate] = {}
+        self.weights: dict[fx.Node, tuple[fx.Node, str, int | None, set[fx.Node]]] = {}
+        self.folds: dict[fx.Node, str] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def is_tensor(self, n: object) -> bool:
+        if not isinstance(n, fx.Node):
+            return False
+        if n not in self._tensor:
+            self._tensor[n] = is_tensor_node(n, self.kind, self.modules)
+        return self._tensor[n]
+
+    def _dynamic_nodes(self) -> set[fx.Node]:
+        dyn: set[fx.Node] = set()
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder" or any(a in dyn for a in n.all_input_nodes):
+                dyn.add(n)
+        return dyn
+
+    def owner(self, n: fx.Node) -> str | None:
+        if n.op == "call_module":
+            return str(n.target)
+        if OWNER in n.meta:
+            return n.meta[OWNER]
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            return list(stack.values())[-1][0] or None
+        return None
+
+    def param_source(self, n: object) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+        """Walk back through views to a parameter: (get_attr node, first user on the path, path)."""
+        path: list[fx.Node] = []
+        while isinstance(n, fx.Node):
+            if n.op == "get_attr":
+                if str(n.target) in self.params:
+                    return n, (path[-1] if path else None), path  # type: ignore[return-value]
+                return None
+            if self.kind[n] != "reshape" or n in self.dynamic:
+                return None
+            path.append(n)
+            n = n.args[0] if n.args else None
+        return None
+
+    def data_source(self, n: object) -> fx.Node | None:
+        """Walk back from an attention operand through views and scalar scaling to its producer."""
+        while isinstance(n, fx.Node):
+            k = self.kind[n]
+            if k in _VIEWS and n.args:
+                n = n.args[0]
+                continue
+            if k in ("mul", "div") and len(n.args) == 2 and sum(self.is_tensor(a) for a in n.args) == 1:
+                n = next(a for a in n.args if self.is_tensor(a))
+                continue
+            break
+        return n if isinstance(n, fx.Node) else None
+
+    def add_candidate(self, n: object, role: str, consumer: str, owner: str | None) -> None:
+        if not isinstance(n, fx.Node) or n in self.region or self.kind[n] == "softmax":
+            return
+        if n not in self.dynamic or not self.is_tensor(n) or n.op == "get_attr":
+            return
+        if n.op == "placeholder" and not self.config.quantize_inputs:
+            return
+        c = self.candidates.setdefault(n, _Candidate())
+        if role == "input":
+            c.role = "input"
+        c.consumers.append(consumer)
+        c.owners.append(owner)
+
+    # -- steps ---------------------------------------------------------------------------
+    def find_weights(self) -> None:
+        for n in self.gm.graph.nodes:
+            k = self.kind[n]
+            if k in _WEIGHTED:
+                self._weight(n, arg(n, 1, "weight"), k, _OUT_AXIS[k], data=arg(n, 0, "input"))
+            elif k in ("matmul", "bmm"):
+                a, b = arg(n, 0, "input"), arg(n, 1, "other")
+                if self.param_source(b):
+                    self._weight(n, b, k, -1, data=a)
+                elif self.param_source(a):
+                    self._weight(n, a, k, -2, data=b)
+            elif k == "einsum":
+                ops = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+                params = [o for o in ops if self.param_source(o)]
+                if len(params) == 1:
+                    data = next((o for o in ops if o is not params[0]), None)
+                    self._weight(n, params[0], k, None, data=data)
+
+    def _weight(self, op: fx.Node, w: object, kind: str, axis: int | None, data: object) -> None:
+        src = self.param_source(w)
+        if src is None:
+            return
+        g, first, path = src
+        param = self.params[str(g.target)]
+        axis = _map_axis(axis, path, param.dim())
+        reader = first if first is not None else op
+        entry = self.weights.get(g)
+        users = (entry[3] if entry else set()) | {reader}
+        self.weights[g] = (op, kind, axis, users)
+        self.add_candidate(data, "input", kind, self.owner(op))
+
+    def through_views(self, n: object) -> object:
+        """The tensor ``n`` is a view of, through single-reader reshapes/transposes."""
+        while (isinstance(n, fx.Node) and self.kind[n] == "reshape" and n.args and isinstance(n.args[0], fx.Node)
+               and len(n.args[0].users) == 1):
+            n = n.args[0]
+        return n
+
+    def is_weighted_output(self, n: object) -> bool:
+        """``n`` is the output of a conv/linear/matmul-with-weight (or of the BatchNorm folded into one)."""
+        if not isinstance(n, fx.Node):
+            return False
+        if n in self.weight_ops():
+            return True
+        return bool(n.args) and n.args[0] in self.folds and next(iter(n.args[0].users)) is n
+
+    def find_float_regions(self) -> None:
+        """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V."""
+        for sm in (n for n in self.gm.graph.nodes if self.kind[n] == "softmax"):
+            self.region.add(sm)
+            back = [a for a in sm.all_input_nodes]
+            while back:
+                n = back.pop()
+                k = self.kind[n]
+                if n in self.region or (n.op != "call_function" and n.op != "call_method"):
+                    continue
+                if k in ("matmul", "bmm", "baddbmm") and n not in self.weight_ops():
+                    self.region.add(n)  # QKᵀ itself; its operands are Q and K
+                elif k in _SCORE and k != "softmax":
+                    self.region.add(n)
+                    back.extend(n.all_input_nodes)
+            fwd = list(sm.users)
+            while fwd:
+                n = fwd.pop()
+                if n not in self.region and self.kind[n] in _SCORE and self.kind[n] != "add":
+                    self.region.add(n)
+                    fwd.extend(n.users)
+        for n in self.region:
+            n.meta[FLOAT_REGION] = True
+
+    def weight_ops(self) -> set[fx.Node]:
+        if not hasattr(self, "_wops"):
+            self._wops = {v[0] for v in self.weights.values()}
+        return self._wops
+
+    def find_activations(self) -> None:
+        for n in self.gm.graph.nodes:
+            k = self.kind[n]
+            if k in ("matmul", "bmm", "baddbmm") and n not in self.weight_ops():
+                operands = n.args[1:3] if k == "baddbmm" else n.args[:2]
+                for o in operands:
+                    self.add_candidate(self.data_source(o), "input", k, self.owner(n))
+            elif k == "sdpa":
+                for o in n.args[:3]:
+                    self.add_candidate(self.data_source(o), "input", k, self.owner(n))
+            elif k == "mha":
+                for o in n.args[:3]:
+                    self.add_candidate(o, "input", k, self.owner(n))
+            elif k == "add" and n not in self.region:
+                ts = [a for a in n.args[:2] if self.is_tensor(a) and a in self.dynamic]
+                if len(ts) == 2:
+                    for a in ts:
+                        # A conv/linear output entering a residual add is an op *output* (TensorRT fuses
+                        # Conv+Add and wants only the skip input quantized); ONNX Runtime keeps it.
+                        role = "output" if self.is_weighted_output(a) else "input"
+                        self.add_candidate(a, role, k, self.owner(n))
+            elif k == "cat" and n not in self.region:
+                for a in (n.args[0] if n.args and isinstance(n.args[0], (list, tuple)) else ()):
+                    # A conv/linear output reaching the concat through views (a ViT's patch embedding) is
+                    # an op *output*: back ends that want inputs-only Q/DQ drop it (OpenVINO mis-computes a
+                    # quantized Conv -> Reshape -> Transpose -> Concat chain; TensorRT wants no output Q).
+                    role = "output" if self.is_weighted_output(self.through_views(a)) else "input"
+                    self.add_candidate(a, role, k, self.owner(n))
+            elif k in _NONLINEAR and n not in self.region:
+                self.add_candidate(n, "input", k, self.owner(n))
+
+    def find_folds(self) -> None:
+        for op, kind, _axis, _users in self.weights.values():
+            if kind != "conv" or len(op.users) != 1:
+                continue
+            (bn,) = op.users
+            m = self.modules.get(str(bn.target)) if bn.op == "call_module" else None
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None and bn.args[0] is op:
+                self.folds[op] = str(bn.target)
+
+    def share_grid_preserving(self) -> None:
+        """Drop candidates that a max-pool / view of an already quantized tensor produces.
+
+        ``maxpool(Q(x))`` and ``view(Q(x))`` are already on ``x``'s grid; a second quantizer
+        there would only add rounding (ONNX Runtime propagates the Q/DQ pair itself).
+        """
+        for n in list(self.candidates):  # hoist Q(view(x)) to view(Q(x)): ONNX Runtime wants Q on the op output
+            root = n
+            while (self.kind[root] == "reshape" and root.args and isinstance(root.args[0], fx.Node)
+                   and len(root.args[0].users) == 1 and self.is_tensor(root.args[0])
+                   and root.args[0] in self.dynamic and root.args[0] not in self.region
+                   and self.kind[root.args[0]] not in ("softmax", "module", "mha")):
+                root = root.args[0]
+            if root is not n and root not in self.candidates:
+                self.candidates[root] = self.candidates.pop(n)
+        for n in list(self.candidates):
+            src = n
+            while self.kind[src] in ("maxpool", "reshape", "dropout") and src.args and isinstance(
+                src.args[0], fx.Node
+            ):
+                src = src.args[0]
+                if src in self.candidates:
+                    c, s = self.candidates.pop(n), self.candidates[src]
+                    if c.role == "input":
+                        s.role = "input"
+                    s.consumers += c.consumers
+                    s.owners += c.owners
+                    break
+
+    def find_outputs(self) -> None:
+        for op in self.weight_ops():
+            if op in self.region:
+                continue
+            out = next(iter(op.users)) if op in self.folds else op
+            if not self._covered(out, 0):
+                self.add_candidate(out, "output", self.kind[op], self.owner(op))
+
+    def _covered(self, n: fx.Node, depth: int) -> bool:
+        if n in self.candidates:
+            return True
+        users = list(n.users)
+        if not users or depth > 8:
+            return False
+        return all(
+            self.kind[u] in (*_VIEWS, "relu", "maxpool") and u.op != "output" and self._covered(u, depth + 1) for u in users
+        )
+
+
+def _map_axis(axis: int | None, path: list[fx.Node], ndim: int) -> int | None:
+    """Output-channel axis in the parameter's layout, given the view ops between it and the op."""
+    if axis is None:
+        return None
+    axis = axis % ndim if ndim else None
+    for n in reversed(path):  # from the parameter towards the op
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if name in ("t", "transpose", "permute", "movedim"):
+            if ndim != 2:
+                return None
+            axis = 1 - axis  # type: ignore[operator]
+        elif name not in ("getitem", "chunk", "split", "contiguous", "to", "type_as", "float", "detach"):
+            return None
+    return axis
+
+
+class AnnotateSitesPass(GraphPass):
+    """Decide weight and activation sites; store frozen :class:`SiteSpec` records in ``node.meta``.
+
+    Args:
+        config: the :class:`~qtrim_fx.QuantConfig` (bits, granularity, overrides, exclusions).
+    """
+
+    def __init__(self, config: QuantConfig | None = None) -> None:
+        self.config = config or QuantConfig()
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        a = _Analysis(gm, self.config)
+        a.find_weights()
+        a.find_folds()
+        a.find_float_regions()
+        a.find_activations()
+        a.share_grid_preserving()
+        a.find_outputs()
+        specs = self._weight_specs(a) | self._act_specs(a)
+        modified = False
+        for n in gm.graph.nodes:
+            key = WEIGHT_SITE if n in a.weights else ACT_SITE
+            new = specs.get(n)
+            for k in (WEIGHT_SITE, ACT_SITE):
+                old = n.meta.get(k)
+                want = new if k == key else None
+                if old != want:
+                    modified = True
+                    if want is None:
+                        n.meta.pop(k, None)
+                    else:
+                        n.meta[k] = want
+        return PassResult(gm, modified)
+
+    def _weight_specs(self, a: _Analysis) -> dict[fx.Node, SiteSpec]:
+        out = {}
+        for g, (op, kind, axis, users) in a.weights.items():
+            owner = a.owner(op) or str(g.target).rpartition(".")[0] or None
+            s = self.config.settings_for(owner, type(a.modules.get(owner or "", None)), kind)
+            if s.exclude:
+                continue
+            folded = a.folds.get(op)
+            out[g] = SiteSpec(
+                name=str(g.target),
+                kind="weight",
+                scheme=s.weight_scheme(axis),
+                op=kind,
+                consumers=(kind,),
+                module=owner,
+                channel_axis=axis,
+                param=str(g.target),
+                folded_bn=folded,
+                users=tuple(sorted(u.name for u in users)),
+                notes=(f"BatchNorm {folded} folded into this weight",) if folded else (),
+            )
+        return out
+
+    def _act_specs(self, a: _Analysis) -> dict[fx.Node, SiteSpec]:
+        out = {}
+        names: set[str] = set()
+        for n, c in a.candidates.items():
+            owner = a.owner(n)
+            s = self.config.settings_for(owner, type(a.modules.get(owner or "", None)), a.kind[n])
+            consumer_excluded = [
+                self.config.settings_for(o, type(a.modules.get(o or "", None)), k).exclude
+                for o, k in zip(c.owners, c.consumers, strict=True)
+            ]
+            if s.exclude or (consumer_excluded and all(consumer_excluded)):
+                continue
+            name = _unique(_act_name(n, owner), names)
+            out[n] = SiteSpec(
+                name=name,
+                kind="activation",
+                scheme=s.act_scheme(),
+                op=a.kind[n],
+                consumers=tuple(dict.fromkeys(c.consumers)),
+                module=owner,
+                role=c.role,  # type: ignore[arg-type]
+            )
+        return out
+
+
+def _act_name(n: fx.Node, owner: str | None) -> str:
+    if n.op == "placeholder":
+        return f"input.{n.name}"
+    if n.op == "call_module":
+        return f"{n.target}.out"
+    if n.meta.get(OWNER):
+        return f"{n.meta[OWNER]}.out"
+    return f"{owner}.{n.name}" if owner else n.name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    base, i = name, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def weight_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The parameter a weight-site ``get_attr`` node reads."""
+    return gm.get_parameter(str(node.target))

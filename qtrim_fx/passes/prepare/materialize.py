@@ -1,0 +1,116 @@
+"""InsertSitesPass: one observer + blend-quant module per annotated site.
+
+Reads the :class:`~qtrim_fx.core.spec.SiteSpec` records written by
+``AnnotateSitesPass`` and edits the graph::
+
+    before:  w = get_attr[conv1.weight]                 y = call_module[relu](x)
+             c = conv2d(x, w, ...)                      z = conv2d(y, ...); a = add(y, ...)
+             b = call_module[bn1](c)
+
+    after:   w  = get_attr[conv1.weight]                y  = call_module[relu](x)
+             f  = bn_fold_factor(bn1.weight, bn1.running_var, eps)
+             wq = call_module[qtrim_sites.conv1_weight](w, f)
+             c  = conv2d(x, wq, ...)                     yq = call_module[qtrim_sites.relu_out](y)
+             b  = call_module[bn1](c)                    z = conv2d(yq, ...); a = add(yq, ...)
+
+Sites live in ``gm.qtrim_sites`` (an ``nn.ModuleDict``) and share the model's
+single :class:`~qtrim_fx.runtime.blend.BlendControl` ``gm.qtrim_blend``. A weight site
+rewires only the readers on the path to its weighted op; an activation site
+replaces every use of its tensor (one quantizer per tensor). Already
+materialized sites are skipped, so the pass is idempotent.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch.fx as fx
+
+from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.spec import ACT_SITE, SITE_NODE, WEIGHT_SITE, SiteSpec
+from qtrim_fx.passes.base import GraphPass, PassResult, finish
+from qtrim_fx.runtime.blend import BlendControl
+from qtrim_fx.runtime.observer import EmaQuantileObserver
+from qtrim_fx.runtime.ops import bn_fold_factor
+from qtrim_fx.runtime.prepared import SITES_ATTR, blend_control, site_modules
+from qtrim_fx.runtime.site import QuantSite
+
+__all__ = ["InsertSitesPass"]
+
+def _make_site(spec: SiteSpec, config: QuantConfig, control: BlendControl) -> QuantSite:
+    seed = (config.seed * 7919 + zlib.crc32(spec.name.encode())) % (2**31)
+    mode = "abs" if spec.kind == "weight" else "range"
+    obs = EmaQuantileObserver(mode=mode, axis=spec.scheme.axis, seed=seed, **config.observer_kwargs())
+    site = QuantSite(spec.scheme, obs, control, kind=spec.kind, eps=config.eps)
+    site._qtrim_name = spec.name
+    return site
+
+
+class InsertSitesPass(GraphPass):
+    """Insert a ``call_module`` site node for every annotated site (see module doc)."""
+
+    def __init__(self, config: QuantConfig | None = None) -> None:
+        self.config = config or QuantConfig()
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        control = blend_control(gm)
+        sites = site_modules(gm)
+        modified = False
+        for node in list(gm.graph.nodes):
+            for key in (WEIGHT_SITE, ACT_SITE):
+                spec = node.meta.get(key)
+                if spec is None or _already_materialized(node, spec):
+                    continue
+                if spec.key not in sites:
+                    sites[spec.key] = _make_site(spec, self.config, control)
+                if key == WEIGHT_SITE:
+                    self._insert_weight(gm, node, spec)
+                else:
+                    self._insert_activation(gm, node, spec)
+                modified = True
+        return finish(gm, modified)
+
+    def _insert_activation(self, gm: fx.GraphModule, node: fx.Node, spec: SiteSpec) -> None:
+        with gm.graph.inserting_after(node):
+            site = gm.graph.call_module(f"{SITES_ATTR}.{spec.key}", (node,))
+        site.meta[SITE_NODE] = spec
+        _copy_val(node, site)
+        node.replace_all_uses_with(site, delete_user_cb=lambda u: u is not site)
+
+    def _insert_weight(self, gm: fx.GraphModule, node: fx.Node, spec: SiteSpec) -> None:
+        graph = gm.graph
+        users = [u for u in node.users if u.name in spec.users]
+        first = (users[0] if len(users) == 1 else min(users, key=_position)) if users else None
+        if first is None:
+            return
+        with graph.inserting_before(first):
+            args: tuple = (node,)
+            if spec.folded_bn is not None:
+                bn = gm.get_submodule(spec.folded_bn)
+                gamma = graph.get_attr(f"{spec.folded_bn}.weight") if bn.weight is not None else None
+                var = graph.get_attr(f"{spec.folded_bn}.running_var")
+                args = (node, graph.call_function(bn_fold_factor, (gamma, var, float(bn.eps))))
+            site = graph.call_module(f"{SITES_ATTR}.{spec.key}", args)
+        site.meta[SITE_NODE] = spec
+        _copy_val(node, site)
+        for u in users:
+            u.replace_input_with(node, site)
+
+
+def _position(node: fx.Node) -> int:
+    n, i = node, 0
+    while n.op != "root":
+        n = n.prev
+        i += 1
+    return i
+
+
+def _already_materialized(node: fx.Node, spec: SiteSpec) -> bool:
+    target = f"{SITES_ATTR}.{spec.key}"
+    return any(u.op == "call_module" and u.target == target for u in node.users)
+
+
+def _copy_val(src: fx.Node, dst: fx.Node) -> None:
+    for k in ("val", "tensor_meta", "nn_module_stack"):
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]

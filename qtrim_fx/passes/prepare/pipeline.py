@@ -1,0 +1,36 @@
+"""``prepare_passes(config)``: the named FX pipeline of :func:`qtrim_fx.prepare`, in order.
+
+::
+
+    captured GraphModule
+      ─NormalizeOpsPass──────────────▶ every op tagged with its kind (conv, linear, matmul, sdpa ...)
+      ─FunctionalizeWeightedModulesPass▶ weighted modules as get_attr weight -> F.conv2d / F.linear
+      ─NormalizeOpsPass──────────────▶ the new functional nodes tagged too
+      ─AnnotateSitesPass─────────────▶ a frozen SiteSpec per site in node.meta (decide, no edits)
+      ─InsertSitesPass───────────────▶ one observer + blend-quant module per site (edit)
+      ─LeanReluPass──────────────────▶ site-only ReLUs save a 1-byte mask for backward
+"""
+
+from __future__ import annotations
+
+from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.passes.base import GraphPass, run_passes
+from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
+from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
+from qtrim_fx.passes.prepare.materialize import InsertSitesPass
+from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
+
+__all__ = ["prepare_passes", "run_passes"]
+
+
+def prepare_passes(config: QuantConfig) -> list[GraphPass]:
+    """The passes that turn a captured GraphModule into a prepared one for ``config``."""
+    return [
+        NormalizeOpsPass(),
+        FunctionalizeWeightedModulesPass(),
+        NormalizeOpsPass(),
+        AnnotateSitesPass(config),
+        InsertSitesPass(config),
+        LeanReluPass(),
+    ]

@@ -1,0 +1,166 @@
+"""A quantization site: one observer + one blend-quant on one tensor.
+
+Every site of a prepared model is a :class:`QuantSite` module called from the
+FX graph (``call_module``). It records statistics in training, derives qparams
+from them for its scheme, and blends the tensor towards its fake-quantized
+value by the model's single global λ (:class:`qtrim_fx.runtime.blend.BlendControl`).
+
+Per training step a site costs, in eager mode: one observer update (on a subsample,
+every ``update_every`` calls), qparams derived only when the statistics changed
+(they are cached against the statistic tensors' identity and version counters, so
+frozen statistics cost no kernels), and one blend-quant (one allocation, in-place
+passes, no lerp at λ = 1). Nothing reads a tensor back to the host. Under
+``torch.compile`` the whole site is traced without graph breaks; the observer update
+is one opaque op in the graph (see ``qtrim_fx.runtime.observer``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qtrim_fx.core.fakequant import derive_qparams
+from qtrim_fx.core.scheme import QuantScheme
+from qtrim_fx.runtime.blend import BlendControl, _BlendQuantFn, blend_quant_folded
+from qtrim_fx.runtime.observer import EmaQuantileObserver
+from qtrim_fx.runtime.ops import channel_shape
+
+__all__ = ["QuantSite"]
+
+SiteKind = Literal["weight", "activation"]
+
+
+class QuantSite(nn.Module):
+    """Observer + blend-quant at one tensor of a prepared model.
+
+    Args:
+        scheme: the training-time integer grid (export may derive others from the same stats).
+        observer: the statistics of this tensor.
+        control: the model's shared :class:`BlendControl` (held by reference, not registered,
+            so λ is stored once, on the prepared model's root).
+        kind: ``"weight"`` or ``"activation"``.
+        eps: lower bound of derived scales.
+    """
+
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        observer: EmaQuantileObserver,
+        control: BlendControl,
+        kind: SiteKind = "activation",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.observer = observer
+        self.kind = kind
+        self.eps = float(eps)
+        self.enabled = True
+        object.__setattr__(self, "_control", control)
+        self._warned_unobserved = False
+
+    @property
+    def control(self) -> BlendControl:
+        return self._control  # type: ignore[return-value]
+
+    def bind(self, control: BlendControl) -> None:
+        object.__setattr__(self, "_control", control)
+
+    def qparams(self, scheme: QuantScheme | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point for ``scheme`` (default: the training scheme) from the stored stats."""
+        lo, hi = self.observer.stats()
+        return derive_qparams(scheme or self.scheme, lo, hi, self.eps)
+
+    def _training_qparams(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training-scheme (scale, zero point) shaped to broadcast against an ``ndim``-D tensor.
+
+        ``None`` for the zero point of a symmetric signed grid (z = 0). Cached in eager mode
+        until the statistics tensors change (identity and in-place version counters: an observer
+        update, ``load_state_dict``, ``.to()``), so frozen statistics cost no kernels per step.
+        """
+        lo, hi = self.observer.lo, self.observer.hi
+        key = None
+        if not torch.compiler.is_compiling():
+            key = _stats_key(lo, hi, self.scheme, self.eps, ndim)
+            cached = self.__dict__.get("_qp_cache")
+            if key is not None and cached is not None and _same_key(cached[0], key):
+                return cached[1], cached[2]
+        s = self.scheme
+        with torch.no_grad():
+            scale, zp = self.qparams()
+            if s.axis is not None:
+                scale, zp = channel_shape(scale, ndim, s.axis), channel_shape(zp, ndim, s.axis)
+        zp_or_none = None if (s.symmetric and s.signed) else zp
+        if key is not None:
+            self.__dict__["_qp_cache"] = (key, scale, zp_or_none)
+        return scale, zp_or_none
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_qp_cache", None)  # derived, device-bound: rebuilt on first use
+        return state
+
+    def forward(self, x: torch.Tensor, fold: torch.Tensor | None = None) -> torch.Tensor:
+        """Observe ``x`` (train mode) and blend it towards its fake-quantized value by λ.
+
+        Args:
+            x: the tensor of this site.
+            fold: for a conv weight followed by BatchNorm, the per-output-channel factor
+                γ/sqrt(var + eps): the site then observes and quantizes the folded weight
+                ``x·fold`` (the one that is deployed) and returns ``Q(x·fold)/fold`` blended with ``x``.
+        """
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            return x
+        compiling = torch.compiler.is_compiling()
+        control = self.control
+        # λ = 0 in eager: FP32 exactly, no quantization work (the statistics still update).
+        quantize = self.enabled and (compiling or not control.is_zero)
+        observe = self.training and self.observer.training and self.observer.enabled
+        if not (quantize or observe):
+            return x
+        f = xs = None
+        if fold is not None:
+            with torch.no_grad():
+                f = channel_shape(fold.detach().to(x.dtype), x.dim(), 0)
+                xs = x.detach() * f
+        if observe:
+            self.observer(x if xs is None else xs)
+        if not quantize:
+            return x
+        if not self.observer.initialized:
+            if not self._warned_unobserved:
+                warnings.warn(
+                    f"quantization site {self.observer_name()} has no statistics yet and is left in "
+                    "float; run qtrim_fx.calibrate(model, batches) or train before raising λ",
+                    stacklevel=2,
+                )
+                self._warned_unobserved = True
+            return x
+        scale, zp = self._training_qparams(x.dim())
+        s = self.scheme
+        # The host-side mirror of λ = 1 lets eager skip the lerp; compiled graphs keep it (no guard on λ).
+        one = control.is_one and not compiling
+        if f is None:
+            return _BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one)
+        return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
+
+    def observer_name(self) -> str:
+        return getattr(self, "_qtrim_name", self.__class__.__name__)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.scheme.describe()}"
+
+
+def _stats_key(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, eps: float, ndim: int) -> tuple | None:
+    try:
+        # The tensors themselves (not their ids) are kept, so an id cannot be reused while cached.
+        return (lo, lo._version, hi, hi._version, scheme, eps, ndim)
+    except RuntimeError:  # inference-mode tensors have no version counter: do not cache
+        return None
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[2] is b[2] and a[1] == b[1] and a[3] == b[3] and a[4:] == b[4:]

@@ -1,0 +1,1 @@
+"""User-facing tools: the ``qtrim`` CLI, ``inspect`` tables, graph pictures and plots."""

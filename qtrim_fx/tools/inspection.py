@@ -1,0 +1,129 @@
+"""``qtrim_fx.inspect``: what was quantized where, with which grid, and how much is clipped."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from qtrim_fx.runtime.ops import bn_fold_factor, channel_shape
+from qtrim_fx.runtime.prepared import INFO_ATTR, iter_sites, require_prepared
+
+__all__ = ["InspectReport", "SiteRow", "inspect"]
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    name: str
+    kind: str
+    role: str
+    op: str
+    scheme: str
+    shape: tuple[int, ...] | None
+    scale: tuple[float, float] | None  # (min, max) over channels
+    zero_point: tuple[int, int] | None
+    clipped: float | None  # fraction of weight values outside the grid's range
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    frontend: str
+    blend: float
+    rows: tuple[SiteRow, ...]
+    fallbacks: tuple[tuple[str, str], ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        head = ("site", "kind", "role", "scheme", "shape", "scale", "zp", "clipped", "notes")
+        body = [
+            (
+                r.name,
+                r.kind,
+                r.role,
+                r.scheme,
+                "x".join(map(str, r.shape)) if r.shape else "-",
+                _range(r.scale, "{:.3g}"),
+                _range(r.zero_point, "{}"),
+                "-" if r.clipped is None else f"{100 * r.clipped:.2f}%",
+                "; ".join(r.notes),
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+        lines = [
+            f"front end: {self.frontend}   λ = {self.blend:.4f}   sites: {len(self.rows)} "
+            f"({sum(r.kind == 'weight' for r in self.rows)} weight)",
+            "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+            "  ".join("-" * w for w in widths),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)).rstrip() for b in body]
+        for mod, why in self.fallbacks:
+            lines.append(f"leaf (not traced, not quantized inside): {mod}: {why}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _range(v: tuple | None, fmt: str) -> str:
+    if v is None:
+        return "-"
+    lo, hi = v
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def _deployed_weight(model: nn.Module, spec) -> torch.Tensor:
+    w = model.get_parameter(spec.param).detach()
+    if spec.folded_bn is not None:
+        bn = model.get_submodule(spec.folded_bn)
+        f = bn_fold_factor(None if bn.weight is None else bn.weight.detach(), bn.running_var, bn.eps)
+        w = w * channel_shape(f, w.dim(), 0)
+    return w
+
+
+def inspect(model: nn.Module) -> InspectReport:
+    """One row per site of a prepared model (prints as a table).
+
+    Args:
+        model: a model returned by :func:`qtrim_fx.prepare`.
+
+    Returns:
+        :class:`InspectReport` (``print(report)`` shows the table; ``to_dict()`` for JSON).
+    """
+    require_prepared(model, "inspect")
+    rows = []
+    for spec, site, _node in iter_sites(model):
+        notes = list(spec.notes)
+        scale = zp = clipped = None
+        shape = None
+        if site.observer.initialized:
+            s, z = site.qparams()
+            scale = (float(s.min()), float(s.max()))
+            zp = (int(z.min()), int(z.max()))
+        else:
+            notes.append("no statistics yet")
+        if spec.kind == "weight" and spec.param is not None:
+            w = _deployed_weight(model, spec)
+            shape = tuple(w.shape)
+            if scale is not None:
+                s, z = site.qparams()
+                sb = s if s.dim() == 0 else channel_shape(s, w.dim(), spec.scheme.axis or 0)
+                zb = z if z.dim() == 0 else channel_shape(z, w.dim(), spec.scheme.axis or 0)
+                q = torch.round(w / sb) + zb
+                clipped = float(((q < spec.scheme.qmin) | (q > spec.scheme.qmax)).float().mean())
+        rows.append(
+            SiteRow(spec.name, spec.kind, spec.role, spec.op, spec.scheme.describe(), shape, scale, zp, clipped,
+                    tuple(notes))
+        )
+    info = model.__dict__.get(INFO_ATTR)
+    fallbacks = tuple((f.module, f.reason) for f in info.fallbacks) if info else ()
+    return InspectReport(
+        frontend=info.frontend if info else "?",
+        blend=float(model.qtrim_blend.value),
+        rows=tuple(rows),
+        fallbacks=fallbacks,
+    )

@@ -1,0 +1,2 @@
+"""Training stage: curriculum (λ_t), reverse pruner, the QuantTrim driver, calibration, checkpoints,
+and framework integrations (Lightning)."""

@@ -1,0 +1,210 @@
+"""``qtrim_fx.calibrate``: update site statistics from data, with no training side effects.
+
+Under ``torch.distributed`` every rank calls ``calibrate`` with its own shard: each observer
+update averages the ranks' quantiles (one all-reduce per site and batch), and the ranks agree
+per batch on whether to go on (one more small all-reduce), so ranks with fewer batches, empty
+batches or an earlier ``num_batches`` stop never leave the others waiting. The statistics are
+identical on every rank afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qtrim_fx.runtime.nonfinite import nonfinite_counts, warn_nonfinite
+from qtrim_fx.runtime.prepared import iter_sites, require_prepared, unwrap
+
+__all__ = ["calibrate", "call_model"]
+
+_END = object()
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on one batch: a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(
+        f"a calibration batch must be a tensor, a tuple/list of inputs or a dict of keyword inputs, got "
+        f"{type(batch).__name__}; pass input_fn= to turn your batches into model inputs"
+    )
+
+
+def _is_empty(batch: Any) -> bool:
+    first = batch
+    while isinstance(first, (tuple, list)) and first:
+        first = first[0]
+    if isinstance(first, Mapping) and first:
+        first = next(iter(first.values()))
+    return isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == 0
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module, sync_ranks: bool) -> Iterator[list]:
+    """Model in eval (dropout off, BN running stats frozen), sites observing with running means."""
+    modes = {m: m.training for m in model.modules()}
+    sites = [site for _, site, _ in iter_sites(model)]
+    saved = [(s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks) for s in sites]
+    model.eval()
+    for s in sites:
+        s.train()
+        s.observer.update_every = 1
+        s.observer.sync_ranks = sync_ranks
+    try:
+        yield sites
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for s, (mu, every, calls, sync) in zip(sites, saved, strict=True):
+            s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks = (
+                mu, every, calls, sync)
+
+
+def _world_size(distributed: bool) -> int:
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _agree(have: bool, nonempty: bool, world: int, device: torch.device) -> tuple[bool, bool]:
+    """(every rank has a batch, some rank's batch is non-empty): one all-reduce of two numbers."""
+    if world == 1:
+        return have, nonempty
+    flags = torch.tensor([float(have), float(have and nonempty)], device=device)
+    dist.all_reduce(flags)
+    everyone, any_data = flags.tolist()
+    return everyone >= world, any_data > 0
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where this rank's flags live: the model's device (NCCL needs each rank's own GPU)."""
+    device = next((t.device for t in model.buffers()), torch.device("cpu"))
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    progress: bool = False,
+    distributed: bool = True,
+) -> int:
+    """Set every site's statistics from ``batches`` (post-training quantization, or before training).
+
+    The k-th batch enters each EMA with momentum 1/k, so the statistics are the plain mean
+    of the per-batch quantiles over the calibration set (earlier statistics are replaced).
+    Dropout is off and BatchNorm running statistics are left untouched; gradients are not computed.
+    Empty batches are skipped. NaN/Inf values are left out of the statistics and reported
+    (:class:`~qtrim_fx.runtime.nonfinite.NonFiniteWarning`, naming the sites).
+
+    Args:
+        model: a prepared model (or a ``DistributedDataParallel`` wrapper of one).
+        batches: iterable of model inputs (tensor, tuple of positional inputs, or dict).
+        num_batches: stop after this many batches.
+        input_fn: maps each item of ``batches`` to model inputs (e.g. ``lambda b: b[0]`` for (x, y) pairs).
+        progress: show a progress bar.
+        distributed: when a ``torch.distributed`` process group is initialized, average the
+            statistics over the ranks (every rank must call ``calibrate``; all stop with the rank
+            that runs out of batches first). ``False``: this rank alone.
+
+    Returns:
+        The number of batches used (the same on every rank).
+
+    Raises:
+        ValueError: no non-empty batch at all.
+        TypeError: a batch that is not a tensor, tuple/list or dict (use ``input_fn``).
+    """
+    model = unwrap(model)
+    require_prepared(model, "calibrate")
+    from tqdm.auto import tqdm
+
+    world = _world_size(distributed)
+    device = _device(model) if world > 1 else torch.device("cpu")
+    before = nonfinite_counts(model)
+    used = 0
+    with _calibration_mode(model, sync_ranks=world > 1) as sites, torch.no_grad():
+        it = iter(tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False))
+        while True:
+            batch = _END if num_batches is not None and used >= num_batches else next(it, _END)
+            have = batch is not _END
+            if have and input_fn is not None:
+                batch = input_fn(batch)
+            empty = have and _is_empty(batch)
+            everyone, any_data = _agree(have, not empty, world, device)
+            if not everyone:
+                break
+            if not any_data:
+                warnings.warn("calibrate: skipped an empty batch (batch size 0)", stacklevel=2)
+                continue
+            for s in sites:
+                s.observer.momentum = 1.0 / (used + 1)
+            # Under DDP a rank whose own batch is empty still runs it: its sites join the others' all-reduce.
+            call_model(model, batch)
+            used += 1
+    warn_nonfinite(before, nonfinite_counts(model), "during calibrate", stacklevel=3)
+    if used == 0:
+        raise ValueError(
+            "calibrate got no (non-empty) batches (every batch had batch size 0, or batches was empty); pass at "
+            "least one batch of model inputs, e.g. calibrate(qm, [x]) or calibrate(qm, loader, input_fn=lambda b: b[0])"
+        )
+    _warn_collapsed_ranges(model, stacklevel=3)
+    return used
+
+
+class CollapsedRangeWarning(UserWarning):
+    """Calibrated activation ranges at the ε floor (see :func:`calibrate`)."""
+
+
+def _warn_collapsed_ranges(model: nn.Module, stacklevel: int) -> None:
+    """Warn about activation sites whose calibrated range is at the ε floor of their scale, in a model
+    whose BatchNorms were never trained.
+
+    Eval-mode activations of ~1e-7 are what an untrained network with BatchNorm gives (its running
+    variance is 1, whatever the activations are): scales derived from them clip training-mode
+    activations to nothing, and training at λ > 0 from there diverges (the straight-through
+    gradient passes the clipped values through BatchNorm's 1/sqrt(eps)). Constant tensors land
+    here too, which is harmless, so this is a warning.
+    """
+    fresh_bn = [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None
+        and bool((m.running_var == 1).all()) and bool((m.running_mean == 0).all())
+    ]
+    if not fresh_bn:  # tiny ranges without untrained BatchNorms are constants or small init scales
+        return
+    names: list[str] = []
+    floor = 0.0
+    for spec, site, _ in iter_sites(model):
+        obs = site.observer
+        if spec.kind != "activation" or not obs.initialized:
+            continue
+        lo, hi = obs.stats()
+        if float((hi - lo).max()) <= 10 * site.eps:
+            names.append(spec.name)
+            floor = max(floor, 10 * site.eps)
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"calibrate: {len(names)} activation site(s) have a calibrated range below {floor:g} ({shown}), and "
+            f"{len(fresh_bn)} BatchNorm layer(s) still hold their initial running statistics (mean 0, var 1: "
+            f"{', '.join(fresh_bn[:3])}{' ...' if len(fresh_bn) > 3 else ''}). Calibration runs in eval mode, so "
+            "these statistics do not describe the model's activations; their scales would clip training activations "
+            "to nothing "
+            "and training at λ > 0 from here diverges. Calibrate a trained model, or skip calibrate and let the "
+            "curriculum's λ = 0 warm-up collect the statistics in training mode.",
+            CollapsedRangeWarning,
+            stacklevel=stacklevel,
+        )
