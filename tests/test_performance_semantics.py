@@ -418,6 +418,7 @@ def test_numpy_selection_is_skipped_where_topk_is_cheaper():
 def test_observer_statistics_equal_with_and_without_numpy_selection(monkeypatch, mode, axis, shape):
     """Whole observer updates (fast and general CPU paths, EMA included) give the same statistics."""
     from qtrim_fx.runtime import quantiles as obs
+    from qtrim_fx.runtime.observer import EmaQuantileObserver
 
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(shape, generator=gen) * (1 + i) for i in range(4)]
@@ -425,7 +426,7 @@ def test_observer_statistics_equal_with_and_without_numpy_selection(monkeypatch,
     results = []
     for host in (True, False):
         monkeypatch.setattr(obs, "HOST_SELECT", host)
-        o = obs.EmaQuantileObserver(mode, axis=axis, momentum=0.3, max_samples=50_000).train()
+        o = EmaQuantileObserver(mode, axis=axis, momentum=0.3, max_samples=50_000).train()
         for x in xs:
             o(x)
         results.append((o.lo.clone(), o.hi.clone(), o.nonfinite.clone()))

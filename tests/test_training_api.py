@@ -10,7 +10,7 @@ from torch import nn
 
 import qtrim_fx
 from models import get_model
-from qtrim_fx import Curriculum, Override, QuantConfig, QuantTrim, ReversePruner, SchemeError
+from qtrim_fx import CheckpointError, Curriculum, Override, QuantConfig, QuantTrim, ReversePruner, SchemeError
 
 
 def _sites(qm):
@@ -133,10 +133,10 @@ def test_quant_trim_per_step_lambda_and_state_round_trip():
     other.load_state_dict(state)
     assert other.blend == trim.blend and other.epoch == 2
     assert float(other.model.qtrim_blend.value) == pytest.approx(trim.blend)
-    with pytest.raises(SchemeError, match="not a QuantTrim state"):
+    with pytest.raises(CheckpointError, match="not a QuantTrim state"):
         other.load_state_dict({"epoch": 1})
     bad = dict(state, blend=3.0)
-    with pytest.raises(SchemeError, match="outside"):
+    with pytest.raises(CheckpointError, match="outside"):
         other.load_state_dict(bad)
 
 

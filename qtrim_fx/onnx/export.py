@@ -28,10 +28,9 @@ from onnx_ir.passes.common import (
 )
 
 from qtrim_fx.core.dtypes import storage_for
-from qtrim_fx.core.errors import ExportError
+from qtrim_fx.core.errors import ExportError, QtrimError
 from qtrim_fx.core.fileio import write_atomically
 from qtrim_fx.core.profiles import TargetProfile, get_profile
-from qtrim_fx.core.scheme import SchemeError
 from qtrim_fx.onnx.check import Violation, check
 from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass, require_storage
 from qtrim_fx.onnx.finalize import FinalizeModelPass, validate_model
@@ -79,7 +78,7 @@ def run_qdq_passes(model: onnx.ModelProto, profile: str | TargetProfile) -> onnx
         cause: BaseException | None = e
         while isinstance(cause, ir.passes.PassError):
             cause = cause.__cause__
-        if isinstance(cause, SchemeError):
+        if isinstance(cause, QtrimError):
             raise cause from None
         raise
     return validate_model(ir.to_proto(ir_model))

@@ -628,11 +628,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("qtrim: interrupted", file=sys.stderr)
             return 130
         except Exception as e:
-            from qtrim_fx.core.scheme import SchemeError
+            from qtrim_fx.core import errors
 
+            # qtrim's own errors about the user's input (not VerifyError or internal contract errors)
+            user_errors = (errors.ConfigError, errors.CaptureError, errors.CheckpointError, errors.ProfileError,
+                           errors.ExportError)
             if debug:
                 raise
-            usage = isinstance(e, SchemeError | FileNotFoundError | IsADirectoryError | NotADirectoryError)
+            usage = isinstance(e, (*user_errors, FileNotFoundError, IsADirectoryError, NotADirectoryError))
             print(f"qtrim: error: {type(e).__name__}: {_one_line(e)}"
                   + ("" if usage else " (run with --traceback for details)"), file=sys.stderr)
             return EXIT_USAGE if usage else EXIT_FAILURE

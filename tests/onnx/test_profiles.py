@@ -7,9 +7,8 @@ import dataclasses
 import pytest
 
 from qtrim_fx.core import profiles
-from qtrim_fx.core.errors import ProfileError
+from qtrim_fx.core.errors import ProfileError, QtrimError
 from qtrim_fx.core.profiles import TargetProfile, WeightAxes, get_profile, profile_names, register_profile
-from qtrim_fx.core.scheme import SchemeError
 
 
 def test_builtin_names_and_aliases():
@@ -23,8 +22,9 @@ def test_builtin_names_and_aliases():
 def test_unknown_target_lists_known_names():
     with pytest.raises(ProfileError, match=r"unknown target 'tpu'.*onnxruntime.*tensorrt"):
         get_profile("tpu")
-    with pytest.raises(SchemeError):  # ProfileError is a SchemeError (and a ValueError)
-        get_profile(42)  # type: ignore[arg-type]
+    with pytest.raises(QtrimError) as err:  # ProfileError is a QtrimError (and a ValueError)
+        get_profile(42)
+    assert isinstance(err.value, ProfileError) and isinstance(err.value, ValueError)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
