@@ -59,11 +59,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, write_section
+from qtrim_fx.models import cifar_resnet18
+from qtrim_fx.models.data import digits_dataset
+from qtrim_fx.models.vit import VisionTransformer
 
 import qtrim_fx
-from models import cifar_resnet18
-from models.data import digits_dataset
-from models.vit import VisionTransformer
 
 PLOTS = Path(__file__).resolve().parent / "plots"
 SECTION = "Paper ablation"

@@ -62,9 +62,9 @@ for _p in (HERE, HERE.parent):  # _common.py, and the repository root for models
         sys.path.insert(0, str(_p))
 
 from _common import machine, write_section  # noqa: E402
+from qtrim_fx.models import get_model  # noqa: E402
 
 import qtrim_fx  # noqa: E402
-from models import get_model  # noqa: E402
 
 TITLE = "Training-step overhead"
 # ours / FP32, eager. The "ResNet-18 (batch 64, 32x32)" is read both ways: the CIFAR

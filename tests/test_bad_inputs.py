@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from qtrim_fx.models import get_model
 from torch import nn
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.core.errors import CheckpointError
 from qtrim_fx.runtime.nonfinite import NonFiniteWarning
 from qtrim_fx.train import checkpoint

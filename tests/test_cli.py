@@ -18,9 +18,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from qtrim_fx.models import get_model
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from qtrim_fx.models import get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.runtime.nonfinite import NonFiniteWarning
 
 WORLD = 2

@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from qtrim_fx.models import get_model
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.onnx import ExportError, ProfileError, check
 from qtrim_fx.onnx.export_model import export_onnx
 from tests.helpers.qmodels import calibrated, train_on_digits

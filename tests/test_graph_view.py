@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 import torch.fx as fx
+from qtrim_fx.models import get_model
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.tools.graph_view import CATEGORIES, graph_to_networkx, to_dot, to_html, to_svg, write_graph
 
 SVG_NS = "{http://www.w3.org/2000/svg}"

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from qtrim_fx.models import get_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import qtrim_fx
-from models import get_model
 
 L = pytest.importorskip("lightning")
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import qtrim_fx.models as models
 import torch
 import torch.fx
+from qtrim_fx.models import MODELS, get_model
+from qtrim_fx.models.data import DIGITS_MAX, DIGITS_MIN, digits_dataset, digits_loaders
 from torch import nn
-
-import models
-from models import MODELS, get_model
-from models.data import DIGITS_MAX, DIGITS_MIN, digits_dataset, digits_loaders
 
 EXPECTED_OUTPUT_SHAPES = {
     "tiny_convnet": (2, 10),

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from qtrim_fx.models import get_model
 
 import qtrim_fx
 import qtrim_fx.runtime.site as site_mod
-from models import get_model
 from qtrim_fx.core.fakequant import derive_qparams, fake_quantize_raw, quantize
 from qtrim_fx.runtime.blend import blend_to
 from qtrim_fx.runtime.ops import channel_shape

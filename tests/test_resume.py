@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from qtrim_fx.models import get_model
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.train import checkpoint
 
 STEPS = 3

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from qtrim_fx.models import get_model
 from torch import nn
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx import CheckpointError, Curriculum, Override, QuantConfig, QuantTrim, ReversePruner, SchemeError
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch
+from qtrim_fx.models import get_model
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.verification.vendors import QUICK_VARIANTS, VendorVariant, vendor_sweep
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from qtrim_fx.models import get_model
 
-from models import get_model
 from qtrim_fx.verification import backend_worker as worker
 from qtrim_fx.verification.metrics import _Accumulator
 from qtrim_fx.verification.run import VerifyReport, verify
@@ -300,8 +300,9 @@ def test_several_inputs_and_outputs(tmp_path):
 
 
 def test_per_layer_matches_our_export_against_the_float_model(tmp_path):
+    from qtrim_fx.models import get_model
+
     import qtrim_fx
-    from models import get_model
 
     model, (x,) = get_model("tiny_convnet", batch_size=4)
     qm = qtrim_fx.prepare(model)

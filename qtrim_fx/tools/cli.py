@@ -78,7 +78,7 @@ def load_model(spec: str) -> tuple[Any, tuple]:
     import torch
 
     if ":" not in spec:
-        from models import MODELS, get_model
+        from qtrim_fx.models import MODELS, get_model
 
         if spec not in MODELS:
             raise UsageError(f"unknown model {spec!r}: use a built-in name ({', '.join(sorted(MODELS))}), "

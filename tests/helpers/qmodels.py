@@ -48,7 +48,7 @@ def train_on_digits(
     Random-init networks on white noise give near-tied logits and amplify every rounding flip;
     a briefly trained network is the realistic thing to compare runtimes on.
     """
-    from models.data import digits_loaders
+    from qtrim_fx.models.data import digits_loaders
 
     torch.manual_seed(seed)
     train, test = digits_loaders(batch_size=64, size=size, seed=seed)

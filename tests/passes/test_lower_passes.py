@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from qtrim_fx.models import get_model
 from torch import nn
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.core.spec import LOWER_PLAN, SITE_NODE
 from qtrim_fx.onnx import get_profile
 from qtrim_fx.passes.base import PassContractError

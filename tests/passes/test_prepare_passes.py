@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from qtrim_fx.models import get_model
 from torch import nn
 
 import qtrim_fx
-from models import get_model
 from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, OP_KIND, SITE_NODE, WEIGHT_SITE
 from qtrim_fx.frontend.trace import capture
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
