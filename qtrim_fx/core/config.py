@@ -16,7 +16,6 @@ module name (regex, ``re.fullmatch``), its module type and its op kind::
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
@@ -24,7 +23,14 @@ from torch import nn
 
 from qtrim_fx.core.scheme import QuantScheme, SchemeError
 
-__all__ = ["Override", "QuantConfig", "SiteSettings"]
+__all__ = ["EPS_MAX", "EPS_MIN", "Override", "QuantConfig", "SiteSettings"]
+
+#: Bounds of :attr:`QuantConfig.eps`, the floor of a statistic's range (``scale = max(range, eps) / levels``,
+#: in float32). Above 1e-2 the floor reaches real ranges (|w| quantiles of wide layers are ~1e-2) and
+#: silently replaces them. The lower bound keeps ``eps / levels`` (up to 65535 levels at 16 bits) well above
+#: float32's smallest normal (1.2e-38): a floor that rounds to 0 gives NaN for constant tensors (0 / 0).
+EPS_MIN = 1e-30
+EPS_MAX = 1e-2
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ class QuantConfig:
         p_lo, p_hi: activation quantile levels; ``p_hi`` is also the |w| quantile of weights.
         momentum: EMA momentum μ of the statistics.
         max_samples: subsample bound S_max of each quantile.
-        eps: lower bound ε of derived scales.
+        eps: lower bound ε of the range a scale is derived from, in [1e-30, 1e-2].
         update_every: update statistics every N training steps (1 = every step).
         seed: base seed of the observers' subsampling.
         quantize_inputs: quantize model inputs that feed weighted ops.
@@ -130,12 +136,20 @@ class QuantConfig:
                               "p_hi=0.999)")
         if not (isinstance(self.momentum, (int, float)) and 0.0 < self.momentum <= 1.0):
             raise SchemeError(f"QuantConfig momentum={self.momentum!r} must lie in (0, 1] (paper: 1e-4..1e-2)")
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise SchemeError(f"QuantConfig eps={self.eps!r} must be a positive number")
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not EPS_MIN <= eps <= EPS_MAX:
+            raise SchemeError(
+                f"QuantConfig eps={eps!r} must be a number in [{EPS_MIN:g}, {EPS_MAX:g}] (default 1e-6): it is the "
+                "float32 floor of a statistic's range, so larger values override real weight and activation "
+                "ranges and smaller ones give zero scales"
+            )
         for name in ("max_samples", "update_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SchemeError(f"QuantConfig {name}={v!r} must be a positive int")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SchemeError(f"QuantConfig seed={self.seed!r} must be an int (the base seed of the observers' "
+                              "subsampling, e.g. seed=0)")
         if not isinstance(self.overrides, tuple):
             object.__setattr__(self, "overrides", tuple(self.overrides))
         for o in self.overrides:

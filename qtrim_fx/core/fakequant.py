@@ -11,34 +11,60 @@ Per-channel scales broadcast along ``axis``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qtrim_fx.core.scheme import QuantScheme, SchemeError
 
 __all__ = [
+    "channel_broadcast",
+    "channel_view",
     "dequantize",
     "derive_qparams",
     "fake_quantize",
+    "fake_quantize_",
+    "fake_quantize_broadcast",
+    "fake_quantize_raw",
     "quantize",
+    "quantize_codes",
+    "round_clip_",
 ]
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Shape a per-channel parameter (C,) so it broadcasts along ``axis`` of ``x``."""
+def channel_view(param: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    """Shape a per-channel parameter (C,) so it broadcasts along ``axis`` of an ``ndim``-D tensor.
+
+    A 0-D parameter (per-tensor) or ``axis=None`` is returned as it is.
+    """
     if axis is None or param.dim() == 0:
         return param
-    axis = axis % x.dim()
-    shape = [1] * x.dim()
+    axis = axis % ndim
+    shape = [1] * ndim
     shape[axis] = param.numel()
     return param.reshape(shape)
+
+
+def channel_broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """:func:`channel_view` for the rank of ``x``."""
+    return channel_view(param, x.dim(), axis)
+
+
+def quantize_codes(x: torch.Tensor, scale: Any, zero_point: Any, qmin: int, qmax: int) -> torch.Tensor:
+    """``clip(round_half_even(x / s) + z, qmin, qmax)``: the one QuantizeLinear formula, as float codes.
+
+    ``scale`` and ``zero_point`` are already shaped to broadcast against ``x`` (tensors or Python
+    numbers). Every fake-quant and quantize form in qtrim_fx (eager, compiled, ONNX weight
+    initializers, inspect's clipping count) computes its codes here or, for the in-place hot path,
+    with :func:`fake_quantize_` (same bits, tested).
+    """
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
 
 def _quantize_float(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
 ) -> torch.Tensor:
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis)
-    return torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    return quantize_codes(x, channel_broadcast(scale, x, axis), channel_broadcast(zero_point, x, axis), qmin, qmax)
 
 
 def quantize(
@@ -69,8 +95,8 @@ def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None
 ) -> torch.Tensor:
     """ONNX ``DequantizeLinear``: ``(q - z) * s`` in float32."""
-    s = _broadcast(scale.float(), q, axis)
-    z = _broadcast(zero_point.float(), q, axis)
+    s = channel_broadcast(scale.float(), q, axis)
+    z = channel_broadcast(zero_point.float(), q, axis)
     return (q.float() - z) * s
 
 
@@ -88,10 +114,54 @@ def fake_quantize(
 def fake_quantize_raw(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
 ) -> torch.Tensor:
-    """Unchecked hot-path form of :func:`fake_quantize` (float32 in, float32 out)."""
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis)
-    return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+    """Unchecked form of :func:`fake_quantize` (float32 in, float32 out)."""
+    return fake_quantize_broadcast(x, channel_broadcast(scale, x, axis), channel_broadcast(zero_point, x, axis),
+                                   qmin, qmax)
+
+
+def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
+                            qmax: int) -> torch.Tensor:
+    """``(codes − z) · s`` with qparams already shaped for ``x``; ``zero_point=None`` means z = 0."""
+    z: Any = 0.0 if zero_point is None else zero_point
+    return (quantize_codes(x, scale, z, qmin, qmax) - z) * scale
+
+
+def round_clip_(t: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> bool:
+    """``t ← clip(round(t) + z, qmin, qmax) − z`` in place (``t`` holds ``x / s``): the integer grid
+    minus the zero point. Returns whether a −0.0 may be left where that difference is 0.
+
+    A per-tensor zero point on the CPU is read to the host (no synchronization) and moved into the
+    bounds: ``clip(r + z, qmin, qmax) − z = clip(r, qmin − z, qmax − z)`` for the integer-valued
+    ``r = round(t)`` (beyond 2^24 both sides saturate alike), one pass fewer. ``zero_point=None``
+    means z = 0 and needs no ± z pass. Both leave the −0.0 that ``round`` gives for small negative
+    ``t``; ``(r + z) − z`` (the general path) gives +0.0 there.
+    """
+    t.round_()
+    if zero_point is None:
+        t.clamp_(qmin, qmax)
+        return True
+    if zero_point.dim() == 0 and zero_point.device.type == "cpu":
+        z = float(zero_point)
+        t.clamp_(qmin - z, qmax - z)
+        return True
+    t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+    return False
+
+
+def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
+                   qmax: int, inplace: bool = False) -> torch.Tensor:
+    """``(clip(round(x / s) + z) − z) · s`` in float32 with one allocation (none if ``inplace``).
+
+    The training hot path. ``x`` is float32; with ``inplace`` it is overwritten (the caller must
+    own it). ``scale`` and ``zero_point`` are already shaped to broadcast against ``x``;
+    ``zero_point=None`` means z = 0 (symmetric signed grids). Bit-identical to
+    :func:`fake_quantize_raw` (a final ``+ 0.0`` turns a −0.0 left by :func:`round_clip_` into the
+    +0.0 that ``q − z`` gives there).
+    """
+    t = x.div_(scale) if inplace else torch.div(x, scale)
+    signed_zero = round_clip_(t, zero_point, qmin, qmax)
+    t.mul_(scale)
+    return t.add_(0.0) if signed_zero else t
 
 
 def _check_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QuantScheme) -> None:

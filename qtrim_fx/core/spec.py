@@ -27,6 +27,7 @@ __all__ = [
     "FLOAT_REGION",
     "LOWER_PLAN",
     "OP_KIND",
+    "OUTPUT_CHANNEL_AXIS",
     "OWNER",
     "SITE_NODE",
     "WEIGHT_SITE",
@@ -50,6 +51,9 @@ OWNER = "qtrim_owner"
 LOWER_PLAN = "qtrim_lower_plan"
 #: node.meta key: True on nodes of an attention-score region (QKᵀ ... softmax ... P), kept in float.
 FLOAT_REGION = "qtrim_float_region"
+
+#: Output-channel axis of a weight, by weighted op kind (conv/linear ``(O, I, ...)``, conv_transpose ``(I, O/g, ...)``).
+OUTPUT_CHANNEL_AXIS: dict[str, int] = {"conv": 0, "conv_transpose": 1, "linear": 0}
 
 OpKind = Literal[
     "conv",

@@ -19,7 +19,6 @@ config overrides and BatchNorm folding.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from qtrim_fx.core.attrs import resolve_attr
 from qtrim_fx.frontend.mode import mode_value
 
 __all__ = ["ExportFailed", "export_capture"]
@@ -103,7 +103,7 @@ def export_capture(model: nn.Module, example_inputs: tuple | list | Mapping[str,
 
 
 def _resolve(root: nn.Module, target: str) -> Any:
-    return functools.reduce(lambda obj, name: getattr(obj, name, _MISSING), target.split("."), root)
+    return resolve_attr(root, target, _MISSING)
 
 
 def _adopt_modules(gm: fx.GraphModule, model: nn.Module) -> None:

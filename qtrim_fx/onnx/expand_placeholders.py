@@ -28,9 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from qtrim_fx.core.dtypes import StorageType
 from qtrim_fx.core.errors import ExportError
+from qtrim_fx.core.fakequant import channel_view
+from qtrim_fx.core.fakequant import quantize_codes as core_quantize_codes
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.onnx._graph import NameScope, add_initializer, const_array, value_rank
 from qtrim_fx.runtime.qdq import QDQAttrs, is_placeholder
@@ -52,17 +55,17 @@ class _Site:
         return self.attrs.name
 
     def broadcast(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.axis is None:
-            return self.scale, self.zero_point
-        shape = [1] * rank
-        shape[self.axis] = -1
-        return self.scale.reshape(shape), self.zero_point.reshape(shape)
+        return (channel_view(torch.from_numpy(self.scale), rank, self.axis).numpy(),
+                channel_view(torch.from_numpy(self.zero_point), rank, self.axis).numpy())
 
 
 def quantize_codes(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """QuantizeLinear in numpy (float32 ``w / s``, round half to even, ``+ z``, clip), as int64."""
-    q = np.rint(w.astype(np.float32) / scale.astype(np.float32)) + zero_point.astype(np.float32)
-    return np.clip(q, qmin, qmax).astype(np.int64)
+    """QuantizeLinear of a weight initializer, as int64 codes: :func:`qtrim_fx.core.fakequant.quantize_codes`
+    on float32 copies (the bits the trained model's fake quantization produced)."""
+    def f32(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    return core_quantize_codes(f32(w), f32(scale), f32(zero_point), qmin, qmax).numpy().astype(np.int64)
 
 
 class ExpandPlaceholdersPass(ir.passes.InPlacePass):

@@ -25,56 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtrim_fx.core.fakequant import _broadcast
+from qtrim_fx.core.errors import CheckpointError
+from qtrim_fx.core.fakequant import (
+    channel_broadcast,
+    fake_quantize_,
+    fake_quantize_broadcast,
+    quantize_codes,
+    round_clip_,
+)
 
-__all__ = ["BlendControl", "blend_quant", "blend_to"]
-
-
-def _round_clip_(t: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> bool:
-    """``t ← clip(round(t) + z, qmin, qmax) − z`` in place (``t`` holds ``x / s``): the integer grid
-    minus the zero point. Returns whether a −0.0 may be left where that difference is 0.
-
-    A per-tensor zero point on the CPU is read to the host (no synchronization) and moved into the
-    bounds: ``clip(r + z, qmin, qmax) − z = clip(r, qmin − z, qmax − z)`` for the integer-valued
-    ``r = round(t)`` (beyond 2^24 both sides saturate alike), one pass fewer. ``zero_point=None``
-    means z = 0 and needs no ± z pass. Both leave the −0.0 that ``round`` gives for small negative
-    ``t``; ``(r + z) − z`` (the general path) gives +0.0 there.
-    """
-    t.round_()
-    if zero_point is None:
-        t.clamp_(qmin, qmax)
-        return True
-    if zero_point.dim() == 0 and zero_point.device.type == "cpu":
-        z = float(zero_point)
-        t.clamp_(qmin - z, qmax - z)
-        return True
-    t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
-    return False
+__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to"]
 
 
-def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
-                   qmax: int, inplace: bool = False) -> torch.Tensor:
-    """``(clip(round(x / s) + z) − z) · s`` in float32 with one allocation (none if ``inplace``).
-
-    ``x`` is float32; with ``inplace`` it is overwritten (the caller must own it). ``scale``
-    and ``zero_point`` are already shaped to broadcast against ``x``; ``zero_point=None``
-    means z = 0 (symmetric signed grids). Bit-identical to
-    :func:`~qtrim_fx.core.fakequant.fake_quantize_raw` (a final ``+ 0.0`` turns a −0.0 left by
-    :func:`_round_clip_` into the +0.0 that ``q − z`` gives there).
-    """
-    t = x.div_(scale) if inplace else torch.div(x, scale)
-    signed_zero = _round_clip_(t, zero_point, qmin, qmax)
-    t.mul_(scale)
-    return t.add_(0.0) if signed_zero else t
-
-
-def _fake_quantize_functional(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
-                              qmax: int) -> torch.Tensor:
-    z: Any = 0.0 if zero_point is None else zero_point
-    return (torch.clamp(torch.round(x / scale) + z, qmin, qmax) - z) * scale
-
-
-class _BlendQuantFn(torch.autograd.Function):
+class BlendQuantFn(torch.autograd.Function):
     """``lerp(x, x̂, λ)`` with an identity gradient for ``x``; saves nothing for backward.
 
     ``scale`` / ``zero_point`` arrive shaped for broadcasting; ``lam_is_one`` is a host-side
@@ -85,7 +48,7 @@ class _BlendQuantFn(torch.autograd.Function):
     def forward(ctx: Any, x, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool):  # type: ignore[override]
         if torch.compiler.is_compiling():
             xf = x.float()
-            out = torch.lerp(xf, _fake_quantize_functional(xf, scale, zero_point, qmin, qmax), lam.float())
+            out = torch.lerp(xf, fake_quantize_broadcast(xf, scale, zero_point, qmin, qmax), lam.float())
             return out.to(x.dtype)
         fp32 = x.dtype == torch.float32
         xf = x if fp32 else x.float()
@@ -116,10 +79,10 @@ class _BlendFoldedFn(torch.autograd.Function):
         ratio = scale / f
         if torch.compiler.is_compiling():
             z: Any = 0.0 if zero_point is None else zero_point
-            q = torch.clamp(torch.round(wf.float() / scale) + z, qmin, qmax) - z
+            q = quantize_codes(wf.float(), scale, z, qmin, qmax) - z
             return torch.lerp(w, torch.where(f != 0, (q * ratio).to(w.dtype), w), lam.to(w.dtype))
         t = wf if wf.dtype == torch.float32 else wf.float()
-        _round_clip_(t.div_(scale), zero_point, qmin, qmax)  # a −0.0 it may leave is harmless here
+        round_clip_(t.div_(scale), zero_point, qmin, qmax)  # a −0.0 it may leave is harmless here
         t.mul_(ratio)
         if t.dtype != w.dtype:
             t = t.to(w.dtype)
@@ -173,9 +136,9 @@ def blend_quant(
     if not isinstance(lam, torch.Tensor):
         lam_is_one = float(lam) == 1.0
         lam = torch.tensor(float(lam), device=x.device)
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis)
-    return _BlendQuantFn.apply(x, s, z, lam, qmin, qmax, lam_is_one)
+    s = channel_broadcast(scale, x, axis)
+    z = channel_broadcast(zero_point, x, axis)
+    return BlendQuantFn.apply(x, s, z, lam, qmin, qmax, lam_is_one)
 
 
 def blend_quant_folded(
@@ -239,11 +202,29 @@ class BlendControl(nn.Module):
         return float(self.value)
 
     def _on_load(self, state_dict, prefix, *args: Any) -> None:
-        v = state_dict.get(prefix + "value")
-        if v is not None:
-            v = float(v)
+        key = prefix + "value"
+        if key in state_dict:
+            v = self.check_loaded(state_dict[key], key)
             self._is_zero = v == 0.0
             self._is_one = v == 1.0
+
+    @staticmethod
+    def check_loaded(value: Any, key: str) -> float:
+        """The λ a ``state_dict`` holds under ``key``, refused unless it is one number in [0, 1].
+
+        Raises:
+            CheckpointError: naming ``key``, for a NaN, negative or > 1 value or one that is not a
+                single-number tensor (a corrupted or hand-edited checkpoint).
+        """
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dim() > 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"checkpoint entry {key!r} must hold the blend λ as a 0-D tensor, got {shape}; "
+                                  "the checkpoint is corrupted: save it again from the prepared model")
+        v = float(value)
+        if not 0.0 <= v <= 1.0:  # also false for NaN
+            raise CheckpointError(f"checkpoint entry {key!r} holds blend λ = {v}, outside [0, 1]; the checkpoint "
+                                  "is corrupted or was edited: save it again from the prepared model")
+        return v
 
     def forward(self) -> torch.Tensor:
         return self.value

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from qtrim_fx.core.fakequant import channel_view
+
 __all__ = ["bn_fold_factor", "channel_shape", "relu_keep_mask"]
 
 
@@ -35,11 +37,8 @@ def bn_fold_factor(bn_weight: torch.Tensor | None, running_var: torch.Tensor, ep
     return inv_std if bn_weight is None else bn_weight * inv_std
 
 
-def channel_shape(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """Reshape a per-channel vector so it broadcasts along ``axis`` of an ``ndim``-D tensor."""
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
+#: A per-channel vector shaped to broadcast along ``axis`` of an ``ndim``-D tensor (the core helper).
+channel_shape = channel_view
 
 
 class _ReluKeepMaskFn(torch.autograd.Function):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from qtrim_fx.core.attrs import get_attr_tensor
 from qtrim_fx.core.errors import UncalibratedSitesError
 from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.profiles import TargetProfile
@@ -60,13 +61,7 @@ def _weight_stats(site: QuantSite, scheme: QuantScheme, w: torch.Tensor) -> tupl
 
 
 def _site_input(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    src = node.args[0]
-    if isinstance(src, fx.Node) and src.op == "get_attr":
-        obj = gm
-        for part in str(src.target).split("."):
-            obj = getattr(obj, part)
-        return obj
-    return None
+    return get_attr_tensor(gm, node.args[0])
 
 
 def site_nodes(gm: fx.GraphModule) -> list[fx.Node]:

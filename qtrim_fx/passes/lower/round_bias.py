@@ -19,8 +19,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qtrim_fx.core.attrs import get_attr_tensor
 from qtrim_fx.core.profiles import TargetProfile
-from qtrim_fx.core.spec import SITE_NODE, site_key
+from qtrim_fx.core.spec import OUTPUT_CHANNEL_AXIS, SITE_NODE, site_key
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.passes.prepare.normalize import op_kind
 from qtrim_fx.runtime.qdq import quant_dequant
@@ -29,16 +30,10 @@ __all__ = ["RoundBiasPass"]
 
 BIAS_ATTR = "qtrim_bias"
 _INT32 = torch.iinfo(torch.int32)
-_OUT_AXIS = {"conv": 0, "conv_transpose": 1, "linear": 0}
+_OUT_AXIS = OUTPUT_CHANNEL_AXIS
 
 
-def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    obj: object = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
+_attr = get_attr_tensor
 
 
 def _qdq_scale(gm: fx.GraphModule, node: object) -> tuple[torch.Tensor, int | None] | None:

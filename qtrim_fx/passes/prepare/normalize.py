@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qtrim_fx.core.attrs import resolve_attr
 from qtrim_fx.core.spec import OP_KIND
 from qtrim_fx.passes.base import GraphPass, PassResult
 
@@ -166,8 +167,7 @@ def is_tensor_node(node: Any, kinds: dict[fx.Node, str], modules: dict[str, nn.M
 
 def _resolve(modules: dict[str, nn.Module], target: str) -> Any:
     owner, _, attr = target.rpartition(".")
-    mod = modules.get(owner)
-    return getattr(mod, attr, None) if mod is not None else None
+    return resolve_attr(modules.get(owner), attr)
 
 
 class NormalizeOpsPass(GraphPass):
