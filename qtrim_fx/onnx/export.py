@@ -81,7 +81,7 @@ def run_qdq_passes(model: onnx.ModelProto, profile: str | TargetProfile) -> onnx
         if isinstance(cause, QtrimError):
             raise cause from None
         raise
-    return validate_model(ir.to_proto(ir_model))
+    return validate_model(ir_model)
 
 
 def export_lowered(

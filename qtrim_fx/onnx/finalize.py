@@ -7,18 +7,19 @@
 
 A node outside the default domain left at this point (an unconverted placeholder, a custom op
 from the model) is an error: the file would not load on standard runtimes.
-:func:`validate_model` then runs ``onnx.checker`` (full check) and strict shape inference.
+:func:`validate_model` then runs onnx-ir's checker and strict shape-inference passes (:func:`validation_passes`).
 """
 
 from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
 
 from qtrim_fx.core.errors import ExportError
 from qtrim_fx.core.profiles import TargetProfile
 
-__all__ = ["FinalizeModelPass", "validate_model"]
+__all__ = ["FinalizeModelPass", "validate_model", "validation_passes"]
 
 _STANDARD = ("", "ai.onnx")
 
@@ -55,20 +56,47 @@ def _require_standard_ops(graph: ir.Graph) -> None:
                           "model (or decomposed) before a clean QDQ export")
 
 
-def validate_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnx.checker`` (full check) + strict shape inference; returns the model with inferred shapes.
+def validation_passes() -> ir.passes.PassManager:
+    """onnx-ir's own checker and shape-inference passes: full ``onnx.checker``, then strict, type-checked
+    shape inference whose results are merged into the model."""
+    return ir.passes.PassManager([
+        CheckerPass(full_check=True),
+        ShapeInferencePass(check_type=True, strict_mode=True, data_prop=False),
+    ])
 
-    ``value_info`` entries that repeat an initializer's type are dropped from ``model`` first.
+
+def validate_model(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    """Run :func:`validation_passes` on ``model``; returns it as a ``ModelProto`` with inferred shapes.
+
+    An ``ir.Model`` is validated in place; a ``ModelProto`` is read into one first.
+
+    ``value_info`` entries that repeat an initializer's type are not written (initializers carry
+    their type).
 
     Raises:
-        ExportError: naming the checker's complaint.
+        ExportError: naming the checker's or shape inference's complaint.
     """
-    inits = {i.name for i in model.graph.initializer}
-    kept = [vi for vi in model.graph.value_info if vi.name not in inits]  # initializers carry their type
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
+    # Value types known before inference keep their place ahead of the inferred ones (as onnx's own
+    # shape inference orders value_info), so a file's bytes do not depend on which tool inferred them.
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    before = ir.to_proto(model).graph
+    typed_before = {v.name for v in before.value_info}
+    init_order = {t.name: i for i, t in enumerate(before.initializer)}
     try:
-        onnx.checker.check_model(model, full_check=True)
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"the exported QDQ model is not valid ONNX: {e}") from e
+        validation_passes()(model)
+    except ir.passes.PassError as e:
+        cause: BaseException = e
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ExportError(f"the exported QDQ model is not valid ONNX: {cause}") from e
+    proto = ir.to_proto(model)
+    ordered = sorted(proto.graph.initializer, key=lambda t: init_order.get(t.name, len(init_order)))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(ordered)
+    inits = {i.name for i in proto.graph.initializer}
+    kept = [vi for vi in proto.graph.value_info if vi.name not in inits]
+    kept.sort(key=lambda vi: vi.name not in typed_before)  # stable: each group stays in graph order
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    return proto

@@ -15,7 +15,7 @@ makes SQNR meaningless; it passes when its largest error stays within 4 steps of
 grid (the output site's scale), i.e. a handful of flips. Everything else is a bug.
 
 Budget: ``QTRIM_FUZZ_EXAMPLES`` (default 10, derandomized so the default run is repeatable; set it
-for a random, longer run, e.g. ``QTRIM_FUZZ_EXAMPLES=200 python -m pytest tests/test_fuzz.py``).
+for a random, longer run, e.g. ``QTRIM_FUZZ_EXAMPLES=200 python -m pytest tests/onnx/test_fuzz.py``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.fx
 from onnx import TensorProto, helper, numpy_helper
-from qdq_models import convnet, run_ort, token_mixer
 
 from qtrim_fx.onnx import ExportError, get_profile
 from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass
@@ -21,6 +20,7 @@ from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass, module_of_site
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
 from qtrim_fx.runtime.qdq import quant_dequant
+from tests.onnx.qdq_models import convnet, run_ort, token_mixer
 
 ORT = get_profile("onnxruntime")
 F32 = TensorProto.FLOAT

@@ -303,7 +303,7 @@ def test_lambda_zero_training_step_is_bit_identical_to_the_model(name):
 
 
 def test_train_overhead_benchmark_smoke():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_overhead.py"
     spec = importlib.util.spec_from_file_location("train_overhead", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("train_overhead", module)
@@ -330,7 +330,7 @@ def test_observer_cost_benchmark_smoke(monkeypatch):
     """observer_cost.py times each case with and without the NumPy selection and leaves the switch on."""
     from qtrim_fx.runtime import quantiles as obs
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "observer_cost.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "observer_cost.py"
     spec = importlib.util.spec_from_file_location("observer_cost", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

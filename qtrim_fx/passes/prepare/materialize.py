@@ -53,14 +53,14 @@ class InsertSitesPass(GraphPass):
         self.config = config or QuantConfig()
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        control = blend_control(gm)
-        sites = site_modules(gm)
         modified = False
         for node in list(gm.graph.nodes):
             for key in (WEIGHT_SITE, ACT_SITE):
                 spec = node.meta.get(key)
                 if spec is None or _already_materialized(node, spec):
                     continue
+                # Created with the first site only: a graph with nothing to insert is left as it was.
+                control, sites = blend_control(gm), site_modules(gm)
                 if spec.key not in sites:
                     sites[spec.key] = _make_site(spec, self.config, control)
                 if key == WEIGHT_SITE:
