@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qtrim_fx.core.errors import CheckpointError
+from qtrim_fx.runtime.blend import BlendControl
 from qtrim_fx.runtime.prepared import BLEND_ATTR, SITES_ATTR, SPECS_ATTR
 from qtrim_fx.runtime.site import QuantSite
 
@@ -27,6 +28,9 @@ def check_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args: An
     Statistics of the wrong shape are refused always; a different set of sites only when loading
     is strict (``strict=False`` takes what matches, as torch does).
     """
+    blend_key = prefix + BLEND_ATTR + ".value"
+    if blend_key in state_dict:  # checked here too, before any submodule has loaded anything
+        BlendControl.check_loaded(state_dict[blend_key], blend_key)
     sites: nn.ModuleDict = getattr(module, SITES_ATTR)
     head = prefix + SITES_ATTR + "."
     theirs = {k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}
@@ -46,9 +50,7 @@ def check_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args: An
             "another model or QuantConfig; prepare the same model with the same config before loading it"
         )
     for key in sorted(ours & theirs):
-        lo = state_dict.get(f"{head}{key}.observer.lo")
-        if isinstance(lo, torch.Tensor):
-            _check_site_shape(module, sites[key], key, lo)
+        _check_site_shape(module, sites[key], key, state_dict, f"{head}{key}.observer.")
 
 
 def _caller_strict() -> bool:
@@ -66,28 +68,58 @@ def _caller_strict() -> bool:
     return False
 
 
-def _check_site_shape(module: nn.Module, site: QuantSite, key: str, lo: torch.Tensor) -> None:
+def _check_site_shape(module: nn.Module, site: QuantSite, key: str, state_dict: dict, head: str) -> None:
+    """Refuse statistics whose granularity (per tensor / per channel) or width differ from the site's.
+
+    A per-channel site holds one statistic per channel of its weight (sized by ``prepare``), so 0-D
+    statistics are a per-tensor config's, except at a site whose channel count is only known at its
+    first observation (no resolvable weight) and that the checkpoint has not observed either.
+    """
     specs = module.__dict__.get(SPECS_ATTR, {})
     spec = specs.get(key)
     name = spec.name if spec is not None else key
     axis = site.observer.axis
-    if lo.dim() > 1 or (axis is None and lo.dim() == 1):
-        raise CheckpointError(
-            f"checkpoint site {name!r} has statistics of shape {tuple(lo.shape)} but the site is "
-            f"{site.scheme.describe()} here; the checkpoint was trained with another QuantConfig "
-            "(weight_per_channel?): prepare with the same config before loading"
-        )
-    if lo.dim() == 1 and spec is not None and spec.param is not None:
-        try:
-            w = module.get_parameter(spec.param)
-        except AttributeError:
-            return
-        channels = w.shape[axis] if axis is not None and -w.dim() <= axis < w.dim() else None
-        if channels is not None and lo.numel() != channels:
+    channels = _channels(module, spec, axis)
+    stats = {n: state_dict.get(head + n) for n in ("lo", "hi")}
+    for stat, t in stats.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.dim() > 1 or (axis is None and t.dim() == 1) or (axis is not None and t.dim() == 0 and (
+                channels is not None or _observed(t, state_dict.get(head + "num_updates")))):
             raise CheckpointError(
-                f"checkpoint site {name!r} has {lo.numel()} channels but {spec.param} has {channels} here; "
-                "the checkpoint belongs to a model of another width"
+                f"checkpoint site {name!r} has statistics of shape {tuple(t.shape)} but the site is "
+                f"{site.scheme.describe()} here (key {head + stat!r}); the checkpoint was trained with another "
+                "QuantConfig (weight_per_channel?): prepare with the same config before loading"
             )
+        if t.dim() == 1 and channels is not None and t.numel() != channels:
+            raise CheckpointError(
+                f"checkpoint site {name!r} has {t.numel()} channels but {spec.param} has {channels} here "
+                f"(key {head + stat!r}); the checkpoint belongs to a model of another width"
+            )
+    lo, hi = stats["lo"], stats["hi"]
+    if isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.shape != hi.shape:
+        raise CheckpointError(
+            f"checkpoint site {name!r} has lo of shape {tuple(lo.shape)} but hi of shape {tuple(hi.shape)} "
+            f"(keys {head}lo, {head}hi); the checkpoint is corrupted: save it again"
+        )
+
+
+def _channels(module: nn.Module, spec: Any, axis: int | None) -> int | None:
+    """The channel count of a per-channel weight site (``None``: per tensor, or no resolvable weight)."""
+    if axis is None or spec is None or spec.param is None:
+        return None
+    try:
+        w = module.get_parameter(spec.param)
+    except AttributeError:
+        return None
+    return w.shape[axis] if -w.dim() <= axis < w.dim() else None
+
+
+def _observed(stat: torch.Tensor, num_updates: Any) -> bool:
+    """Whether a checkpoint's statistic holds observations (a finite entry, or a positive update count)."""
+    if isinstance(num_updates, torch.Tensor) and num_updates.numel() == 1 and int(num_updates) > 0:
+        return True
+    return bool(torch.isfinite(stat).any())
 
 
 def _diff(what: str, ours: set[str], theirs: set[str]) -> str:

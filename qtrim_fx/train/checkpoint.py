@@ -22,8 +22,9 @@ shapes that differ instead of loading mismatched statistics.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def load(
         path: a file written by :func:`save`.
         example_inputs: as for :func:`qtrim_fx.prepare` (models captured with ``torch.export``).
         config: the ``QuantConfig`` to prepare with (default: the saved one; needed when the saved
-            config names module types that cannot be imported here).
+            config names module types other than ``torch.nn`` classes and the classes of ``model``'s
+            modules, the only ones a file may name: loading never imports a module a file names).
         map_location: as for ``torch.load``.
 
     Returns:
@@ -94,7 +96,7 @@ def load(
     """
     payload = _read(Path(path), map_location)
     if config is None:
-        config = config_from_plain(payload.get("config"))
+        config = config_from_plain(payload.get("config"), model=model)
     qm = prepare(model, example_inputs=example_inputs, config=config)
     ours = [spec.name for spec, _, _ in iter_sites(qm)]
     if set(ours) != set(payload["sites"]):
@@ -145,18 +147,47 @@ def _type_name(t: type) -> str:
     return f"{t.__module__}:{t.__qualname__}"
 
 
-def _import_type(name: str) -> type:
+def _resolve_type(name: Any, model: nn.Module | None) -> type[nn.Module]:
+    """The module class a saved config names as ``module:qualname``, from an allow-list only.
+
+    Allowed: ``nn.Module`` classes defined in ``torch.nn`` (or a submodule of it) and the classes
+    of ``model``'s modules and their ``nn.Module`` bases. Nothing is imported: the names come from
+    the file, and importing a module runs its code.
+    """
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise CheckpointError(f"corrupted checkpoint: its QuantConfig names module type {name!r}, not "
+                              "'module:QualName'; pass config= to qtrim_fx.checkpoint.load")
+    if model is not None:
+        known = {_type_name(t): t for m in model.modules() for t in type(m).__mro__
+                 if isinstance(t, type) and issubclass(t, nn.Module)}
+        if name in known:
+            return known[name]
+    found = _torch_nn_type(name)
+    if found is not None:
+        return found
+    what = (f"neither a torch.nn class nor the class of a module in this {type(model).__name__}" if model is not None
+            else "not a torch.nn class (and no model= was given whose module classes it could be)")
+    raise CheckpointError(
+        f"the saved QuantConfig names module type {name!r}, which is {what}; a checkpoint may name only those "
+        "(loading never imports a module a file names: that would run its code). Pass config= to "
+        "qtrim_fx.checkpoint.load with the overrides you expect"
+    )
+
+
+def _torch_nn_type(name: str) -> type[nn.Module] | None:
+    """The ``nn.Module`` class ``torch.nn[.sub]:QualName`` names, looked up in already imported modules only."""
     module, _, qualname = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(
-            f"the saved QuantConfig names module type {name}, which cannot be imported here ({e}); "
-            "pass config= to qtrim_fx.checkpoint.load"
-        ) from e
-    return obj
+    if module != "torch.nn" and not module.startswith("torch.nn."):
+        return None
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        if obj is None or not part.isidentifier() or part.startswith("__"):
+            return None
+        obj = inspect.getattr_static(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        return None
+    defined_in = obj.__module__ or ""
+    return obj if defined_in == "torch.nn" or defined_in.startswith("torch.nn.") else None
 
 
 def config_to_plain(config: QuantConfig) -> dict[str, Any]:
@@ -173,8 +204,16 @@ def config_to_plain(config: QuantConfig) -> dict[str, Any]:
     return out
 
 
-def config_from_plain(data: dict[str, Any] | None) -> QuantConfig:
-    """Inverse of :func:`config_to_plain` (``None``: the default config)."""
+def config_from_plain(data: dict[str, Any] | None, model: nn.Module | None = None) -> QuantConfig:
+    """Inverse of :func:`config_to_plain` (``None``: the default config).
+
+    Module types are resolved from an allow-list, never imported: ``torch.nn`` classes and, when
+    ``model`` is given, the classes of its modules (see :func:`load`).
+
+    Raises:
+        CheckpointError: ``data`` is not a saved QuantConfig, holds invalid values, or names a module
+            type outside the allow-list (the message names it).
+    """
     if data is None:
         return QuantConfig()
     try:
@@ -182,10 +221,16 @@ def config_from_plain(data: dict[str, Any] | None) -> QuantConfig:
         overrides = []
         for d in data.pop("overrides", []):
             d = dict(d)
-            if d.get("module_type") is not None:
-                types = tuple(_import_type(n) for n in d["module_type"])
+            names = d.get("module_type")
+            if names is not None:
+                if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+                    raise CheckpointError(f"corrupted checkpoint: its QuantConfig has module_type={names!r}, not a "
+                                          "list of 'module:QualName' names; pass config=")
+                types = tuple(_resolve_type(n, model) for n in names)
                 d["module_type"] = types[0] if len(types) == 1 else types
             overrides.append(Override(**d))
         return QuantConfig(**data, overrides=tuple(overrides))
-    except TypeError as e:
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"corrupted checkpoint: its QuantConfig does not load ({e}); pass config=") from e

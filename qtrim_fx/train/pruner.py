@@ -9,6 +9,7 @@ Per tensor or per output channel (axis 0).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,11 +59,13 @@ class ReversePruner:
         self.every = every
         self.momentum = momentum
         self.per_channel = bool(per_channel)
-        self.start = None if start is None else float(start)
-        if int(max_samples) < 1:
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
             raise SchemeError(f"max_samples={max_samples!r} must be a positive int (quantile subsample bound)")
-        self.max_samples = int(max_samples)
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SchemeError(f"seed={seed!r} must be an int (the subsampling seed, e.g. seed=0)")
+        self.start = None if start is None else float(start)
+        self.max_samples = max_samples
+        self.seed = seed
         self.thresholds: list[torch.Tensor | None] = []
         self.num_updates = 0
         self.last_pinned_epoch: int | None = None
@@ -148,15 +151,78 @@ class ReversePruner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.thresholds = [None if t is None else torch.as_tensor(t).clone() for t in state["thresholds"]]
-            self.num_updates = int(state["num_updates"])
-            self.last_pinned_epoch = state["last_pinned_epoch"]
-        except (KeyError, TypeError) as e:
-            raise SchemeError(f"not a ReversePruner state dict ({e}); pass ReversePruner.state_dict()") from e
+        """Restore :meth:`state_dict` output; the whole state is checked first, so a bad one changes nothing.
+
+        Raises:
+            SchemeError: ``state`` is not a ReversePruner state (the message names the entry).
+        """
+        problem = self.state_problem(state)
+        if problem is not None:
+            raise SchemeError(f"not a ReversePruner state dict ({problem}); pass ReversePruner.state_dict()")
+        taus = [None if t is None else _as_threshold(t) for t in state["thresholds"]]
+        self.thresholds = [None if t is None else t.detach().clone() for t in taus]
+        self.num_updates = operator.index(state["num_updates"])
+        last = state["last_pinned_epoch"]
+        self.last_pinned_epoch = None if last is None else operator.index(last)
+
+    def state_problem(self, state: Any) -> str | None:
+        """What keeps ``state`` from loading into this pruner (``None``: it loads as it is).
+
+        Checked: the three entries are there; ``thresholds`` is a list of ``None`` or finite,
+        non-negative floating-point thresholds, 0-D (1-D allowed when ``per_channel``); the counters
+        are non-negative ints (``last_pinned_epoch`` may be ``None``).
+        """
+        if not isinstance(state, dict):
+            return f"got a {type(state).__name__}, not a dict"
+        for key in ("thresholds", "num_updates", "last_pinned_epoch"):
+            if key not in state:
+                return f"KeyError: {key!r}"
+        thresholds = state["thresholds"]
+        if not isinstance(thresholds, (list, tuple)):
+            return f"thresholds is a {type(thresholds).__name__}, not a list"
+        max_dim = 1 if self.per_channel else 0
+        for i, t in enumerate(thresholds):
+            if t is None:
+                continue
+            t = _as_threshold(t)
+            if t is None:
+                return f"thresholds[{i}] is {state['thresholds'][i]!r}, not a floating-point tensor"
+            if t.dim() > max_dim:
+                return (f"thresholds[{i}] has shape {tuple(t.shape)}; a "
+                        f"{'per-channel' if self.per_channel else 'per-tensor'} pruner keeps "
+                        f"{'one value per output channel' if self.per_channel else 'one value per weight'}")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                return f"thresholds[{i}] is not finite and non-negative"
+        for key, allow_none in (("num_updates", False), ("last_pinned_epoch", True)):
+            v = state[key]
+            if v is None and allow_none:
+                continue
+            if _as_count(v) is None:
+                return f"{key}={v!r} is not a non-negative int"
+        return None
 
     def __repr__(self) -> str:
         return (
             f"ReversePruner(p_clip={self.p_clip}, every={self.every}, momentum={self.momentum}, "
             f"per_channel={self.per_channel}, start={self.start})"
         )
+
+
+def _as_threshold(t: Any) -> torch.Tensor | None:
+    """A saved threshold as a floating-point tensor (a Python float becomes a 0-D float32 one), else ``None``."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return torch.tensor(float(t))
+    return t if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+
+
+def _as_count(v: Any) -> int | None:
+    """``v`` as a non-negative int (Python, NumPy or 0-D integer tensor), else ``None`` (also for bools)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_floating_point() or v.dtype == torch.bool):
+        return None
+    try:
+        n = operator.index(v)
+    except TypeError:
+        return None
+    return n if n >= 0 else None

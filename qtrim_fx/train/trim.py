@@ -12,6 +12,7 @@ observers' host mirrors of their update counts (stale after DDP broadcast a rank
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -175,22 +176,34 @@ class QuantTrim:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (load the model's ``state_dict`` too, on every rank).
 
+        The whole state (this schedule's and the pruner's) is checked before anything is assigned:
+        a state that is refused leaves this ``QuantTrim``, its pruner and the model's λ as they were.
+
         Raises:
             CheckpointError: ``state`` is not a QuantTrim state, is corrupted, or belongs to another
                 model or pruner setting (the message says which).
         """
-        try:
-            epoch, blend = int(state["epoch"]), float(state["blend"])
-            pinned = [int(e) for e in state["pinned_epochs"]]
-            pruner_state = state["pruner"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"not a QuantTrim state dict ({type(e).__name__}: {e}); pass what QuantTrim.state_dict() returned"
-            ) from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"not a QuantTrim state dict (got a {type(state).__name__}); pass what "
+                                  "QuantTrim.state_dict() returned")
+        missing = [k for k in ("epoch", "blend", "pinned_epochs", "pruner") if k not in state]
+        if missing:
+            raise CheckpointError(f"not a QuantTrim state dict (KeyError: {missing[0]!r}); pass what "
+                                  "QuantTrim.state_dict() returned")
+        epoch, blend, pinned, pruner_state = state["epoch"], state["blend"], state["pinned_epochs"], state["pruner"]
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < -1:
+            raise CheckpointError(f"corrupted QuantTrim state: epoch={epoch!r} is not an int >= -1 (-1: before "
+                                  "the first epoch)")
+        if isinstance(blend, bool) or not isinstance(blend, numbers.Real):
+            raise CheckpointError(f"corrupted QuantTrim state: blend={blend!r} is not a number in [0, 1]")
+        blend = float(blend)
         if not math.isfinite(blend) or not 0.0 <= blend <= 1.0:
             raise CheckpointError(f"corrupted QuantTrim state: blend={blend} is outside [0, 1]")
-        if epoch < -1:
-            raise CheckpointError(f"corrupted QuantTrim state: epoch={epoch} is negative")
+        if not isinstance(pinned, (list, tuple)) or not all(
+            isinstance(e, numbers.Integral) and not isinstance(e, bool) and e >= 0 for e in pinned
+        ):
+            raise CheckpointError(f"corrupted QuantTrim state: pinned_epochs={pinned!r} is not a list of "
+                                  "non-negative ints")
         if (pruner_state is None) != (self.pruner is None):
             have = "has" if pruner_state is not None else "has no"
             raise CheckpointError(
@@ -200,8 +213,14 @@ class QuantTrim:
         self._check_weights(state.get("weights"))
         if self.pruner is not None:
             self._check_thresholds(pruner_state)
+            problem = self.pruner.state_problem(pruner_state)
+            if problem is not None:
+                raise CheckpointError(f"corrupted QuantTrim state: its pruner state does not load ({problem}); "
+                                      "pass what QuantTrim.state_dict() returned")
+        # Everything is checked: from here on nothing can fail half-way.
+        if self.pruner is not None:
             self.pruner.load_state_dict(pruner_state)
-        self.epoch, self.blend, self.pinned_epochs = epoch, blend, pinned
+        self.epoch, self.blend, self.pinned_epochs = int(epoch), blend, [int(e) for e in pinned]
         set_blend(self.model, blend)
 
     def _weight_names(self) -> list[str]:
@@ -210,6 +229,8 @@ class QuantTrim:
     def _check_weights(self, saved: Any) -> None:
         if saved is None:  # states written before the names were kept
             return
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(n, str) for n in saved):
+            raise CheckpointError(f"corrupted QuantTrim state: weights={saved!r} is not a list of parameter names")
         ours = self._weight_names()
         if list(saved) != ours:
             missing = [n for n in ours if n not in saved][:4]

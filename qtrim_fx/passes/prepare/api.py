@@ -28,7 +28,7 @@ from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.errors import ConfigError, NoSitesError
 from qtrim_fx.frontend.trace import Fallback, capture
 from qtrim_fx.passes.prepare.pipeline import prepare_passes, run_passes
-from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, iter_sites
+from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, is_prepared, iter_sites, unwrap
 from qtrim_fx.runtime.state_check import check_checkpoint
 
 __all__ = ["PrepareInfo", "prepare"]
@@ -59,10 +59,13 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
     Raises:
         CaptureError: neither symbolic tracing nor ``torch.export`` could capture the model.
         NoSitesError: the model has no conv / linear / matmul-with-weight op to quantize.
+        ConfigError: ``model`` is already prepared (or wraps or contains a prepared model).
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a qtrim_fx.QuantConfig, got {type(config).__name__}")
+    if isinstance(model, nn.Module):
+        _refuse_prepared(model)
     result = capture(model, example_inputs)
     gm = result.gm
     for fb in result.fallbacks:
@@ -87,6 +90,26 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
         m.training = model.training
     _make_saveable(gm)
     return gm
+
+
+def _refuse_prepared(model: nn.Module) -> None:
+    """Raise a :class:`ConfigError` when ``model`` is, wraps (DDP / DataParallel) or contains a prepared model.
+
+    Preparing one again would quantize every site twice (or fail to capture its site modules).
+    """
+    for name, m in model.named_modules():
+        if not is_prepared(m):
+            continue
+        if m is model:
+            where = f"the {type(model).__name__} passed is already prepared"
+        elif name == "module" and unwrap(model) is m:
+            where = f"the {type(model).__name__} passed wraps an already prepared model (its .module)"
+        else:
+            where = f"submodule {name!r} of the {type(model).__name__} passed is already prepared"
+        raise ConfigError(
+            f"qtrim_fx.prepare: {where}; preparing it again would quantize each site twice. "
+            "Pass the float model, or use the prepared model as it is"
+        )
 
 
 class _RebuildTracer(fx.Tracer):
