@@ -7,8 +7,8 @@ Per update, on a seeded random subsample of at most ``max_samples`` elements
     weights     ("abs"):    m_t = quantile(|w|, p_hi)          (stored as lo = -m, hi = m)
     EMA:        s̃_t = (1 − μ) s̃_(t−1) + μ s_t,   the first observation initializes it
 
-The subsample is made of random runs of consecutive elements (one random
-draw per run), so an update costs the same for 1e5 and 1e7 elements.
+The subsample (:mod:`qtrim_fx.runtime.subsample`) is made of random runs of consecutive
+elements (one random draw per run), so an update costs the same for 1e5 and 1e7 elements.
 Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
 default). Only the tail order statistics are needed, so they come from
 ``torch.topk`` on the subsample rather than a full sort, and only on the runs
@@ -49,11 +49,11 @@ from qtrim_fx.runtime.quantiles import (
     refill,
     two_tail_quantiles,
 )
+from qtrim_fx.runtime.subsample import subsample_rows
 
-__all__ = ["EmaQuantileObserver"]
+__all__ = ["EmaQuantileObserver", "is_distributed"]
 
 Mode = Literal["range", "abs"]
-_BLOCK = 32
 
 
 def _check_p(name: str, p: float) -> float:
@@ -69,16 +69,6 @@ def _versions(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int] | None:
         return lo._version, hi._version
     except RuntimeError:
         return None
-
-
-_ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    t = _ARANGE.get((n, device))
-    if t is None:
-        t = _ARANGE[(n, device)] = torch.arange(n, device=device)
-    return t
 
 
 # Observers reachable from compiled graphs, by id (the graph holds the id as a constant).
@@ -107,8 +97,13 @@ def _train_call_outside_graph(observer: EmaQuantileObserver, x: torch.Tensor) ->
     observer._train_call(x, observer.lo, observer.hi, observer.num_updates, observer.nonfinite)
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` runs with more than one rank (so statistics are all-reduced)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# The former private name, still imported by train/trim.py; remove once that module imports is_distributed.
+_distributed = is_distributed
 
 
 def _all_reduce_mean(
@@ -242,66 +237,8 @@ class EmaQuantileObserver(nn.Module):
         return g
 
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(C, n) subsample as float (C = 1 per tensor, else channels along ``axis``), and whether it is a copy.
-
-        The input is never copied, moved or converted as a whole (no ``movedim().reshape``
-        copy, no full ``.float()`` of a half-precision input); only the subsample is
-        gathered and converted to float32. When each row is contiguous in memory (per
-        tensor, or channels on the leading axis: the usual weight and activation layouts)
-        the runs are copied out of an ``unfold`` view, otherwise elements are
-        gathered with ``torch.take`` on logical indices; both read the same elements.
-        A copy (``True``) belongs to the caller, who may overwrite it.
-        """
-        x = x.detach()
-        if self.axis is None:
-            c, pre, post = 1, 1, x.numel()
-        else:
-            if not -x.dim() <= self.axis < x.dim():
-                raise SchemeError(f"observer axis {self.axis} is out of range for a {x.dim()}-D tensor")
-            axis = self.axis % x.dim()
-            c, pre, post = x.shape[axis], math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
-        n = pre * post
-        per_row = max(1, self.max_samples // c)
-        owned = True
-        if pre == 1 and x.is_contiguous():
-            rows = x.view(c, n)
-            if n > per_row:
-                starts, block = self._sample_starts(n, per_row, x.device)
-                if c == 1:
-                    # index_select along dim 0 copies whole runs out of the overlapping unfold view
-                    # without materializing it (along another dim it would copy the view whole).
-                    rows = rows.view(n).unfold(0, block, 1).index_select(0, starts).view(1, -1)
-                else:  # the same runs of every row: one gather of their columns (~4x faster on the
-                    # CPU than index_select along dim 1; the same elements in the same order)
-                    cols = (starts.unsqueeze(1) + _arange(block, x.device)).view(1, -1)
-                    rows = torch.gather(rows, 1, cols.expand(c, -1))
-            else:
-                owned = False
-        else:
-            if n > per_row:
-                starts, block = self._sample_starts(n, per_row, x.device)
-                r = (starts.unsqueeze(1) + torch.arange(block, device=x.device)).reshape(-1)
-            else:
-                r = torch.arange(n, device=x.device)
-            # Element r of channel ch (in movedim(axis, 0).reshape(C, -1) order) has logical
-            # flat index (r // post) * C * post + ch * post + r % post.
-            base = torch.div(r, post, rounding_mode="floor") * (c * post) + torch.remainder(r, post)
-            rows = torch.take(x, base.unsqueeze(0) + (torch.arange(c, device=x.device) * post).unsqueeze(1))
-        if rows.dtype not in (torch.float32, torch.float64):
-            rows, owned = rows.float(), True
-        return rows, owned
-
-    def _sample_starts(self, n: int, k: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        """Starts of ``k // block`` random runs of ``block = min(_BLOCK, k)`` consecutive indices in ``[0, n)``.
-
-        Drawing one random start per run instead of one per element keeps the work
-        (random-number generation and cache misses) small and independent of ``n``.
-        """
-        block = min(_BLOCK, k)
-        starts = torch.randint(
-            0, n - block + 1, (k // block,), generator=self._generator(device), device=device
-        )
-        return starts, block
+        """(C, n) float subsample of ``x`` and whether it is a copy (see :func:`subsample_rows`)."""
+        return subsample_rows(x, self.axis, self.max_samples, self._generator)
 
     # -- update --------------------------------------------------------------
     def _empty_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -366,7 +303,7 @@ class EmaQuantileObserver(nn.Module):
     ) -> None:
         """:meth:`observe` writing into the given state tensors (the buffers, or their stand-ins in a
         compiled graph, see :func:`_observe_op`); only the buffers themselves may be resized."""
-        sync = self.sync_ranks and _distributed()
+        sync = self.sync_ranks and is_distributed()
         if x.numel() == 0 and not sync:
             return
         if self._cpu_fast_path and x.device.type == "cpu" and not sync and lo.shape == self._stat_shape(x):

@@ -24,7 +24,7 @@ from torch import nn
 
 from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.scheme import QuantScheme
-from qtrim_fx.runtime.blend import BlendControl, _BlendQuantFn, blend_quant_folded
+from qtrim_fx.runtime.blend import BlendControl, BlendQuantFn, blend_quant_folded
 from qtrim_fx.runtime.observer import EmaQuantileObserver
 from qtrim_fx.runtime.ops import channel_shape
 
@@ -144,7 +144,7 @@ class QuantSite(nn.Module):
         # The host-side mirror of λ = 1 lets eager skip the lerp; compiled graphs keep it (no guard on λ).
         one = control.is_one and not compiling
         if f is None:
-            return _BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one)
+            return BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one)
         return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
 
     def observer_name(self) -> str:

@@ -10,112 +10,32 @@ Nodes are FX nodes, labelled with their name and normalized op kind (``node.meta
 The observer + blend-quant site nodes inserted by ``prepare`` (``call_module qtrim_sites.<key>``) are
 drawn as hexagons, weight sites in magenta, activation sites in orange; a legend explains every style.
 
-The SVG layout is computed here: each node's row is its longest-path depth from the inputs
-(parameter chains are pulled down next to the op that reads them), and the order within a row comes
-from a few barycenter sweeps, which keeps the main data path straight and crossings few.
+This module renders; the networkx view, the node categories and the SVG layout (longest-path rows,
+barycenter ordering, no graphviz needed) are in :mod:`qtrim_fx.tools.graph_layout`.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
 import torch.fx as fx
 
-from qtrim_fx.core.spec import OP_KIND, SITE_NODE
+from qtrim_fx.tools.graph_layout import (
+    CATEGORIES,
+    LEGEND_W,
+    MARGIN,
+    NODE_H,
+    NODE_W,
+    ROW_PITCH,
+    graph_to_networkx,
+    layout,
+)
+from qtrim_fx.tools.graph_layout import SITE_PREFIX as SITE_PREFIX  # importable from here as before the split
 
 __all__ = ["CATEGORIES", "graph_to_networkx", "to_dot", "to_html", "to_svg", "write_graph"]
-
-SITE_PREFIX = "qtrim_sites."
-
-
-@dataclass(frozen=True)
-class _Style:
-    label: str
-    fill: str
-    stroke: str
-    shape: str  # "box", "hexagon", "ellipse", "note"
-
-
-#: node category -> how it is drawn (legend order)
-CATEGORIES: dict[str, _Style] = {
-    "weight_site": _Style("weight site (observer + blend-quant)", "#f8bbd0", "#ad1457", "hexagon"),
-    "activation_site": _Style("activation site (observer + blend-quant)", "#ffe0b2", "#e65100", "hexagon"),
-    "compute": _Style("conv / linear / matmul", "#bbdefb", "#1565c0", "box"),
-    "op": _Style("other op", "#ffffff", "#616161", "box"),
-    "parameter": _Style("parameter / buffer (get_attr)", "#f5f5f5", "#9e9e9e", "note"),
-    "io": _Style("graph input / output", "#c8e6c9", "#2e7d32", "ellipse"),
-}
-_COMPUTE = {"conv", "conv_transpose", "linear", "matmul", "bmm", "einsum", "sdpa", "mha", "baddbmm"}
-
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, str):
-        return t
-    return getattr(t, "__name__", None) or str(t)
-
-
-def _category(node: fx.Node, kind: str) -> str:
-    spec = node.meta.get(SITE_NODE)
-    if node.op == "call_module" and str(node.target).startswith(SITE_PREFIX):
-        return "weight_site" if spec is not None and spec.kind == "weight" else "activation_site"
-    if node.op in ("placeholder", "output"):
-        return "io"
-    if node.op == "get_attr":
-        return "parameter"
-    return "compute" if kind in _COMPUTE else "op"
-
-
-def graph_to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
-    """The FX graph of ``gm`` as a ``networkx.DiGraph`` (one node per FX node, edges data flow).
-
-    Args:
-        gm: a ``torch.fx.GraphModule``, usually one returned by :func:`qtrim_fx.prepare`.
-
-    Returns:
-        A DiGraph keyed by FX node name. Node attributes: ``op`` (FX op), ``target`` (str), ``kind``
-        (normalized op kind, ``""`` when unknown), ``category`` (a key of :data:`CATEGORIES`),
-        ``label``, ``order`` (position in the FX graph), ``site`` (the site's name, or None),
-        ``site_kind``, ``site_role``, ``scheme`` and ``module`` (None unless a site node).
-        Graph attribute ``name``: the module's class name.
-    """
-    g = nx.DiGraph(name=type(gm).__name__)
-    for i, node in enumerate(gm.graph.nodes):
-        kind = str(node.meta.get(OP_KIND) or "")
-        spec = node.meta.get(SITE_NODE)
-        category = _category(node, kind)
-        site = spec.name if spec is not None and category.endswith("_site") else None
-        if site is not None:
-            detail = f"{spec.kind} site, {spec.role}"
-        elif node.op == "get_attr":
-            detail = _target_name(node)
-        elif node.op in ("placeholder", "output"):
-            detail = node.op
-        else:
-            detail = kind if kind and kind not in ("other", "module") else _target_name(node)
-        g.add_node(
-            node.name,
-            op=node.op,
-            target=_target_name(node),
-            kind=kind,
-            category=category,
-            label=site or node.name,
-            detail=detail,
-            order=i,
-            site=site,
-            site_kind=spec.kind if site else None,
-            site_role=spec.role if site else None,
-            scheme=spec.scheme.describe() if site else None,
-            module=spec.module if site else None,
-        )
-        for src in node.all_input_nodes:
-            g.add_edge(src.name, node.name)
-    return g
 
 
 # --- DOT -----------------------------------------------------------------------------------------------
@@ -173,71 +93,6 @@ def _tooltip(name: str, a: dict) -> str:
     return "\n".join(parts)
 
 
-# --- layout --------------------------------------------------------------------------------------------
-
-_W, _H = 168, 38  # node box
-_DX, _DY = 188, 64  # column and row pitch
-_MARGIN = 24
-_LEGEND_W = 300
-_GUTTER = 56  # room left and right of the node columns for skip connections
-
-
-def _layers(g: nx.DiGraph) -> dict[str, int]:
-    order = list(nx.topological_sort(g))
-    depth: dict[str, int] = {}
-    for n in order:
-        depth[n] = max((depth[p] + 1 for p in g.predecessors(n)), default=0)
-    # Nodes that do not depend on a graph input (parameters and what is computed only from them, such as
-    # BN fold factors and weight sites) sit right above their first reader instead of all in row 0.
-    data = set()
-    for n in order:
-        if g.nodes[n]["op"] == "placeholder" or any(p in data for p in g.predecessors(n)):
-            data.add(n)
-    for n in reversed(order):
-        succ = list(g.successors(n))
-        if n not in data and succ:
-            depth[n] = max(depth[n], min(depth[s] for s in succ) - 1)
-    return depth
-
-
-def _order_rows(g: nx.DiGraph, depth: dict[str, int]) -> list[list[str]]:
-    rows: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
-    for n in sorted(g.nodes, key=lambda n: g.nodes[n]["order"]):
-        rows[depth[n]].append(n)
-    pos = {n: i - (len(r) - 1) / 2 for r in rows for i, n in enumerate(r)}
-
-    def sweep(rows_seq: Iterable[list[str]], neighbours) -> None:
-        for r in rows_seq:
-            def key(n: str, r=r) -> tuple[float, int]:
-                nb = [pos[m] for m in neighbours(n)]
-                return (sum(nb) / len(nb) if nb else pos[n], g.nodes[n]["order"])
-
-            r.sort(key=key)
-            for i, n in enumerate(r):
-                pos[n] = i - (len(r) - 1) / 2
-
-    for _ in range(2):
-        sweep(rows, g.predecessors)
-        sweep(reversed(rows), g.successors)
-    sweep(rows, g.predecessors)
-    return rows
-
-
-def _layout(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[list[str]], float, float]:
-    if g.number_of_nodes() == 0:
-        return {}, [], 2 * _MARGIN + _LEGEND_W, 2 * _MARGIN
-    rows = _order_rows(g, _layers(g))
-    graph_w = max(len(r) for r in rows) * _DX
-    xy = {}
-    for y, r in enumerate(rows):
-        for i, n in enumerate(r):
-            x = _MARGIN + _GUTTER + graph_w / 2 + (i - (len(r) - 1) / 2) * _DX
-            xy[n] = (x, _MARGIN + y * _DY + _H / 2)
-    total_w = _MARGIN * 3 + 2 * _GUTTER + graph_w + _LEGEND_W
-    total_h = _MARGIN * 2 + len(rows) * _DY
-    return xy, rows, total_w, max(total_h, _MARGIN * 2 + 40 + 28 * len(CATEGORIES))
-
-
 # --- SVG -----------------------------------------------------------------------------------------------
 
 
@@ -267,18 +122,18 @@ def _edge_svg(p: tuple[float, float], q: tuple[float, float], between: tuple[flo
     """A data-flow edge; ``between`` is the x extent of the rows it spans (None for adjacent rows)."""
     (x1, y1), (x2, y2) = p, q
     if between is None:
-        y1 += _H / 2
-        y2 -= _H / 2 + 2
-        c1, c2 = (x1, y1 + _DY / 2), (x2, y2 - _DY / 2)
+        y1 += NODE_H / 2
+        y2 -= NODE_H / 2 + 2
+        c1, c2 = (x1, y1 + ROW_PITCH / 2), (x2, y2 - ROW_PITCH / 2)
     else:
         # A skip connection drawn straight would cross the nodes of the rows in between: leave the source
         # sideways, run down beside those rows and enter the target from the same side.
         lo, hi = between
         left = abs(x1 - lo) + abs(x2 - lo) <= abs(x1 - hi) + abs(x2 - hi)
         side = -1.0 if left else 1.0
-        reach = _W / 2 + 12 + 7 * (k % 4)
+        reach = NODE_W / 2 + 12 + 7 * (k % 4)
         bx = min(lo, x1, x2) - reach if left else max(hi, x1, x2) + reach
-        x1, x2 = x1 + side * _W / 2, x2 + side * (_W / 2 + 2)
+        x1, x2 = x1 + side * NODE_W / 2, x2 + side * (NODE_W / 2 + 2)
         c1, c2 = (bx, y1), (bx, y2)
     return (f'<path d="M{x1:.1f},{y1:.1f} C{c1[0]:.1f},{c1[1]:.1f} {c2[0]:.1f},{c2[1]:.1f} {x2:.1f},{y2:.1f}" '
             'class="edge" marker-end="url(#arrow)"/>')
@@ -301,7 +156,7 @@ def _edges_svg(g: nx.DiGraph, xy: dict[str, tuple[float, float]], rows: list[lis
 
 def _legend_svg(x: float, y: float, counts: dict[str, int]) -> list[str]:
     out = [f'<g class="legend" transform="translate({x:.1f},{y:.1f})">',
-           f'<rect x="0" y="0" width="{_LEGEND_W}" height="{36 + 28 * len(CATEGORIES)}" fill="#fafafa" '
+           f'<rect x="0" y="0" width="{LEGEND_W}" height="{36 + 28 * len(CATEGORIES)}" fill="#fafafa" '
            'stroke="#bdbdbd"/>',
            '<text x="12" y="22" class="title">Legend</text>']
     for i, (key, st) in enumerate(CATEGORIES.items()):
@@ -330,7 +185,7 @@ def to_svg(g: nx.DiGraph) -> str:
     Returns:
         The SVG text.
     """
-    xy, rows, width, height = _layout(g)
+    xy, rows, width, height = layout(g)
     counts: dict[str, int] = {}
     for _, a in g.nodes(data=True):
         counts[a["category"]] = counts.get(a["category"], 0) + 1
@@ -353,14 +208,14 @@ def to_svg(g: nx.DiGraph) -> str:
         out += [
             f'<g id="n-{_esc(n)}" class="node {a["category"]}">',
             f"<title>{_esc(_tooltip(n, a))}</title>",
-            _shape_svg(st.shape, x, y, _W, _H, st.fill, st.stroke, 2.2 if is_site else 1.2),
+            _shape_svg(st.shape, x, y, NODE_W, NODE_H, st.fill, st.stroke, 2.2 if is_site else 1.2),
             f'<text x="{x:.1f}" y="{y - 3:.1f}" text-anchor="middle" class="{cls}">{_esc(_clip(a["label"]))}</text>',
             f'<text x="{x:.1f}" y="{y + 11:.1f}" text-anchor="middle" class="detail">'
             f"{_esc(_clip(a['detail'], 30))}</text>",
             "</g>",
         ]
     out.append("</g>")
-    out += _legend_svg(width - _MARGIN - _LEGEND_W, _MARGIN, counts)
+    out += _legend_svg(width - MARGIN - LEGEND_W, MARGIN, counts)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

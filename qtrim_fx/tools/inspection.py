@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.runtime.ops import bn_fold_factor, channel_shape
 from qtrim_fx.runtime.prepared import INFO_ATTR, iter_sites, require_prepared
 
@@ -85,40 +86,68 @@ def _deployed_weight(model: nn.Module, spec) -> torch.Tensor:
     return w
 
 
-def inspect(model: nn.Module) -> InspectReport:
+def _target_notes(model: nn.Module, target: str | TargetProfile) -> dict[str, str]:
+    """Site name -> what lowering for ``target`` decides there, for sites where it says something."""
+    from qtrim_fx.passes.lower.plan import lowering_plan
+
+    plan = lowering_plan(model, target)
+    name = get_profile(target).name  # aliases and profiles alike are named as the registry names them
+    notes = {}
+    for site, lowered in plan.items():
+        if not lowered.kept:
+            notes[site] = f"dropped for {name}: {lowered.reason}"
+        elif lowered.reason:
+            notes[site] = f"kept for {name}: {lowered.reason}"
+    return notes
+
+
+def _site_row(model: nn.Module, spec, site, extra: str | None) -> SiteRow:
+    """The table row of one site (``extra``: a note about the target, or None)."""
+    notes = list(spec.notes)
+    scale = zp = clipped = None
+    shape = None
+    if site.observer.initialized:
+        s, z = site.qparams()
+        scale = (float(s.min()), float(s.max()))
+        zp = (int(z.min()), int(z.max()))
+    else:
+        notes.append("no statistics yet")
+    if spec.kind == "weight" and spec.param is not None:
+        w = _deployed_weight(model, spec)
+        shape = tuple(w.shape)
+        if scale is not None:
+            s, z = site.qparams()
+            sb = s if s.dim() == 0 else channel_shape(s, w.dim(), spec.scheme.axis or 0)
+            zb = z if z.dim() == 0 else channel_shape(z, w.dim(), spec.scheme.axis or 0)
+            q = torch.round(w / sb) + zb
+            clipped = float(((q < spec.scheme.qmin) | (q > spec.scheme.qmax)).float().mean())
+    if extra is not None:
+        notes.append(extra)
+    return SiteRow(spec.name, spec.kind, spec.role, spec.op, spec.scheme.describe(), shape, scale, zp, clipped,
+                   tuple(notes))
+
+
+def inspect(model: nn.Module, target: str | TargetProfile | None = None) -> InspectReport:
     """One row per site of a prepared model (prints as a table).
 
     Args:
         model: a model returned by :func:`qtrim_fx.prepare`.
+        target: a target profile or its name (``"tensorrt"`` ...). When given, each site's notes also
+            say what lowering for it decides: ``"dropped for T: why"`` for a site the target deploys
+            without a quantizer, ``"kept for T: why"`` for a kept one whose plan gives a reason (such
+            as weight statistics re-derived for the target's channel axis). The model is not changed.
 
     Returns:
         :class:`InspectReport` (``print(report)`` shows the table; ``to_dict()`` for JSON).
+
+    Raises:
+        UncalibratedSitesError: ``target`` is given and some site has no statistics yet (planning a
+            target derives its qparams from them).
+        ProfileError: ``target`` names no known profile.
     """
     require_prepared(model, "inspect")
-    rows = []
-    for spec, site, _node in iter_sites(model):
-        notes = list(spec.notes)
-        scale = zp = clipped = None
-        shape = None
-        if site.observer.initialized:
-            s, z = site.qparams()
-            scale = (float(s.min()), float(s.max()))
-            zp = (int(z.min()), int(z.max()))
-        else:
-            notes.append("no statistics yet")
-        if spec.kind == "weight" and spec.param is not None:
-            w = _deployed_weight(model, spec)
-            shape = tuple(w.shape)
-            if scale is not None:
-                s, z = site.qparams()
-                sb = s if s.dim() == 0 else channel_shape(s, w.dim(), spec.scheme.axis or 0)
-                zb = z if z.dim() == 0 else channel_shape(z, w.dim(), spec.scheme.axis or 0)
-                q = torch.round(w / sb) + zb
-                clipped = float(((q < spec.scheme.qmin) | (q > spec.scheme.qmax)).float().mean())
-        rows.append(
-            SiteRow(spec.name, spec.kind, spec.role, spec.op, spec.scheme.describe(), shape, scale, zp, clipped,
-                    tuple(notes))
-        )
+    extra = _target_notes(model, target) if target is not None else {}
+    rows = [_site_row(model, spec, site, extra.get(spec.name)) for spec, site, _node in iter_sites(model)]
     info = model.__dict__.get(INFO_ATTR)
     fallbacks = tuple((f.module, f.reason) for f in info.fallbacks) if info else ()
     return InspectReport(

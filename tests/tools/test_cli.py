@@ -23,7 +23,7 @@ from qtrim_fx.models import get_model
 import qtrim_fx
 from qtrim_fx.tools.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 180
 
@@ -119,6 +119,30 @@ def test_inspect_prints_every_site(runs, site_names):
     data = json.loads((runs["tmp"] / "sites.json").read_text())
     assert [row["name"] for row in data["rows"]] == site_names
     assert "qtrim inspect [" not in r.err  # no progress bar when stderr is not a terminal
+
+
+def test_inspect_target_notes_the_sites_it_drops():
+    model, inputs = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model, inputs)
+    qtrim_fx.calibrate(qm, [inputs])
+    plain = qtrim_fx.inspect(qm)
+    report = qtrim_fx.inspect(qm, target="tensorrt")
+    prefix = "dropped for tensorrt: "
+    dropped = {r.name: n.removeprefix(prefix) for r in report.rows for n in r.notes if n.startswith(prefix)}
+    outputs = {r.name for r in plain.rows if r.role == "output"}
+    assert outputs and set(dropped) == outputs  # TensorRT takes no Q on Conv/Gemm/MatMul outputs
+    assert all("tensorrt" in why for why in dropped.values())
+    # the target only adds notes, and the default table is the one without it (the model is not changed)
+    for a, b in zip(plain.rows, report.rows, strict=True):
+        assert b.notes[: len(a.notes)] == a.notes and (a.name, a.scale, a.clipped) == (b.name, b.scale, b.clipped)
+    assert qtrim_fx.inspect(qm).table() == plain.table() and "dropped for" not in plain.table()
+    assert not any(n.startswith("dropped for") for r in qtrim_fx.inspect(qm, target="onnxruntime").rows for n in r.notes)
+
+
+def test_inspect_target_option(capsys):
+    assert main(["inspect", "tiny_convnet", "--calibrate", "1", "--target", "tensorrt"]) == 0
+    out = capsys.readouterr().out
+    assert "\nfc.out " in out and "dropped for tensorrt: output of a weighted op" in out
 
 
 def test_inspect_graph_dot(runs, site_names):
@@ -282,6 +306,8 @@ def test_usage_error_messages_say_what_is_wrong(runs):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["inspect", "tiny_convnet", "--graph", "g.png"], "use a .html, .svg or .dot file name"),
         (["inspect", "tiny_convnet", "--checkpoint", "missing.pt"], "checkpoint 'missing.pt' does not exist"),
+        (["inspect", "tiny_convnet", "--target", "no_such_target"], "unknown target 'no_such_target'"),
+        (["inspect", "tiny_convnet", "--target", "tensorrt"], "--target tensorrt needs statistics"),
         (["verify", "missing.onnx", "--reference", "tiny_convnet"], "'missing.onnx' does not exist"),
     ],
 )

@@ -19,6 +19,8 @@ Rules (DESIGN.md):
   weighted ops (after a foldable BatchNorm) that no other site covers;
 * never: attention scores (QKᵀ, its scaling, the mask add, softmax in/out, the
   probabilities entering P·V), non-tensors (shapes, Python scalars), constants.
+
+The graph walks behind these rules are in :mod:`qtrim_fx.passes.prepare.graph_walks`.
 """
 
 from __future__ import annotations
@@ -32,14 +34,22 @@ from torch import nn
 from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, OP_KIND, OWNER, WEIGHT_SITE, SiteSpec
 from qtrim_fx.passes.base import GraphPass, PassResult
+from qtrim_fx.passes.prepare.graph_walks import (
+    attention_float_region,
+    covered,
+    data_source,
+    dynamic_nodes,
+    map_axis,
+    node_owner,
+    param_source,
+    through_views,
+)
 from qtrim_fx.passes.prepare.normalize import arg, is_tensor_node
 
 __all__ = ["AnnotateSitesPass"]
 
 _WEIGHTED = frozenset({"conv", "conv_transpose", "linear"})
 _MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
-_VIEWS = frozenset({"reshape", "dropout"})
-_SCORE = frozenset({"mul", "div", "add", "sub", "softmax", "dropout", "mask", "reshape"})
 _NONLINEAR = frozenset({"relu", "activation"})
 # Output channel axis of each weighted op's weight, in the weight's own layout.
 _OUT_AXIS = {"conv": 0, "conv_transpose": 1, "linear": 0}
@@ -60,7 +70,7 @@ class _Analysis:
         self.params = dict(gm.named_parameters(remove_duplicate=False))
         self.kind = {n: n.meta.get(OP_KIND, "other") for n in gm.graph.nodes}
         self._tensor: dict[fx.Node, bool] = {}
-        self.dynamic = self._dynamic_nodes()
+        self.dynamic = dynamic_nodes(gm.graph)
         self.region: set[fx.Node] = set()
         self.candidates: dict[fx.Node, _Candidate] = {}
         self.weights: dict[fx.Node, tuple[fx.Node, str, int | None, set[fx.Node]]] = {}
@@ -74,49 +84,15 @@ class _Analysis:
             self._tensor[n] = is_tensor_node(n, self.kind, self.modules)
         return self._tensor[n]
 
-    def _dynamic_nodes(self) -> set[fx.Node]:
-        dyn: set[fx.Node] = set()
-        for n in self.gm.graph.nodes:
-            if n.op == "placeholder" or any(a in dyn for a in n.all_input_nodes):
-                dyn.add(n)
-        return dyn
-
-    def owner(self, n: fx.Node) -> str | None:
-        if n.op == "call_module":
-            return str(n.target)
-        if OWNER in n.meta:
-            return n.meta[OWNER]
-        stack = n.meta.get("nn_module_stack")
-        if stack:
-            return list(stack.values())[-1][0] or None
-        return None
+    owner = staticmethod(node_owner)
 
     def param_source(self, n: object) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
         """Walk back through views to a parameter: (get_attr node, first user on the path, path)."""
-        path: list[fx.Node] = []
-        while isinstance(n, fx.Node):
-            if n.op == "get_attr":
-                if str(n.target) in self.params:
-                    return n, (path[-1] if path else None), path  # type: ignore[return-value]
-                return None
-            if self.kind[n] != "reshape" or n in self.dynamic:
-                return None
-            path.append(n)
-            n = n.args[0] if n.args else None
-        return None
+        return param_source(n, self.params, self.kind, self.dynamic)
 
     def data_source(self, n: object) -> fx.Node | None:
         """Walk back from an attention operand through views and scalar scaling to its producer."""
-        while isinstance(n, fx.Node):
-            k = self.kind[n]
-            if k in _VIEWS and n.args:
-                n = n.args[0]
-                continue
-            if k in ("mul", "div") and len(n.args) == 2 and sum(self.is_tensor(a) for a in n.args) == 1:
-                n = next(a for a in n.args if self.is_tensor(a))
-                continue
-            break
-        return n if isinstance(n, fx.Node) else None
+        return data_source(n, self.kind, self.is_tensor)
 
     def add_candidate(self, n: object, role: str, consumer: str, owner: str | None) -> None:
         if not isinstance(n, fx.Node) or n in self.region or self.kind[n] == "softmax":
@@ -156,19 +132,12 @@ class _Analysis:
             return
         g, first, path = src
         param = self.params[str(g.target)]
-        axis = _map_axis(axis, path, param.dim())
+        axis = map_axis(axis, path, param.dim())
         reader = first if first is not None else op
         entry = self.weights.get(g)
         users = (entry[3] if entry else set()) | {reader}
         self.weights[g] = (op, kind, axis, users)
         self.add_candidate(data, "input", kind, self.owner(op))
-
-    def through_views(self, n: object) -> object:
-        """The tensor ``n`` is a view of, through single-reader reshapes/transposes."""
-        while (isinstance(n, fx.Node) and self.kind[n] == "reshape" and n.args and isinstance(n.args[0], fx.Node)
-               and len(n.args[0].users) == 1):
-            n = n.args[0]
-        return n
 
     def is_weighted_output(self, n: object) -> bool:
         """``n`` is the output of a conv/linear/matmul-with-weight (or of the BatchNorm folded into one)."""
@@ -180,25 +149,7 @@ class _Analysis:
 
     def find_float_regions(self) -> None:
         """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V."""
-        for sm in (n for n in self.gm.graph.nodes if self.kind[n] == "softmax"):
-            self.region.add(sm)
-            back = [a for a in sm.all_input_nodes]
-            while back:
-                n = back.pop()
-                k = self.kind[n]
-                if n in self.region or (n.op != "call_function" and n.op != "call_method"):
-                    continue
-                if k in ("matmul", "bmm", "baddbmm") and n not in self.weight_ops():
-                    self.region.add(n)  # QKᵀ itself; its operands are Q and K
-                elif k in _SCORE and k != "softmax":
-                    self.region.add(n)
-                    back.extend(n.all_input_nodes)
-            fwd = list(sm.users)
-            while fwd:
-                n = fwd.pop()
-                if n not in self.region and self.kind[n] in _SCORE and self.kind[n] != "add":
-                    self.region.add(n)
-                    fwd.extend(n.users)
+        self.region = attention_float_region(self.gm.graph, self.kind, self.weight_ops())
         for n in self.region:
             n.meta[FLOAT_REGION] = True
 
@@ -233,7 +184,7 @@ class _Analysis:
                     # A conv/linear output reaching the concat through views (a ViT's patch embedding) is
                     # an op *output*: back ends that want inputs-only Q/DQ drop it (OpenVINO mis-computes a
                     # quantized Conv -> Reshape -> Transpose -> Concat chain; TensorRT wants no output Q).
-                    role = "output" if self.is_weighted_output(self.through_views(a)) else "input"
+                    role = "output" if self.is_weighted_output(through_views(a, self.kind)) else "input"
                     self.add_candidate(a, role, k, self.owner(n))
             elif k in _NONLINEAR and n not in self.region:
                 self.add_candidate(n, "input", k, self.owner(n))
@@ -281,34 +232,8 @@ class _Analysis:
             if op in self.region:
                 continue
             out = next(iter(op.users)) if op in self.folds else op
-            if not self._covered(out, 0):
+            if not covered(out, self.candidates, self.kind):
                 self.add_candidate(out, "output", self.kind[op], self.owner(op))
-
-    def _covered(self, n: fx.Node, depth: int) -> bool:
-        if n in self.candidates:
-            return True
-        users = list(n.users)
-        if not users or depth > 8:
-            return False
-        return all(
-            self.kind[u] in (*_VIEWS, "relu", "maxpool") and u.op != "output" and self._covered(u, depth + 1) for u in users
-        )
-
-
-def _map_axis(axis: int | None, path: list[fx.Node], ndim: int) -> int | None:
-    """Output-channel axis in the parameter's layout, given the view ops between it and the op."""
-    if axis is None:
-        return None
-    axis = axis % ndim if ndim else None
-    for n in reversed(path):  # from the parameter towards the op
-        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-        if name in ("t", "transpose", "permute", "movedim"):
-            if ndim != 2:
-                return None
-            axis = 1 - axis  # type: ignore[operator]
-        elif name not in ("getitem", "chunk", "split", "contiguous", "to", "type_as", "float", "detach"):
-            return None
-    return axis
 
 
 class AnnotateSitesPass(GraphPass):
