@@ -10,6 +10,8 @@
     ├── ProfileError (ValueError)       a target profile that is unknown or contradicts itself
     ├── ExportError (ValueError)        a model that cannot be written as a clean QDQ file
     │   └── UncalibratedSitesError       sites without statistics
+    ├── OutputPathError (ValueError)    an output path that is not a file qtrim_fx may replace
+    │                                    (directory, FIFO, device, socket, read-only file)
     └── VerifyError (RuntimeError)      a verification that cannot be run as asked
 
 ``except qtrim_fx.QtrimError`` catches all of them; each is also the builtin exception callers
@@ -25,6 +27,7 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "NoSitesError",
+    "OutputPathError",
     "ProfileError",
     "QtrimError",
     "SchemeError",
@@ -70,6 +73,15 @@ class ExportError(QtrimError, ValueError):
 
 class UncalibratedSitesError(ExportError):
     """Export was asked for a model whose sites have no statistics yet."""
+
+
+class OutputPathError(QtrimError, ValueError):
+    """An output path that is not a regular file qtrim_fx may replace, or a read-only one.
+
+    Raised before anything is written by the writers of :mod:`qtrim_fx.core.fileio` (ONNX
+    exports, checkpoints): a directory, FIFO, device or socket, a symlink loop, or a file whose
+    mode forbids writing (checked on the mode bits, so root is refused too).
+    """
 
 
 class VerifyError(QtrimError, RuntimeError):

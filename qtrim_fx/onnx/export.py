@@ -6,7 +6,7 @@
       -> torch.onnx.export(dynamo=False)           raw ONNX with qtrim::QDQ placeholders
       -> qdq_passes(profile)                       standard Q/DQ, integer weights, target rules
       -> validate_model + check(profile)           onnx.checker, shape inference, target rules
-      -> atomic write                              temp file in the same folder + os.replace
+      -> atomic write                              core.fileio: temp file beside the target + os.replace
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from onnx_ir.passes.common import (
 
 from qtrim_fx.core.dtypes import storage_for
 from qtrim_fx.core.errors import ExportError, QtrimError
-from qtrim_fx.core.fileio import write_atomically
+from qtrim_fx.core.fileio import check_output_path, write_atomically
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.onnx.check import Violation, check
 from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass, require_storage
@@ -98,7 +98,8 @@ def export_lowered(
     Args:
         gm: the lowered module (usually a ``torch.fx.GraphModule``).
         example_inputs: positional inputs for tracing (a single tensor is accepted).
-        path: output file; written atomically (a failed export leaves no file).
+        path: output file; written atomically (a failed export leaves no file, or the old one
+            intact); symlinks are followed, see :mod:`qtrim_fx.core.fileio`.
         profile: a :class:`TargetProfile` or its name (``"onnxruntime"``, ``"tensorrt"``, ...).
         input_names, output_names: ONNX names (default: the forward's argument names;
             ``output`` / ``output_<i>``).
@@ -111,7 +112,10 @@ def export_lowered(
         ExportError: the model needs something the target cannot take (INT4 below opset 21, a
             non-constant scale, ...) or the result breaks the target's rules (``check`` errors).
         ProfileError: unknown target name.
+        OutputPathError: ``path`` is not a regular file that may be replaced (a directory, FIFO,
+            device, socket or read-only file), checked before the export starts.
     """
+    check_output_path(path)
     prof = get_profile(profile)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _preflight(gm, prof)

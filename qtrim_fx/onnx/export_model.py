@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from qtrim_fx.core.errors import ExportError, ProfileError
+from qtrim_fx.core.fileio import check_output_path
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.onnx.export import export_lowered
 from qtrim_fx.passes.lower.api import lower
@@ -39,7 +40,8 @@ def export_onnx(
     Args:
         model: a prepared model that has been calibrated or trained (every site has statistics).
         example_inputs: positional inputs (tuple or tensor) for tracing.
-        path: output ``.onnx`` path.
+        path: output ``.onnx`` path. Written atomically; a symlink is followed (its target is
+            replaced, the link stays); an existing file keeps its mode, a new one gets the umask's.
         target: ``onnxruntime`` (default), ``tensorrt``, ``openvino``, ``qnn``, ``npu`` or a TargetProfile.
         opset: override the target's opset (21 for INT4 weights).
         input_names, output_names: ONNX graph input/output names.
@@ -53,7 +55,10 @@ def export_onnx(
         ProfileError: unknown target, or one the sites cannot be exported to (INT4 below opset 21, ...).
         ExportError: sites without statistics (calibrate first), inputs the model cannot run on,
             or a result that breaks the target's rules. No file is written on any error.
+        OutputPathError: ``path`` is a directory, FIFO, device or socket, or a read-only file
+            (checked before the export starts).
     """
+    check_output_path(path)  # a bad output path fails before the (slow) lowering and export
     profile = get_profile(target)
     if opset is not None:
         if isinstance(opset, bool) or not isinstance(opset, int):

@@ -102,8 +102,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-# The former private name, still imported by train/trim.py; remove once that module imports is_distributed.
-_distributed = is_distributed
 
 
 def _all_reduce_mean(

@@ -130,8 +130,8 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=2,
                    help="batch size for an ONNX reference's symbolic batch dimension (default 2)")
     p.add_argument("--per-layer", action="store_true", help="also compare intermediate tensors per layer")
-    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) below this output SQNR")
-    p.add_argument("--min-top1", type=float, metavar="F", help="fail (exit 1) below this top-1 agreement (0..1)")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) below this output SQNR (default 20)")
+    p.add_argument("--min-top1", type=float, metavar="F", help="fail (exit 1) below this top-1 agreement, 0..1 (default 0.9)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (every figure of the table)")
     p.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     p.add_argument("--plots", metavar="DIR", help="write DIR/layer_sqnr.png (implies --per-layer)")

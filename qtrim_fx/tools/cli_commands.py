@@ -122,40 +122,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def onnx_batches(path: str, n: int, batch_size: int) -> list[tuple]:
-    """Random batches for the inputs of an ONNX file (symbolic dimensions take ``batch_size``).
+    """Random batches for the inputs of an ONNX file: :func:`qtrim_fx.verification.run.random_inputs`
+    (symbolic dimensions take ``batch_size``; a batch above its size cap is refused, not allocated)."""
+    from qtrim_fx.verification.run import random_inputs
 
-    Args:
-        path: the ONNX file.
-        n: how many batches.
-        batch_size: the size given to every symbolic or unknown dimension.
-
-    Returns:
-        ``n`` tuples of NumPy arrays, one per graph input (floats normal, other dtypes zero).
-    """
-    import numpy as np
-    import onnx
-    import torch
-
-    model = onnx.load(path, load_external_data=False)
-    init = {i.name for i in model.graph.initializer}
-    gen = torch.Generator().manual_seed(0)
-    specs = []
-    for i in model.graph.input:
-        if i.name in init:
-            continue
-        tt = i.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch_size for d in tt.shape.dim]
-        specs.append((shape, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-    out = []
-    for _ in range(n):
-        batch = []
-        for shape, dtype in specs:
-            if np.issubdtype(dtype, np.floating):
-                batch.append(torch.randn(shape, generator=gen).numpy().astype(dtype))
-            else:
-                batch.append(np.zeros(shape, dtype))
-        out.append(tuple(batch))
-    return out
+    return random_inputs(path, n, batch_size)
 
 
 def _reference(args: argparse.Namespace, progress: Any) -> tuple[Any, list]:
@@ -184,7 +155,7 @@ def side_by_side(report: Any) -> list[str]:
         The text lines (none when fewer than two backends ran).
     """
     # private names of verification/report.py, left as is until that module's owner makes them public
-    from qtrim_fx.verification.report import _cos, _db, _pct, _sci
+    from qtrim_fx.verification.report import format_cosine, format_db, format_pct, format_sci
 
     ran = [b for b in report.backends if b.status == "ok"]
     if len(ran) < 2:
@@ -194,11 +165,11 @@ def side_by_side(report: Any) -> list[str]:
         metrics = [b.outputs[k] for b in ran]
         lines += ["", f"Side by side, output {name!r}: each backend vs the reference"]
         rows = [["metric", *(b.backend for b in ran)],
-                ["SQNR dB", *(_db(m.sqnr_db) for m in metrics)],
-                ["MSE", *(_sci(m.mse) for m in metrics)],
-                ["max|err|", *(_sci(m.max_abs_err) for m in metrics)],
-                ["cosine", *(_cos(m.cosine) for m in metrics)],
-                ["top-1", *(_pct(m.top1) for m in metrics)]]
+                ["SQNR dB", *(format_db(m.sqnr_db) for m in metrics)],
+                ["MSE", *(format_sci(m.mse) for m in metrics)],
+                ["max|err|", *(format_sci(m.max_abs_err) for m in metrics)],
+                ["cosine", *(format_cosine(m.cosine) for m in metrics)],
+                ["top-1", *(format_pct(m.top1) for m in metrics)]]
         if k == 0:
             rows.append(["time ms", *(f"{1000.0 * b.seconds:.2f}" for b in ran)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

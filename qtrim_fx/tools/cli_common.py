@@ -269,6 +269,6 @@ def require_matplotlib() -> None:
 def write_json(path: str, data: Any) -> None:
     """Write ``data`` as indented JSON (non-finite floats written as the strings "nan", "inf", "-inf")."""
     # a private name of verification/report.py, left as is until that module's owner makes it public
-    from qtrim_fx.verification.report import _json_safe
+    from qtrim_fx.verification.report import json_safe
 
-    Path(path).write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+    Path(path).write_text(json.dumps(json_safe(data), indent=2) + "\n")

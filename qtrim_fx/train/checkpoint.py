@@ -52,7 +52,12 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
     Args:
         model: a model returned by :func:`qtrim_fx.prepare` (or a DDP wrapper of one).
-        path: output file; a failed save leaves no file behind.
+        path: output file; a failed save leaves no file behind (or the old one intact). A symlink
+            is followed (its target is replaced); an existing file keeps its mode, a new one gets
+            the umask's.
+
+    Raises:
+        OutputPathError: ``path`` is a directory, FIFO, device or socket, or a read-only file.
     """
     model = unwrap(model)
     require_prepared(model, "save")

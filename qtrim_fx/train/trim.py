@@ -22,7 +22,7 @@ from torch import nn
 from qtrim_fx.core.errors import CheckpointError
 from qtrim_fx.core.scheme import SchemeError
 from qtrim_fx.runtime.nonfinite import nonfinite_counts, site_counters, warn_nonfinite
-from qtrim_fx.runtime.observer import _distributed
+from qtrim_fx.runtime.observer import is_distributed
 from qtrim_fx.runtime.prepared import iter_sites, require_prepared, set_blend, unwrap
 from qtrim_fx.train.curriculum import Curriculum
 from qtrim_fx.train.pruner import ReversePruner
@@ -104,7 +104,7 @@ class QuantTrim:
         Ranks that ran the same schedule hold it already (this changes nothing); one that did not
         (a QuantTrim state loaded on rank 0 only) would otherwise pin its weights to other thresholds.
         """
-        if self.pruner is None or not self.distributed or not _distributed():
+        if self.pruner is None or not self.distributed or not is_distributed():
             return
         weights = self.weights()
         if not weights:

@@ -19,6 +19,8 @@ from qtrim_fx.verification import backend_worker as worker
 from qtrim_fx.verification.backend_worker import Batch
 from qtrim_fx.verification.report import WORST_LAYERS, LayerMetrics, OutputMetrics, PerLayerReport
 
+__all__ = ["PER_LAYER_OPS", "compare_outputs", "per_layer_report"]
+
 PER_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -59,6 +61,9 @@ class _Accumulator:
             self.top1_rows += ref.shape[0]
 
     def metrics(self, name: str) -> OutputMetrics:
+        if self.count == 0:  # nothing compared: no figure can claim agreement
+            return OutputMetrics(output=name, shape=self.shape or [], mse=math.nan, sqnr_db=math.nan,
+                                 max_abs_err=math.nan, cosine=math.nan, top1=None)
         finite = math.isfinite(self.err_sq) and math.isfinite(self.ref_sq)
         if not finite:
             sqnr = math.nan
@@ -86,7 +91,20 @@ class _Accumulator:
         )
 
 
-def _compare(ref: Sequence[Batch], test: Sequence[Batch], names: Sequence[str]) -> list[OutputMetrics]:
+def compare_outputs(ref: Sequence[Batch], test: Sequence[Batch], names: Sequence[str]) -> list[OutputMetrics]:
+    """Metrics of ``test`` against ``ref``, one :class:`OutputMetrics` per output name.
+
+    Args:
+        ref: reference outputs, one list of arrays per batch.
+        test: outputs to judge, same structure and shapes.
+        names: output names, one per array of a batch.
+
+    Returns:
+        The metrics, accumulated in float64 over all batches; all NaN for an output with no values.
+
+    Raises:
+        ValueError: a batch with another number of outputs or another shape than the reference.
+    """
     accs = [_Accumulator() for _ in names]
     for bi, (r, t) in enumerate(zip(ref, test, strict=True)):
         if len(r) != len(t):
@@ -232,7 +250,18 @@ def _export_torch_reference(module: torch.nn.Module, batches: Sequence[Batch], m
     return path
 
 
-def _per_layer(model_path: str, reference, batches: Sequence[Batch], tmp: str) -> PerLayerReport:
+def per_layer_report(model_path: str, reference, batches: Sequence[Batch], tmp: str) -> PerLayerReport:
+    """Compare the model's intermediate tensors with the FP32 reference's (see the module docstring).
+
+    Args:
+        model_path: the verified ONNX file.
+        reference: the FP32 ONNX path, or a torch module (exported with ``torch.onnx.export``).
+        batches: the input batches.
+        tmp: a scratch folder for the re-written models.
+
+    Returns:
+        The report; failures are its ``status``/``message``, not exceptions.
+    """
     import onnx
 
     report = PerLayerReport()

@@ -2,6 +2,12 @@
 
 ``VerifyReport.table()`` / ``to_markdown()`` / ``to_json()`` render what :mod:`qtrim_fx.verify` measured;
 the CLI (``qtrim verify``) prints the same text.
+
+Pass/fail: :meth:`VerifyReport.failures` / :meth:`VerifyReport.ok` judge every output of every backend
+against the report's thresholds, by default :data:`DEFAULT_MIN_SQNR_DB` (20 dB: error power at most 1 %
+of the signal's) and :data:`DEFAULT_MIN_TOP1` (90 % of rows with the reference's argmax, 2-D outputs
+only). ``verify(..., min_sqnr_db=..., min_top1=...)`` sets them (``None`` turns one off); arguments
+of ``failures``/``ok`` override them for one call.
 """
 
 from __future__ import annotations
@@ -12,7 +18,57 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qtrim_fx.core.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MIN_SQNR_DB",
+    "DEFAULT_MIN_TOP1",
+    "WORST_LAYERS",
+    "BackendResult",
+    "LayerMetrics",
+    "OutputMetrics",
+    "PairResult",
+    "PerLayerReport",
+    "VerifyReport",
+    "format_cosine",
+    "format_db",
+    "format_pct",
+    "format_sci",
+    "json_safe",
+    "validate_thresholds",
+]
+
 WORST_LAYERS = 5
+#: default lowest SQNR (dB) of every output: the error carries at most 1 % of the signal's power.
+DEFAULT_MIN_SQNR_DB = 20.0
+#: default lowest top-1 agreement (fraction of rows) of every 2-D ``(batch, classes)`` output.
+DEFAULT_MIN_TOP1 = 0.9
+
+
+def validate_thresholds(min_sqnr_db: float | None, min_top1: float | None) -> None:
+    """Refuse thresholds that cannot be met or compared: NaN, ±inf, a top-1 outside [0, 1].
+
+    Args:
+        min_sqnr_db: SQNR threshold in dB, or None.
+        min_top1: top-1 threshold as a fraction, or None.
+
+    Raises:
+        ConfigError: naming the bad threshold and what to pass instead.
+    """
+    if min_sqnr_db is not None and not math.isfinite(_as_float(min_sqnr_db)):
+        raise ConfigError(f"min_sqnr_db={min_sqnr_db!r} must be a finite number of dB (e.g. 20), or None to "
+                          "turn the SQNR threshold off")
+    if min_top1 is not None and not 0.0 <= _as_float(min_top1) <= 1.0:
+        raise ConfigError(f"min_top1={min_top1!r} must be a fraction in [0, 1], e.g. 0.99 for 99 %, or None to "
+                          "turn the top-1 threshold off")
+
+
+def _as_float(x: object) -> float:
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
 
 # --- report --------------------------------------------------------------------------------------------
 
@@ -138,6 +194,8 @@ class VerifyReport:
         backends: one result per requested backend, in request order.
         pairs: every pair of backends that ran.
         per_layer: per-layer report, when requested.
+        min_sqnr_db: the SQNR threshold :meth:`failures` applies (None: none).
+        min_top1: the top-1 threshold :meth:`failures` applies (None: none).
     """
 
     model: str
@@ -148,6 +206,8 @@ class VerifyReport:
     backends: list[BackendResult] = field(default_factory=list)
     pairs: list[PairResult] = field(default_factory=list)
     per_layer: PerLayerReport | None = None
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB
+    min_top1: float | None = DEFAULT_MIN_TOP1
 
     def to_dict(self) -> dict:
         """The report as plain Python data (floats may be inf or nan).
@@ -166,7 +226,7 @@ class VerifyReport:
         Returns:
             The JSON text.
         """
-        text = json.dumps(_json_safe(self.to_dict()), indent=2)
+        text = json.dumps(json_safe(self.to_dict()), indent=2)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
@@ -175,15 +235,23 @@ class VerifyReport:
         """Why :meth:`ok` would be False (empty when it is True).
 
         Args:
-            min_sqnr_db: lowest acceptable SQNR per output, or None.
-            min_top1: lowest acceptable top-1 agreement as a fraction in [0, 1], or None.
+            min_sqnr_db: lowest acceptable SQNR per output; None: the report's own
+                (:attr:`min_sqnr_db`, by default :data:`DEFAULT_MIN_SQNR_DB`).
+            min_top1: lowest acceptable top-1 agreement as a fraction in [0, 1]; None: the
+                report's own (:attr:`min_top1`, by default :data:`DEFAULT_MIN_TOP1`).
 
         Returns:
             One line per problem.
+
+        Raises:
+            ConfigError: a threshold that is NaN, infinite, or (top-1) outside [0, 1].
         """
-        if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
-            raise ValueError(f"min_top1={min_top1} must be a fraction in [0, 1], e.g. 0.99 for 99 %")
+        min_sqnr_db = self.min_sqnr_db if min_sqnr_db is None else min_sqnr_db
+        min_top1 = self.min_top1 if min_top1 is None else min_top1
+        validate_thresholds(min_sqnr_db, min_top1)
         problems = []
+        if self.num_samples <= 0:
+            problems.append("no sample was compared")
         if not any(b.status == "ok" for b in self.backends):
             problems.append("no backend ran (all skipped or failed)")
         for b in self.backends:
@@ -192,11 +260,12 @@ class VerifyReport:
             for o in b.outputs:
                 where = f"{b.backend} output {o.output}"
                 if math.isnan(o.mse):
-                    problems.append(f"{where}: non-finite values")
+                    empty = 0 in o.shape
+                    problems.append(f"{where}: {'empty, no value compared' if empty else 'non-finite values'}")
                 if min_sqnr_db is not None and not o.sqnr_db >= min_sqnr_db:
-                    problems.append(f"{where}: SQNR {_db(o.sqnr_db)} dB < {min_sqnr_db} dB")
+                    problems.append(f"{where}: SQNR {format_db(o.sqnr_db)} dB < {min_sqnr_db} dB")
                 if min_top1 is not None and o.top1 is not None and not o.top1 >= min_top1:
-                    problems.append(f"{where}: top-1 {_pct(o.top1)} < {_pct(min_top1)}")
+                    problems.append(f"{where}: top-1 {format_pct(o.top1)} < {format_pct(min_top1)}")
         return problems
 
     def ok(self, min_sqnr_db: float | None = None, min_top1: float | None = None) -> bool:
@@ -205,8 +274,10 @@ class VerifyReport:
         Skipped backends do not count against it; pairs and per-layer figures are diagnostics only.
 
         Args:
-            min_sqnr_db: lowest acceptable SQNR (dB) of every output of every backend, or None.
-            min_top1: lowest acceptable top-1 agreement (fraction in [0, 1]) of every 2-D output, or None.
+            min_sqnr_db: lowest acceptable SQNR (dB) of every output of every backend; None: the
+                report's own (by default :data:`DEFAULT_MIN_SQNR_DB`).
+            min_top1: lowest acceptable top-1 agreement (fraction in [0, 1]) of every 2-D output;
+                None: the report's own (by default :data:`DEFAULT_MIN_TOP1`).
 
         Returns:
             Whether the model passes.
@@ -236,20 +307,22 @@ class VerifyReport:
         return text
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by ``"nan"``, ``"inf"`` or ``"-inf"`` (strict JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def _db(x: float) -> str:
+def format_db(x: float) -> str:
+    """A dB figure as the report prints it: two decimals, ``inf``, ``-inf`` or ``nan``."""
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
@@ -257,15 +330,18 @@ def _db(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _pct(x: float | None) -> str:
+def format_pct(x: float | None) -> str:
+    """A fraction as a percentage with two decimals; ``-`` for None."""
     return "-" if x is None else f"{100.0 * x:.2f}%"
 
 
-def _sci(x: float) -> str:
+def format_sci(x: float) -> str:
+    """A figure in scientific notation (MSE, max error), or ``nan``."""
     return "nan" if math.isnan(x) else f"{x:.3e}"
 
 
-def _cos(x: float) -> str:
+def format_cosine(x: float) -> str:
+    """A cosine similarity with six decimals, or ``nan``."""
     return "nan" if math.isnan(x) else f"{x:.6f}"
 
 
@@ -273,11 +349,11 @@ def _metric_cells(m: OutputMetrics) -> list[str]:
     return [
         m.output,
         "x".join(map(str, m.shape)),
-        _sci(m.mse),
-        _db(m.sqnr_db),
-        _sci(m.max_abs_err),
-        _cos(m.cosine),
-        _pct(m.top1),
+        format_sci(m.mse),
+        format_db(m.sqnr_db),
+        format_sci(m.max_abs_err),
+        format_cosine(m.cosine),
+        format_pct(m.top1),
     ]
 
 
@@ -344,17 +420,17 @@ def _render_layers(pl: PerLayerReport, md: bool) -> list[str]:
                 la.layer,
                 la.op_type,
                 la.matched_by,
-                _db(la.sqnr_db),
-                _sci(la.mse),
-                _sci(la.max_abs_err),
-                _cos(la.cosine),
+                format_db(la.sqnr_db),
+                format_sci(la.mse),
+                format_sci(la.max_abs_err),
+                format_cosine(la.cosine),
             ]
             for i, la in enumerate(pl.layers)
         ]
         lines += _grid(headers, rows, md)
     by_name = {la.layer: la for la in pl.layers}
     if pl.worst:
-        worst = ", ".join(f"{n} ({_db(by_name[n].sqnr_db)} dB)" for n in pl.worst)
+        worst = ", ".join(f"{n} ({format_db(by_name[n].sqnr_db)} dB)" for n in pl.worst)
         lines += [*([""] if md else []), f"Worst layers: {worst}"]
     lines.append(
         f"Matched: {len(pl.layers)}; unmatched: {len(pl.unmatched)}"

@@ -8,7 +8,17 @@ backends; and optionally per layer (intermediate tensors of the model vs the FP3
     report = verify("model.qdq.onnx", "model.fp32.onnx", batches, per_layer=True)
     print(report.table())
     report.to_json("verify.json")
-    assert report.ok(min_sqnr_db=20, min_top1=0.98)
+    assert report.ok()                              # the default thresholds: 20 dB, 90 % top-1
+    assert report.ok(min_sqnr_db=30, min_top1=0.98)  # stricter, for this call
+
+Pass/fail: ``report.failures()`` / ``report.ok()`` hold every output of every backend to the report's
+thresholds, :data:`DEFAULT_MIN_SQNR_DB` = 20 dB and :data:`DEFAULT_MIN_TOP1` = 0.9 unless ``verify``
+got others (``min_sqnr_db=None`` / ``min_top1=None`` turn one off); a backend error, non-finite
+outputs and an empty comparison fail too. No inputs, or a batch without samples, is an error.
+
+Inputs: pass real data where you have it. :func:`random_inputs` draws batches from the declared
+input shapes of a file (symbolic dimensions take ``batch_size``), refusing more than
+:data:`MAX_GENERATED_ELEMENTS` values per batch instead of allocating whatever a file declares.
 
 Backends: ``onnxruntime`` (CPU, all graph optimizations), ``onnxruntime-noopt``
 (``ORT_DISABLE_ALL``: the QDQ semantics without fusions), ``openvino`` (CPU, f32 inference
@@ -28,10 +38,13 @@ Metrics of ``b`` against reference ``a`` (accumulated in float64 over all batche
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,38 +60,65 @@ from qtrim_fx.verification.backend_worker import (
     BackendUnavailable,
     Batch,
 )
-from qtrim_fx.verification.metrics import _compare, _per_layer
+from qtrim_fx.verification.metrics import compare_outputs, per_layer_report
 from qtrim_fx.verification.report import (
+    DEFAULT_MIN_SQNR_DB,
+    DEFAULT_MIN_TOP1,
     BackendResult,
     LayerMetrics,
     OutputMetrics,
     PairResult,
     PerLayerReport,
     VerifyReport,
+    validate_thresholds,
 )
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKENDS",
+    "DEFAULT_MIN_SQNR_DB",
+    "DEFAULT_MIN_TOP1",
+    "MAX_GENERATED_ELEMENTS",
     "BackendResult",
     "LayerMetrics",
     "OutputMetrics",
     "PairResult",
     "PerLayerReport",
     "VerifyReport",
+    "random_inputs",
     "verify",
 ]
 
 DEFAULT_BACKENDS = ("onnxruntime", "onnxruntime-noopt", "openvino", "onnx-reference", "qnn")
 WORKER_TIMEOUT_S = float(os.environ.get("QTRIM_WORKER_TIMEOUT", "3600"))
+#: most values :func:`random_inputs` draws for one batch, all inputs together (2**26: 256 MiB of float32).
+MAX_GENERATED_ELEMENTS = 2**26
+#: a torch reference whose two runs on the same batch differ beyond this (relative to its largest
+#: output) is reported as not reproducible.
+_REPRODUCIBLE_RTOL = 1e-4
 
 # --- inputs and the reference --------------------------------------------------------------------------
+
+
+def _require_regular_file(path: str, what: str) -> None:
+    """FileNotFoundError when missing, ConfigError when a folder, FIFO or device (reading it could block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{what} {path} is not a regular file (a folder, FIFO or device); pass an .onnx file")
 
 
 def _graph_inputs(model_path: str):
     import onnx
 
-    model = onnx.load(model_path, load_external_data=False)
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except Exception as e:  # protobuf DecodeError on a truncated or foreign file
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ConfigError(f"{model_path} does not parse as an ONNX model ({message}); it is truncated, "
+                          "corrupted or not ONNX: run `qtrim check` on it, or export it again") from None
     initializers = {t.name for t in model.graph.initializer}
     return model, [i for i in model.graph.input if i.name not in initializers]
 
@@ -100,6 +140,11 @@ def _to_numpy_batches(inputs, graph_inputs, model_path: str) -> list[Batch]:
         arrays = []
         for item, spec in zip(items, graph_inputs, strict=True):
             a = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+            if a.size == 0:
+                raise ConfigError(
+                    f"batch {bi}, input {spec.name!r} has shape {list(a.shape)}: no values, so nothing would be "
+                    "compared (a batch size of 0?); give every batch at least one sample"
+                )
             want = onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)
             if a.dtype != want and np.issubdtype(a.dtype, np.floating) and np.issubdtype(want, np.floating):
                 a = a.astype(want)
@@ -107,6 +152,69 @@ def _to_numpy_batches(inputs, graph_inputs, model_path: str) -> list[Batch]:
         batches.append(arrays)
     if not batches:
         raise ConfigError("inputs is empty: pass a list of input batches (tensors or tuples of tensors)")
+    return batches
+
+
+def random_inputs(
+    model_path: str | os.PathLike, num_batches: int = 1, batch_size: int = 1, seed: int = 0
+) -> list[tuple[np.ndarray, ...]]:
+    """Random batches for the graph inputs of an ONNX file, for :func:`verify` when no data is at hand.
+
+    Float inputs are standard normal, other types zero. A symbolic or unknown dimension takes
+    ``batch_size``; a fixed one keeps the file's value, so the file decides the size: more than
+    :data:`MAX_GENERATED_ELEMENTS` values in one batch are refused rather than allocated.
+
+    Args:
+        model_path: the ONNX file (its external data is not read).
+        num_batches: how many batches (>= 1).
+        batch_size: the size of every symbolic dimension (>= 1).
+        seed: seed of the generator (the same seed gives the same batches).
+
+    Returns:
+        ``num_batches`` tuples of arrays, one array per graph input in order.
+
+    Raises:
+        ConfigError: bad counts, a non-tensor input, a declared dimension of 0, or a batch above the cap.
+        FileNotFoundError: the file does not exist.
+    """
+    import onnx
+
+    path = os.fspath(model_path)
+    _require_regular_file(path, "ONNX model")
+    if num_batches < 1 or batch_size < 1:
+        raise ConfigError(f"num_batches={num_batches} and batch_size={batch_size} must both be at least 1")
+    _, graph_inputs = _graph_inputs(path)
+    specs = []
+    for spec in graph_inputs:
+        if not spec.type.HasField("tensor_type") or not spec.type.tensor_type.elem_type:
+            raise ConfigError(f"input {spec.name!r} of {path} is not a tensor of a known type; pass inputs yourself")
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                (0 if d.HasField("dim_value") and d.dim_value == 0 else batch_size)
+                for d in spec.type.tensor_type.shape.dim]
+        if 0 in dims:
+            raise ConfigError(f"input {spec.name!r} of {path} declares shape {dims}: no values to feed")
+        specs.append((spec.name, dims, onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)))
+    total = sum(math.prod(dims) for _, dims, _ in specs)
+    if total > MAX_GENERATED_ELEMENTS:
+        shapes = ", ".join(f"{name} {dims}" for name, dims, _ in specs)
+        symbolic = any(not (d.HasField("dim_value") and d.dim_value > 0)
+                       for spec in graph_inputs for d in spec.type.tensor_type.shape.dim)
+        raise ConfigError(
+            f"{path} declares inputs of {total:,} values per batch ({shapes}); random inputs are capped at "
+            f"MAX_GENERATED_ELEMENTS = {MAX_GENERATED_ELEMENTS:,} values per batch rather than allocate that "
+            "much: pass real, smaller inputs to verify(path, reference, [x, ...])"
+            + (f" or a batch_size below {batch_size}" if symbolic and batch_size > 1 else "")
+        )
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(num_batches):
+        batch = []
+        for _, dims, dtype in specs:
+            if np.issubdtype(dtype, np.floating):
+                batch.append(rng.standard_normal(dims, dtype=np.float32).astype(dtype))
+            else:
+                batch.append(np.zeros(dims, dtype))
+        batches.append(tuple(batch))
     return batches
 
 
@@ -124,14 +232,43 @@ def _run_torch(module: torch.nn.Module, batches: Sequence[Batch]) -> list[Batch]
     device = next(module.parameters(), torch.empty(0)).device
     was_training = module.training
     module.eval()
+
+    def run(batch: Batch) -> list[np.ndarray]:
+        return _flatten_outputs(module(*(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in batch)))
+
     try:
         with torch.no_grad():
-            return [
-                _flatten_outputs(module(*(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in b)))
-                for b in batches
-            ]
+            outputs = [run(b) for b in batches]
+            again = run(batches[0])
     finally:
         module.train(was_training)
+    _warn_if_not_reproducible(outputs[0], again, type(module).__name__)
+    return outputs
+
+
+def _warn_if_not_reproducible(first: Batch, second: Batch, name: str) -> None:
+    """Warn when two eval-mode runs of the torch reference on the same batch disagree."""
+    worst = 0.0
+    for a, b in zip(first, second, strict=False):
+        if a.shape != b.shape:
+            worst = math.inf
+            break
+        if a.size and np.issubdtype(a.dtype, np.number):
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            finite = np.isfinite(a64)
+            scale = float(np.max(np.abs(a64[finite]))) if finite.any() else 0.0
+            diff = np.abs(a64 - b64)
+            same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+            err = float(np.max(np.where(same, 0.0, diff), initial=0.0))
+            worst = max(worst, err / scale if scale > 0 else (math.inf if err > 0 else 0.0))
+    if len(first) != len(second) or worst > _REPRODUCIBLE_RTOL:
+        warnings.warn(
+            f"the torch reference {name} gives different outputs for the same input on two calls in eval "
+            f"mode (largest difference {worst:.3g} of its largest output); something random runs at inference "
+            "(F.dropout(training=True), torch.rand, a stateful module), so every figure of this report is "
+            "noisy: remove or seed the randomness, or pass the FP32 ONNX file as the reference",
+            stacklevel=4,
+        )
 
 
 def _run_reference(reference, batches: Sequence[Batch]) -> tuple[list[Batch], str]:
@@ -139,8 +276,7 @@ def _run_reference(reference, batches: Sequence[Batch]) -> tuple[list[Batch], st
         return _run_torch(reference, batches), f"torch {type(reference).__name__} (eval, no grad)"
     if isinstance(reference, str | os.PathLike):
         path = os.fspath(reference)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"reference ONNX file {path} does not exist")
+        _require_regular_file(path, "reference ONNX file")
         run = worker.run_backend("onnxruntime-noopt", path, batches)
         return run.outputs, f"{path} (onnxruntime, ORT_DISABLE_ALL)"
     raise TypeError(
@@ -204,7 +340,7 @@ def _result(
 ) -> tuple[BackendResult, list | None]:
     try:
         run = _run_one(backend, model_path, batches, python)
-        outputs = _compare(reference_out, run.outputs, names)
+        outputs = compare_outputs(reference_out, run.outputs, names)
     except BackendUnavailable as e:
         return BackendResult(backend, "skipped", message=str(e)), None
     except Exception as e:
@@ -224,6 +360,8 @@ def verify(
     per_layer: bool = False,
     qnn_python: str | None = None,
     subprocess_python: Mapping[str, str] | None = None,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
+    min_top1: float | None = DEFAULT_MIN_TOP1,
 ) -> VerifyReport:
     """Run an ONNX model on real runtimes and measure how closely each one matches the reference.
 
@@ -242,18 +380,28 @@ def verify(
             ``onnxruntime_qnn`` is importable here, else it is skipped).
         subprocess_python: ``{backend: python}`` to run other backends out of process too (default: the
             ``QTRIM_<BACKEND>_PYTHON`` environment variables, ``-`` written as ``_``).
+        min_sqnr_db: the report's SQNR threshold in dB for every output (default
+            :data:`DEFAULT_MIN_SQNR_DB` = 20); None turns it off.
+        min_top1: the report's top-1 threshold, a fraction in [0, 1], for every 2-D output (default
+            :data:`DEFAULT_MIN_TOP1` = 0.9); None turns it off.
 
     Returns:
-        The :class:`VerifyReport`. Unavailable backends are ``skipped``, failing ones ``error``.
+        The :class:`VerifyReport`; ``report.ok()`` / ``report.failures()`` apply the thresholds.
+        Unavailable backends are ``skipped``, failing ones ``error``.
 
     Raises:
-        ValueError: unknown backend, empty inputs, or batches that do not fit the model's inputs.
+        ConfigError: (a ``ValueError``) unknown backend, empty inputs, a batch without samples,
+            batches that do not fit the model's inputs, a NaN/infinite/out-of-range threshold, or a
+            model/reference path that is a folder, FIFO or device.
         FileNotFoundError: the model or reference file does not exist.
         TypeError: the reference is neither a module nor a path.
+
+    Warns:
+        UserWarning: a torch reference that gives other outputs on a second call with the same batch.
     """
     model_path = os.fspath(onnx_path)
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"ONNX model {model_path} does not exist")
+    _require_regular_file(model_path, "ONNX model")
+    validate_thresholds(min_sqnr_db, min_top1)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown backend(s) {unknown}; known backends: {', '.join(BACKENDS)}")
@@ -272,6 +420,8 @@ def verify(
         num_batches=len(batches),
         num_samples=sum(int(b[0].shape[0]) if b[0].ndim else 1 for b in batches),
         output_names=names,
+        min_sqnr_db=min_sqnr_db,
+        min_top1=min_top1,
     )
     ran: dict[str, list[Batch]] = {}
     for backend in dict.fromkeys(backends):
@@ -283,10 +433,10 @@ def verify(
     done = list(ran)
     for i, a in enumerate(done):
         for b in done[i + 1 :]:
-            report.pairs.append(PairResult(a, b, _compare(ran[a], ran[b], names)))
+            report.pairs.append(PairResult(a, b, compare_outputs(ran[a], ran[b], names)))
     if per_layer:
         with tempfile.TemporaryDirectory(prefix="qtrim_layers_") as tmp:
-            report.per_layer = _per_layer(model_path, reference, batches, tmp)
+            report.per_layer = per_layer_report(model_path, reference, batches, tmp)
     return report
 
 

@@ -178,3 +178,14 @@ def test_models_import_nothing_of_qtrim_fx(tmp_path):
     models.mkdir()
     (models / "__init__.py").write_text("from qtrim_fx.core.scheme import QuantScheme\n")
     assert any("qtrim_fx.models" in p and "later stage" in p for p in violations(pkg, models))
+
+
+def test_no_module_imports_another_modules_private_name():
+    mods = package_modules(ROOT / "qtrim_fx", ROOT / "models")
+    found = []
+    for mod, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qtrim_fx") and node.module != mod:
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, "\n".join(found)

@@ -7,9 +7,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qdq_models import convnet, exported, token_mixer, upsampler
 
 from qtrim_fx.onnx import ProfileError, Violation, check, get_profile
+from tests.onnx.qdq_models import convnet, exported, token_mixer, upsampler
 
 PROFILES = ("onnxruntime", "tensorrt", "qnn", "openvino", "npu")
 INT4 = get_profile("onnxruntime").replace(opset=21, weight_bits=4)
@@ -48,7 +48,7 @@ def _build(
 ):
     """x -> Q -> DQ -> op(W) [-> Q -> DQ] -> out_consumer -> y, W as int codes + DQ."""
     rng = np.random.default_rng(0)
-    w_shape = {"Conv": (4, 3, 1, 1), "ConvTranspose": (3, 4, 1, 1), "Gemm": (4, 3)}[op]
+    w_shape = {"Conv": (4, 3, 1, 1), "ConvTranspose": (3, 4, 1, 1), "Gemm": (3, 4)}[op]
     x_shape = [1, 3] if op == "Gemm" else [1, 3, 2, 2]
     c = w_shape[w_axis] if w_axis is not None else 1
     w_scale = np.full(c, 0.01, np.float32) if w_axis is not None else np.array(0.01, np.float32)
@@ -75,8 +75,9 @@ def _build(
         nodes += [helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"], name="c/QuantizeLinear"),
                   helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["cd"], name="c/DequantizeLinear")]
         src = "cd"
+    pool = {"kernel_shape": [1, 1]} if out_consumer == "MaxPool" else {}
     nodes.append(helper.make_node(out_consumer, [src, src] if out_consumer == "Add" else [src], ["y"],
-                                  name=f"m/{out_consumer}"))
+                                  name=f"m/{out_consumer}", **pool))
     nodes += list(extra_nodes)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],

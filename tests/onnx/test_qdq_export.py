@@ -12,11 +12,11 @@ import torch.fx
 import torch.nn.functional as F
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
-from qdq_models import act_only, convnet, exported, run_ort, token_mixer, upsampler
 
 from qtrim_fx.core.fakequant import fake_quantize_raw
 from qtrim_fx.onnx import ExportError, ProfileError, TargetProfile, export_lowered, get_profile
 from qtrim_fx.runtime.qdq import is_quant_dequant, quant_dequant
+from tests.onnx.qdq_models import act_only, convnet, exported, run_ort, token_mixer, upsampler
 
 PROFILES = ("onnxruntime", "tensorrt", "qnn", "openvino", "npu")
 INT4 = get_profile("onnxruntime").replace(opset=21, weight_bits=4)

@@ -32,7 +32,15 @@ import torch.fx as fx
 from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
-from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, OP_KIND, OWNER, WEIGHT_SITE, SiteSpec
+from qtrim_fx.core.spec import (
+    ACT_SITE,
+    FLOAT_REGION,
+    OP_KIND,
+    OUTPUT_CHANNEL_AXIS,
+    OWNER,
+    WEIGHT_SITE,
+    SiteSpec,
+)
 from qtrim_fx.passes.base import GraphPass, PassResult
 from qtrim_fx.passes.prepare.graph_walks import (
     attention_float_region,
@@ -52,7 +60,7 @@ _WEIGHTED = frozenset({"conv", "conv_transpose", "linear"})
 _MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 _NONLINEAR = frozenset({"relu", "activation"})
 # Output channel axis of each weighted op's weight, in the weight's own layout.
-_OUT_AXIS = {"conv": 0, "conv_transpose": 1, "linear": 0}
+_OUT_AXIS = OUTPUT_CHANNEL_AXIS
 
 
 @dataclass
@@ -150,8 +158,6 @@ class _Analysis:
     def find_float_regions(self) -> None:
         """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V."""
         self.region = attention_float_region(self.gm.graph, self.kind, self.weight_ops())
-        for n in self.region:
-            n.meta[FLOAT_REGION] = True
 
     def weight_ops(self) -> set[fx.Node]:
         if not hasattr(self, "_wops"):
@@ -257,6 +263,13 @@ class AnnotateSitesPass(GraphPass):
         specs = self._weight_specs(a) | self._act_specs(a)
         modified = False
         for n in gm.graph.nodes:
+            # FLOAT_REGION is a decision too: written where the analysis found one, removed where stale.
+            if bool(n.meta.get(FLOAT_REGION)) != (n in a.region):
+                modified = True
+                if n in a.region:
+                    n.meta[FLOAT_REGION] = True
+                else:
+                    n.meta.pop(FLOAT_REGION, None)
             key = WEIGHT_SITE if n in a.weights else ACT_SITE
             new = specs.get(n)
             for k in (WEIGHT_SITE, ACT_SITE):
