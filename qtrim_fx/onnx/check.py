@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qtrim_fx.core.profiles import PER_CHANNEL_MIN_OPSET, TargetProfile, get_profile
-from qtrim_fx.onnx._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
+from qtrim_fx.core.profiles import TargetProfile, get_profile
+from qtrim_fx.onnx.check_rules import RULES, RuleContext, Violation, quantized_ops
 from qtrim_fx.onnx.validity import (
     Finding,
     checker_findings,
@@ -45,53 +41,6 @@ from qtrim_fx.onnx.validity import (
 )
 
 __all__ = ["Violation", "check"]
-
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
-_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-#: ops whose inputs TensorRT-style placement quantizes (a Q feeding only these is an input Q).
-_INPUT_QUANTIZED = (*_WEIGHTED, "MaxPool", "AveragePool", "GlobalAveragePool")
-#: ops ONNX Runtime fuses between a weighted op and its output Q.
-_FUSED_AFTER = ("Relu", "Clip")
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One broken rule.
-
-    Attributes:
-        rule: rule id (see the module docstring).
-        node: the offending node's name (``<model>`` for model-level rules).
-        message: what is wrong and how to fix it.
-        severity: ``"error"`` (rejected or wrong) or ``"warning"`` (runs, but not as intended).
-    """
-
-    rule: str
-    node: str
-    message: str
-    severity: Literal["error", "warning"] = "error"
-
-    def __str__(self) -> str:
-        return f"[{self.severity}] {self.rule} at {self.node}: {self.message}"
-
-
-@dataclass(frozen=True)
-class _Context:
-    model: ir.Model
-    profile: TargetProfile
-
-    @property
-    def graph(self) -> ir.Graph:
-        return self.model.graph
-
-    @property
-    def opset(self) -> int:
-        return self.model.opset_imports.get("", 1)
-
-    def qdq_nodes(self) -> Iterator[tuple[ir.Node, QDQParams | None]]:
-        for node in self.graph.all_nodes():
-            if is_op(node, *_QDQ):
-                yield node, qdq_params(node, value_rank(node.inputs[0]))
-
 
 def check(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model, target: str | TargetProfile) -> list[Violation]:
     """List every violation of ``target``'s rules in a QDQ ONNX model.
@@ -118,7 +67,7 @@ def check(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model, target: st
     head = [Violation(f.rule, f.node, f.message) for f in findings]
     if model_ir is None:
         return head
-    found = _run_rules(_Context(model_ir, profile), strict=not findings)
+    found = _run_rules(RuleContext(model_ir, profile), strict=not findings)
     return _dedupe(head, found)
 
 
@@ -149,7 +98,7 @@ def _read(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> tuple[l
     return findings, model_ir
 
 
-def _run_rules(ctx: _Context, strict: bool) -> list[Violation]:
+def _run_rules(ctx: RuleContext, strict: bool) -> list[Violation]:
     """Every rule's violations; on an invalid model (``strict=False``) a rule that trips is skipped.
 
     The rules walk the graph assuming it is valid ONNX; a model that ``onnx.checker`` rejected is
@@ -157,9 +106,9 @@ def _run_rules(ctx: _Context, strict: bool) -> list[Violation]:
     only ``no_quantized_op`` runs on a cyclic graph.
     """
     if not strict and _has_cycle(ctx.graph):
-        return list(_quantized_ops(ctx))
+        return list(quantized_ops(ctx))
     found: list[Violation] = []
-    for rule in _RULES:
+    for rule in RULES:
         try:
             found.extend(rule(ctx))
         except Exception:
@@ -201,241 +150,3 @@ def _dedupe(head: list[Violation], found: list[Violation]) -> list[Violation]:
     explained = {v.node for v in found if v.rule in _EXPLAINS_INVALID}
     head = [v for v in head if not (v.rule == "invalid_model" and v.node in explained)]
     return [*head, *found]
-
-
-def _name(node: ir.Node) -> str:
-    return node.name or f"<{node.op_type}>"
-
-
-# -- rules -----------------------------------------------------------------------------------
-def _quantized_ops(ctx: _Context) -> Iterator[Violation]:
-    if not any(is_op(node, *_QDQ) for node in ctx.graph.all_nodes()):
-        yield Violation("no_quantized_op", "<model>", "the model has no QuantizeLinear/DequantizeLinear: it is "
-                        "a float model and every target runs it in float; check the QDQ export instead "
-                        "(qtrim_fx.export_onnx, or onnxruntime quantize_static with QuantFormat.QDQ)")
-
-
-def _smallest_normal(dtype: np.dtype) -> float:
-    """The smallest positive normal number of a scale's float type (bfloat16 has float32's range)."""
-    if dtype.kind == "f":
-        return float(np.finfo(dtype).tiny)
-    return float(np.finfo(np.float32).tiny)
-
-
-def _scale_values(ctx: _Context) -> Iterator[Violation]:
-    for node, p in ctx.qdq_nodes():
-        if p is None or p.scale.size == 0:
-            continue
-        try:
-            scale = p.scale.astype(np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            continue  # not a float scale: onnx.checker's type check reports it
-        tiny = _smallest_normal(p.scale.dtype)
-        bad = ~np.isfinite(scale) | (scale <= 0.0) | (scale < tiny)
-        if not bad.any():
-            continue
-        i = int(np.flatnonzero(bad)[0])
-        s = float(scale[i])
-        what = ("not finite" if not np.isfinite(s) else "zero" if s == 0.0 else "negative" if s < 0.0
-                else f"subnormal (below {tiny:.3g}, the smallest normal {p.scale.dtype})")
-        where = f"scale {s:g}" if scale.size == 1 else f"{int(bad.sum())} of {scale.size} channel scales, e.g. " \
-            f"channel {i} = {s:g},"
-        yield Violation("scale_value", _name(node), f"{where} is {what}: Q/DQ divide by it and multiply by it, so "
-                        "the result is inf, NaN or garbage; a scale must be positive, finite and normal — "
-                        "re-calibrate (an all-zero tensor needs a floor on its scale, e.g. 1e-8)")
-
-
-def _non_standard_ops(ctx: _Context) -> Iterator[Violation]:
-    for node in ctx.graph.all_nodes():
-        if node.domain not in ("", "ai.onnx"):
-            yield Violation("non_standard_op", _name(node), f"{node.domain}::{node.op_type} is not a default-"
-                            "domain op; standard runtimes cannot load it (re-export with qtrim_fx)")
-
-
-def _zero_points(ctx: _Context) -> Iterator[Violation]:
-    for node, _ in ctx.qdq_nodes():
-        if len(node.inputs) < 3 or node.inputs[2] is None:
-            yield Violation("zero_point_missing", _name(node), "write an explicit zero point: without one "
-                            "QuantizeLinear outputs uint8 by the spec while TensorRT assumes int8")
-
-
-def _qparam_shapes(ctx: _Context) -> Iterator[Violation]:
-    for node, p in ctx.qdq_nodes():
-        if p is None:
-            continue
-        if p.axis is None and p.scale.ndim != 0:
-            yield Violation("scale_not_scalar", _name(node), f"per-tensor scale has shape {p.scale.shape}; "
-                            "make it 0-D (ONNX Runtime's QLinear kernels require scalars)")
-        if p.zero_point is not None and p.zero_point.shape != p.scale.shape:
-            yield Violation("zero_point_shape", _name(node), f"zero point shape {p.zero_point.shape} differs "
-                            f"from scale shape {p.scale.shape}; they must match")
-
-
-def _activation_grids(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or dequantizes_constant(node):
-            continue
-        if p.storage.name not in prof.activation_dtypes:
-            yield Violation("activation_dtype", _name(node), f"activation stored as {p.storage.name}; target "
-                            f"{prof.name!r} takes {', '.join(prof.activation_dtypes)}")
-        elif prof.activation_symmetric and p.zero_point is not None:
-            want = 0 if p.storage.signed else 2 ** (p.storage.bits - 1)
-            if np.any(p.zero_point.astype(np.int64) != want):
-                yield Violation("activation_zero_point", _name(node), f"target {prof.name!r} needs symmetric "
-                                f"activations (zero point {want}), found {p.zero_point.astype(np.int64).tolist()}")
-
-
-def _weight_grids(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or not dequantizes_constant(node):
-            continue
-        if is_op(node, "QuantizeLinear"):
-            if prof.weight_storage == "integer":
-                yield Violation("weight_float_storage", _name(node), "float weight + QuantizeLinear: store "
-                                "the integer codes as an initializer feeding DequantizeLinear", "warning")
-            continue
-        if p.storage.name not in prof.weight_dtypes and p.storage.name != "int4":  # int4: _narrow_types
-            yield Violation("weight_dtype", _name(node), f"weight stored as {p.storage.name}; target "
-                            f"{prof.name!r} takes {', '.join(prof.weight_dtypes)}")
-        if p.zero_point is not None and np.any(p.zero_point.astype(np.int64) != 0):
-            yield Violation("weight_zero_point", _name(node), "weights must be symmetric (zero point 0)")
-
-
-def _expected_axis(consumer: ir.Node, rank: int, prof: TargetProfile) -> int | None:
-    axes = prof.weight_axes
-    if consumer.op_type == "Conv":
-        axis = axes.conv
-    elif consumer.op_type == "ConvTranspose":
-        axis = axes.conv_transpose
-    elif consumer.op_type == "Gemm":
-        trans_b = "transB" in consumer.attributes and consumer.attributes["transB"].as_int()
-        axis = axes.linear % 2 if trans_b else 1 - axes.linear % 2
-    elif consumer.op_type == "MatMul":
-        axis = axes.matmul
-    else:
-        return None
-    return axis % rank
-
-
-def _weight_axes(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    for node, p in ctx.qdq_nodes():
-        if p is None or not p.per_channel or not is_op(node, "DequantizeLinear") or not dequantizes_constant(node):
-            continue
-        if not prof.weight_per_channel:
-            yield Violation("weight_per_channel", _name(node), f"target {prof.name!r} takes per-tensor weights "
-                            "only; export with one scale per weight")
-            continue
-        rank = value_rank(node.inputs[0]) or value_rank(node.outputs[0])
-        for user, index in node.outputs[0].uses():
-            want = _expected_axis(user, rank, prof) if rank and index == 1 and is_op(user, *_WEIGHTED) else None
-            if want is not None and p.axis is not None and p.axis % rank != want:
-                yield Violation("weight_axis", _name(node), f"per-channel axis {p.axis} feeding {user.op_type} "
-                                f"{_name(user)!r}; target {prof.name!r} needs axis {want} (output channel)")
-
-
-def _softmax(ctx: _Context) -> Iterator[Violation]:
-    for node in ctx.graph.all_nodes():
-        if is_op(node, "DequantizeLinear") and any(is_op(u, "Softmax") for u, _ in node.outputs[0].uses()):
-            yield Violation("softmax_quantized", _name(node), "DequantizeLinear feeds Softmax: attention scores "
-                            "stay float; remove the Q/DQ before Softmax")
-        src = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-        if is_op(node, "QuantizeLinear") and is_op(src, "Softmax"):
-            yield Violation("softmax_quantized", _name(node), "QuantizeLinear on a Softmax output: attention "
-                            "probabilities stay float; remove it")
-
-
-def _has_weight_dq(node: ir.Node) -> bool:
-    """A Conv/ConvTranspose/Gemm/MatMul whose second input is a dequantized constant."""
-    weight = node.inputs[1] if is_op(node, *_WEIGHTED) and len(node.inputs) > 1 else None
-    dq = weight.producer() if weight is not None else None
-    return dq is not None and is_op(dq, "DequantizeLinear") and dequantizes_constant(dq)
-
-
-def _output_chain(node: ir.Node) -> list[ir.Value]:
-    """The op's output, then through single-user Relu/Clip/bias-Add (what ORT fuses before a Q)."""
-    chain = [node.outputs[0]]
-    while len(chain[-1].uses()) == 1:
-        user = chain[-1].uses()[0][0]
-        bias_add = is_op(user, "Add") and any(const_array(v) is not None for v in user.inputs)
-        if not (is_op(user, *_FUSED_AFTER) or bias_add) or not user.outputs or user.outputs[0] in chain:
-            break  # (a value already in the chain: a cycle, which only an invalid model has)
-        chain.append(user.outputs[0])
-    return chain
-
-
-def _output_qs(node: ir.Node) -> list[ir.Node]:
-    return [u for v in _output_chain(node) for u, i in v.uses() if i == 0 and is_op(u, "QuantizeLinear")]
-
-
-def _is_input_q(q: ir.Node) -> bool:
-    """All readers of this Q's DQs quantize their inputs anyway (Conv after Conv, pooling)."""
-    dqs = [u for u, _ in q.outputs[0].uses()]
-    users = [u for dq in dqs for u, _ in dq.outputs[0].uses()]
-    return bool(users) and all(is_op(dq, "DequantizeLinear") for dq in dqs) and all(
-        is_op(u, *_INPUT_QUANTIZED) for u in users)
-
-
-def _op_outputs(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    if not prof.enforce_op_outputs:
-        return
-    for node in ctx.graph:
-        if not _has_weight_dq(node):
-            continue
-        qs = _output_qs(node)
-        if prof.quantize_op_outputs and not qs:
-            yield Violation("op_output_not_quantized", _name(node), f"target {prof.name!r} needs a Q/DQ on "
-                            f"the {node.op_type} output to run it as an integer kernel; it stays float",
-                            "warning")
-        elif not prof.quantize_op_outputs and any(not _is_input_q(q) for q in qs):
-            yield Violation("op_output_quantized", _name(node), f"target {prof.name!r} quantizes op inputs "
-                            f"only; the Q on this {node.op_type} output blocks fusion (e.g. Conv+Add)", "warning")
-
-
-def _op_inputs(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    if not (prof.enforce_op_outputs and prof.quantize_op_outputs):
-        return
-    for node in ctx.graph:
-        if not _has_weight_dq(node) or node.inputs[0] is None:
-            continue
-        if not is_op(node.inputs[0].producer(), "DequantizeLinear"):
-            yield Violation("op_input_not_dequantized", _name(node), f"target {prof.name!r} needs a "
-                            f"DequantizeLinear right before the {node.op_type} data input (nothing in "
-                            "between) to run it as an integer kernel; it stays float", "warning")
-
-
-def _versions(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    if ctx.opset > prof.max_opset:
-        yield Violation("opset_too_new", "<model>", f"opset {ctx.opset} > {prof.max_opset}, the newest target "
-                        f"{prof.name!r} parses; re-export with opset <= {prof.max_opset}")
-    if ctx.model.ir_version > prof.ir_version:
-        yield Violation("ir_version", "<model>", f"IR version {ctx.model.ir_version} > {prof.ir_version}; "
-                        "runtimes may refuse it (ONNX Runtime 1.31 loads <= 13); set model.ir_version")
-    per_channel = [n for n, p in ctx.qdq_nodes() if p is not None and p.per_channel]
-    if per_channel and ctx.opset < PER_CHANNEL_MIN_OPSET:
-        yield Violation("opset_per_channel", _name(per_channel[0]), f"per-channel Q/DQ need opset >= "
-                        f"{PER_CHANNEL_MIN_OPSET}, the model has {ctx.opset}")
-
-
-def _narrow_types(ctx: _Context) -> Iterator[Violation]:
-    prof = ctx.profile
-    for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or p.storage.bits == 8:
-            continue
-        if p.storage.min_opset > ctx.opset:
-            yield Violation("int4_opset", _name(node), f"{p.storage.name} Q/DQ need opset >= "
-                            f"{p.storage.min_opset}, the model has {ctx.opset}")
-        if p.storage.bits == 4 and not prof.allow_int4:
-            yield Violation("int4_not_allowed", _name(node), f"target {prof.name!r} does not run INT4; "
-                            "quantize this tensor to 8 bits")
-
-
-_RULES: tuple[Callable[[_Context], Iterator[Violation]], ...] = (
-    _quantized_ops, _scale_values, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
-    _softmax, _op_outputs, _op_inputs, _versions, _narrow_types,
-)

@@ -38,17 +38,13 @@ Metrics of ``b`` against reference ``a`` (accumulated in float64 over all batche
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qtrim_fx.core.errors import ConfigError, VerifyError
@@ -59,6 +55,14 @@ from qtrim_fx.verification.backend_worker import (
     BackendRun,
     BackendUnavailable,
     Batch,
+)
+from qtrim_fx.verification.inputs import (
+    MAX_GENERATED_ELEMENTS,
+    random_inputs,
+    read_graph_inputs,
+    require_regular_file,
+    run_reference,
+    to_numpy_batches,
 )
 from qtrim_fx.verification.metrics import compare_outputs, per_layer_report
 from qtrim_fx.verification.report import (
@@ -91,198 +95,6 @@ __all__ = [
 
 DEFAULT_BACKENDS = ("onnxruntime", "onnxruntime-noopt", "openvino", "onnx-reference", "qnn")
 WORKER_TIMEOUT_S = float(os.environ.get("QTRIM_WORKER_TIMEOUT", "3600"))
-#: most values :func:`random_inputs` draws for one batch, all inputs together (2**26: 256 MiB of float32).
-MAX_GENERATED_ELEMENTS = 2**26
-#: a torch reference whose two runs on the same batch differ beyond this (relative to its largest
-#: output) is reported as not reproducible.
-_REPRODUCIBLE_RTOL = 1e-4
-
-# --- inputs and the reference --------------------------------------------------------------------------
-
-
-def _require_regular_file(path: str, what: str) -> None:
-    """FileNotFoundError when missing, ConfigError when a folder, FIFO or device (reading it could block)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"{what} {path} is not a regular file (a folder, FIFO or device); pass an .onnx file")
-
-
-def _graph_inputs(model_path: str):
-    import onnx
-
-    try:
-        model = onnx.load(model_path, load_external_data=False)
-    except Exception as e:  # protobuf DecodeError on a truncated or foreign file
-        message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-        raise ConfigError(f"{model_path} does not parse as an ONNX model ({message}); it is truncated, "
-                          "corrupted or not ONNX: run `qtrim check` on it, or export it again") from None
-    initializers = {t.name for t in model.graph.initializer}
-    return model, [i for i in model.graph.input if i.name not in initializers]
-
-
-def _to_numpy_batches(inputs, graph_inputs, model_path: str) -> list[Batch]:
-    import onnx
-
-    if isinstance(inputs, torch.Tensor | np.ndarray):
-        inputs = [inputs]
-    batches: list[Batch] = []
-    names = [i.name for i in graph_inputs]
-    for bi, batch in enumerate(inputs):
-        items = list(batch) if isinstance(batch, tuple | list) else [batch]
-        if len(items) != len(names):
-            raise ConfigError(
-                f"batch {bi} has {len(items)} tensor(s) but {model_path} takes {len(names)} input(s) "
-                f"({', '.join(names)}); pass one tensor per input, e.g. [x for x, _ in loader] to drop labels"
-            )
-        arrays = []
-        for item, spec in zip(items, graph_inputs, strict=True):
-            a = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
-            if a.size == 0:
-                raise ConfigError(
-                    f"batch {bi}, input {spec.name!r} has shape {list(a.shape)}: no values, so nothing would be "
-                    "compared (a batch size of 0?); give every batch at least one sample"
-                )
-            want = onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)
-            if a.dtype != want and np.issubdtype(a.dtype, np.floating) and np.issubdtype(want, np.floating):
-                a = a.astype(want)
-            arrays.append(a)
-        batches.append(arrays)
-    if not batches:
-        raise ConfigError("inputs is empty: pass a list of input batches (tensors or tuples of tensors)")
-    return batches
-
-
-def random_inputs(
-    model_path: str | os.PathLike, num_batches: int = 1, batch_size: int = 1, seed: int = 0
-) -> list[tuple[np.ndarray, ...]]:
-    """Random batches for the graph inputs of an ONNX file, for :func:`verify` when no data is at hand.
-
-    Float inputs are standard normal, other types zero. A symbolic or unknown dimension takes
-    ``batch_size``; a fixed one keeps the file's value, so the file decides the size: more than
-    :data:`MAX_GENERATED_ELEMENTS` values in one batch are refused rather than allocated.
-
-    Args:
-        model_path: the ONNX file (its external data is not read).
-        num_batches: how many batches (>= 1).
-        batch_size: the size of every symbolic dimension (>= 1).
-        seed: seed of the generator (the same seed gives the same batches).
-
-    Returns:
-        ``num_batches`` tuples of arrays, one array per graph input in order.
-
-    Raises:
-        ConfigError: bad counts, a non-tensor input, a declared dimension of 0, or a batch above the cap.
-        FileNotFoundError: the file does not exist.
-    """
-    import onnx
-
-    path = os.fspath(model_path)
-    _require_regular_file(path, "ONNX model")
-    if num_batches < 1 or batch_size < 1:
-        raise ConfigError(f"num_batches={num_batches} and batch_size={batch_size} must both be at least 1")
-    _, graph_inputs = _graph_inputs(path)
-    specs = []
-    for spec in graph_inputs:
-        if not spec.type.HasField("tensor_type") or not spec.type.tensor_type.elem_type:
-            raise ConfigError(f"input {spec.name!r} of {path} is not a tensor of a known type; pass inputs yourself")
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
-                (0 if d.HasField("dim_value") and d.dim_value == 0 else batch_size)
-                for d in spec.type.tensor_type.shape.dim]
-        if 0 in dims:
-            raise ConfigError(f"input {spec.name!r} of {path} declares shape {dims}: no values to feed")
-        specs.append((spec.name, dims, onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)))
-    total = sum(math.prod(dims) for _, dims, _ in specs)
-    if total > MAX_GENERATED_ELEMENTS:
-        shapes = ", ".join(f"{name} {dims}" for name, dims, _ in specs)
-        symbolic = any(not (d.HasField("dim_value") and d.dim_value > 0)
-                       for spec in graph_inputs for d in spec.type.tensor_type.shape.dim)
-        raise ConfigError(
-            f"{path} declares inputs of {total:,} values per batch ({shapes}); random inputs are capped at "
-            f"MAX_GENERATED_ELEMENTS = {MAX_GENERATED_ELEMENTS:,} values per batch rather than allocate that "
-            "much: pass real, smaller inputs to verify(path, reference, [x, ...])"
-            + (f" or a batch_size below {batch_size}" if symbolic and batch_size > 1 else "")
-        )
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(num_batches):
-        batch = []
-        for _, dims, dtype in specs:
-            if np.issubdtype(dtype, np.floating):
-                batch.append(rng.standard_normal(dims, dtype=np.float32).astype(dtype))
-            else:
-                batch.append(np.zeros(dims, dtype))
-        batches.append(tuple(batch))
-    return batches
-
-
-def _flatten_outputs(out) -> list[np.ndarray]:
-    if isinstance(out, torch.Tensor):
-        return [out.detach().cpu().float().numpy() if out.is_floating_point() else out.detach().cpu().numpy()]
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, tuple | list):
-        return [a for o in out for a in _flatten_outputs(o)]
-    return []
-
-
-def _run_torch(module: torch.nn.Module, batches: Sequence[Batch]) -> list[Batch]:
-    device = next(module.parameters(), torch.empty(0)).device
-    was_training = module.training
-    module.eval()
-
-    def run(batch: Batch) -> list[np.ndarray]:
-        return _flatten_outputs(module(*(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in batch)))
-
-    try:
-        with torch.no_grad():
-            outputs = [run(b) for b in batches]
-            again = run(batches[0])
-    finally:
-        module.train(was_training)
-    _warn_if_not_reproducible(outputs[0], again, type(module).__name__)
-    return outputs
-
-
-def _warn_if_not_reproducible(first: Batch, second: Batch, name: str) -> None:
-    """Warn when two eval-mode runs of the torch reference on the same batch disagree."""
-    worst = 0.0
-    for a, b in zip(first, second, strict=False):
-        if a.shape != b.shape:
-            worst = math.inf
-            break
-        if a.size and np.issubdtype(a.dtype, np.number):
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            finite = np.isfinite(a64)
-            scale = float(np.max(np.abs(a64[finite]))) if finite.any() else 0.0
-            diff = np.abs(a64 - b64)
-            same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
-            err = float(np.max(np.where(same, 0.0, diff), initial=0.0))
-            worst = max(worst, err / scale if scale > 0 else (math.inf if err > 0 else 0.0))
-    if len(first) != len(second) or worst > _REPRODUCIBLE_RTOL:
-        warnings.warn(
-            f"the torch reference {name} gives different outputs for the same input on two calls in eval "
-            f"mode (largest difference {worst:.3g} of its largest output); something random runs at inference "
-            "(F.dropout(training=True), torch.rand, a stateful module), so every figure of this report is "
-            "noisy: remove or seed the randomness, or pass the FP32 ONNX file as the reference",
-            stacklevel=4,
-        )
-
-
-def _run_reference(reference, batches: Sequence[Batch]) -> tuple[list[Batch], str]:
-    if isinstance(reference, torch.nn.Module):
-        return _run_torch(reference, batches), f"torch {type(reference).__name__} (eval, no grad)"
-    if isinstance(reference, str | os.PathLike):
-        path = os.fspath(reference)
-        _require_regular_file(path, "reference ONNX file")
-        run = worker.run_backend("onnxruntime-noopt", path, batches)
-        return run.outputs, f"{path} (onnxruntime, ORT_DISABLE_ALL)"
-    raise TypeError(
-        f"reference must be a torch nn.Module or the path of an FP32 ONNX file, not {type(reference).__name__}"
-    )
-
 
 # --- backends ------------------------------------------------------------------------------------------
 
@@ -400,15 +212,15 @@ def verify(
         UserWarning: a torch reference that gives other outputs on a second call with the same batch.
     """
     model_path = os.fspath(onnx_path)
-    _require_regular_file(model_path, "ONNX model")
+    require_regular_file(model_path, "ONNX model")
     validate_thresholds(min_sqnr_db, min_top1)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown backend(s) {unknown}; known backends: {', '.join(BACKENDS)}")
-    model, graph_inputs = _graph_inputs(model_path)
+    model, graph_inputs = read_graph_inputs(model_path)
     names = [o.name for o in model.graph.output]
-    batches = _to_numpy_batches(inputs, graph_inputs, model_path)
-    reference_out, reference_label = _run_reference(reference, batches)
+    batches = to_numpy_batches(inputs, graph_inputs, model_path)
+    reference_out, reference_label = run_reference(reference, batches)
     if len(reference_out[0]) != len(names):
         raise ConfigError(
             f"the reference gives {len(reference_out[0])} output(s) but {model_path} has {len(names)} "
