@@ -29,6 +29,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from qtrim_fx.core.attrs import resolve_attr
+from qtrim_fx.core.modules import is_plain_batchnorm
 from qtrim_fx.frontend.mode import mode_value
 
 __all__ = ["ExportFailed", "export_capture"]
@@ -133,7 +134,7 @@ def _batchnorm_modules(gm: fx.GraphModule) -> None:
         x, w, b, mean, var, _training, momentum, eps = node.args[:8]
         path = (_get_attr_target(mean) or "").removesuffix(".running_mean")
         bn = modules.get(path) if path else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        if not is_plain_batchnorm(bn):  # a subclass's own forward would run on top of this batch_norm
             continue
         expect = ((w, "weight" if bn.weight is not None else None), (b, "bias" if bn.bias is not None else None),
                   (var, "running_var"))

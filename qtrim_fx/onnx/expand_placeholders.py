@@ -63,7 +63,7 @@ def quantize_codes(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmi
     """QuantizeLinear of a weight initializer, as int64 codes: :func:`qtrim_fx.core.fakequant.quantize_codes`
     on float32 copies (the bits the trained model's fake quantization produced)."""
     def f32(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
 
     return core_quantize_codes(f32(w), f32(scale), f32(zero_point), qmin, qmax).numpy().astype(np.int64)
 

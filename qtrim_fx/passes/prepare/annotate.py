@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.modules import is_plain_batchnorm
 from qtrim_fx.core.spec import (
     ACT_SITE,
     FLOAT_REGION,
@@ -201,7 +201,7 @@ class _Analysis:
                 continue
             (bn,) = op.users
             m = self.modules.get(str(bn.target)) if bn.op == "call_module" else None
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None and bn.args[0] is op:
+            if is_plain_batchnorm(m) and bn.args[0] is op:  # exactly BatchNorm: anything more stays in the graph
                 self.folds[op] = str(bn.target)
 
     def share_grid_preserving(self) -> None:

@@ -1,0 +1,72 @@
+"""The exported file computes what was trained (issue: trust), on model shapes users bring."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import qtrim_fx
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm + activation in one module, as timm's ``BatchNormAct2d`` (its forward adds the act)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(super().forward(x))
+
+
+def _trained_at_full_blend(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        model(torch.randn(x.shape, generator=gen))
+    model.eval()
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    return qm.eval()
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("bn_act", ["local", "timm"])
+def test_batchnorm_subclass_with_activation_is_not_folded_away(tmp_path, bn_act):
+    if bn_act == "timm":
+        timm = pytest.importorskip("timm")
+        norm = timm.layers.BatchNormAct2d(8, act_layer=nn.SiLU)
+    else:
+        norm = BatchNormAct(8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.Conv2d(8, 4, 1))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    qm = _trained_at_full_blend(model, x)
+    assert not any(spec.folded_bn for spec, _, _ in qtrim_fx.iter_sites(qm))  # not exactly BatchNorm
+    path = tmp_path / "m.onnx"
+    qtrim_fx.export_onnx(qm, (x,), path)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert "Sigmoid" in ops or "Mul" in ops  # the activation is still there
+    with torch.no_grad():
+        trained = qm(x).numpy()
+    out_scale = float(np.abs(trained).max())
+    # what ORT computes is what was trained, up to rounding (before: max diff 0.24 on a 0.97 scale)
+    assert np.abs(_ort(path, x) - trained).max() < 0.02 * out_scale
+
+
+def test_plain_batchnorm_is_still_folded(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    qm = _trained_at_full_blend(model, x)
+    assert [spec.folded_bn for spec, _, _ in qtrim_fx.iter_sites(qm) if spec.folded_bn] == ["1"]
+    path = tmp_path / "m.onnx"
+    qtrim_fx.export_onnx(qm, (x,), path)
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(path).graph.node}
