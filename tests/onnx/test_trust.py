@@ -70,3 +70,36 @@ def test_plain_batchnorm_is_still_folded(tmp_path):
     path = tmp_path / "m.onnx"
     qtrim_fx.export_onnx(qm, (x,), path)
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(path).graph.node}
+
+
+def _calibrated_mlp():
+    from qtrim_fx.models import get_model
+
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    return qm, x
+
+
+@pytest.mark.parametrize("corrupt", ["nan_weight", "nan_statistics", "inverted_statistics"])
+def test_non_finite_weights_or_statistics_are_refused_naming_the_site(tmp_path, corrupt):
+    qm, x = _calibrated_mlp()
+    sites = {spec.name: (spec, site) for spec, site, _ in qtrim_fx.iter_sites(qm)}
+    weight = next(name for name, (spec, _) in sites.items() if spec.kind == "weight")
+    act = next(name for name, (spec, _) in sites.items() if spec.kind == "activation")
+    with torch.no_grad():
+        if corrupt == "nan_weight":
+            qm.get_parameter(sites[weight][0].param).view(-1)[0] = float("nan")  # a diverged step
+            name = weight
+        elif corrupt == "nan_statistics":
+            sites[act][1].observer.lo.fill_(float("nan"))
+            name = act
+        else:
+            obs = sites[act][1].observer
+            obs.lo.fill_(1.0)
+            obs.hi.fill_(-1.0)
+            name = act
+    path = tmp_path / "m.onnx"
+    with pytest.raises(qtrim_fx.ExportError, match=name.replace(".", r"\.")):
+        qtrim_fx.export_onnx(qm, (x,), path)
+    assert not path.exists()

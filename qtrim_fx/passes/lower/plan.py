@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from qtrim_fx.core.attrs import get_attr_tensor
-from qtrim_fx.core.errors import UncalibratedSitesError
+from qtrim_fx.core.errors import ExportError, UncalibratedSitesError
 from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.core.scheme import QuantScheme
@@ -106,6 +106,14 @@ class PlanLoweringPass(GraphPass):
                 f"{len(missing)} quantization site(s) never saw data: {shown}. Run "
                 "qtrim_fx.calibrate(model, batches) or train the prepared model before exporting"
             )
+        bad = [problem for n in site_nodes(gm) if (problem := _non_finite(gm, n))]
+        if bad:
+            shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+            raise ExportError(
+                f"refusing to export {len(bad)} site(s) whose values are not usable: {shown}. The model "
+                "diverged (NaN/Inf in training) or its state is corrupted: restore a good checkpoint, or "
+                "recalibrate with qtrim_fx.calibrate(model, batches)"
+            )
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -116,6 +124,21 @@ class PlanLoweringPass(GraphPass):
                 node.meta[LOWER_PLAN] = plan
                 modified = True
         return PassResult(gm, modified)
+
+
+def _non_finite(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a site's weight or statistics cannot give qparams (non-finite, inverted), else ``None``."""
+    spec: SiteSpec = node.meta[SITE_NODE]
+    obs = gm.get_submodule(str(node.target)).observer
+    lo, hi = obs.lo, obs.hi  # raw: stats() reads a never-observed NaN as 0
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        return f"{spec.name} (non-finite statistics: it saw no finite value, or its state is corrupted)"
+    if bool((lo > hi).any()):
+        return f"{spec.name} (inverted statistics: low > high)"
+    w = get_attr_tensor(gm, node.args[0]) if spec.kind == "weight" else None
+    if w is not None and not bool(torch.isfinite(w).all()):
+        return f"{spec.name} (non-finite weight values)"
+    return None
 
 
 def _same_plan(a: LoweredSite | None, b: LoweredSite) -> bool:
