@@ -39,7 +39,8 @@ def export_onnx(
 
     Args:
         model: a prepared model that has been calibrated or trained (every site has statistics).
-        example_inputs: positional inputs (tuple or tensor) for tracing.
+        example_inputs: positional inputs (tuple or tensor) for tracing, or a dict of keyword inputs
+            by the forward's argument names (as ``prepare`` takes them).
         path: output ``.onnx`` path. Written atomically; a symlink is followed (its target is
             replaced, the link stays); an existing file keeps its mode, a new one gets the umask's.
         target: ``onnxruntime`` (default), ``tensorrt``, ``openvino``, ``qnn``, ``npu`` or a TargetProfile.
@@ -65,17 +66,53 @@ def export_onnx(
             raise ProfileError(f"opset must be an int such as 17 or 21, got {opset!r}")
         profile = profile.replace(opset=opset)
     model = unwrap(model)
+    if opset is None:
+        profile = _opset_for_sites(model, profile)
     args = _positional_inputs(model, example_inputs)
     gm = lower(model, profile)
     _dry_run(gm, args)
     return export_lowered(gm, args, path, profile, input_names, output_names, dynamic_batch)
 
 
+def _opset_for_sites(model: nn.Module, profile: TargetProfile) -> TargetProfile:
+    """The profile at the oldest opset that stores every site's grid (INT4 weights need 21), when the
+    target parses it; otherwise unchanged, and lowering names what the target cannot take."""
+    from qtrim_fx.core.dtypes import storage_for
+    from qtrim_fx.runtime.prepared import iter_sites
+
+    # signed and unsigned grids of one width share their oldest opset (int4/uint4: 21, int8/uint8: 10)
+    needed = max([profile.opset, *(storage_for(spec.scheme.bits, True).min_opset for spec, _, _ in iter_sites(model))])
+    if needed > profile.opset and needed <= profile.max_opset:
+        try:
+            return profile.replace(opset=needed)
+        except ProfileError:
+            return profile
+    return profile
+
+
+def _from_keywords(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Keyword example inputs (``{"input_ids": ids, ...}``, as ``prepare`` takes them) in forward order.
+
+    An input left out takes its default (``None`` for the optional inputs of Hugging Face models).
+    """
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        raise TypeError("export_onnx takes keyword example inputs only for a prepared model; pass a tuple")
+    places = [n for n in graph.nodes if n.op == "placeholder"]
+    names = [str(n.target).lstrip("*") for n in places]
+    unknown = [k for k in inputs if k not in names]
+    if unknown:
+        raise TypeError(f"example input(s) {unknown} are not inputs of the model's forward ({', '.join(names)}); "
+                        "pass the forward's argument names as keys")
+    last = max((names.index(k) for k in inputs), default=-1)
+    return tuple(inputs[name] if name in inputs else (n.args[0] if n.args else None)
+                 for name, n in zip(names[: last + 1], places, strict=False))
+
+
 def _positional_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
     """``example_inputs`` as a tuple, checked against the forward's inputs before the (slow) lowering."""
     if isinstance(example_inputs, Mapping):
-        raise TypeError("export_onnx takes positional example inputs (a tuple of tensors), not a dict; "
-                        "pass tuple(inputs.values()) in the order of the forward's arguments")
+        example_inputs = _from_keywords(model, example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):

@@ -103,3 +103,30 @@ def test_non_finite_weights_or_statistics_are_refused_naming_the_site(tmp_path, 
     with pytest.raises(qtrim_fx.ExportError, match=name.replace(".", r"\.")):
         qtrim_fx.export_onnx(qm, (x,), path)
     assert not path.exists()
+
+
+def test_keyword_example_inputs_export_like_positional_ones(tmp_path):
+    from qtrim_fx.models import get_model
+
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    qtrim_fx.export_onnx(qm, (x,), a)
+    qtrim_fx.export_onnx(qm, {"x": x}, b)  # as prepare takes them (Hugging Face users hold dicts)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_four_bit_weights_export_without_naming_the_opset(tmp_path):
+    from qtrim_fx.models import get_model
+
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model, config=qtrim_fx.QuantConfig(weight_bits=4))
+    qtrim_fx.calibrate(qm, [x])
+    path = tmp_path / "int4.onnx"
+    m = qtrim_fx.export_onnx(qm, (x,), path, target=qtrim_fx.get_profile("onnxruntime").replace(allow_int4=True))
+    assert {o.version for o in m.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    assert onnx.TensorProto.INT4 in {t.data_type for t in m.graph.initializer}
+    with torch.no_grad():
+        ref = qm.eval()(x).numpy()
+    assert _ort(path, x).shape == ref.shape  # ONNX Runtime loads and runs the INT4 file

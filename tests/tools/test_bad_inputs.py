@@ -84,7 +84,8 @@ def test_example_inputs_of_the_wrong_type(mlp, out):
     _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, (x.numpy(),), out),
             "example input #0 is a numpy.ndarray", "torch.as_tensor")
     _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, "x", out), "got str", "export_onnx(qm, (x,), path)")
-    _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, {"x": x}, out), "not a dict", "tuple(inputs.values())")
+    _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, {"y": x}, out), "['y'] are not inputs of the model's forward (x)",
+            "argument names as keys")
     _raises(TypeError, lambda: qtrim_fx.export_onnx(qm, (x, x), out),
             "takes 1 input(s) (x) but export_onnx got 2", "one tensor per input")
     _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (torch.zeros(2, 5),), out),
