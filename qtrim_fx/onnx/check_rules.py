@@ -231,16 +231,41 @@ def _output_chain(node: ir.Node) -> list[ir.Value]:
     return chain
 
 
-def _output_qs(node: ir.Node) -> list[ir.Node]:
-    return [u for v in _output_chain(node) for u, i in v.uses() if i == 0 and is_op(u, "QuantizeLinear")]
+def _output_qs(node: ir.Node) -> list[tuple[ir.Node, bool]]:
+    """(Q, whether it sits past the op's activation) for every Q on the op's output chain."""
+    chain = _output_chain(node)
+    return [(u, any(is_op(c.producer(), *_FUSED_AFTER) for c in chain[1 : k + 1]))
+            for k, v in enumerate(chain) for u, i in v.uses() if i == 0 and is_op(u, "QuantizeLinear")]
 
 
-def _is_input_q(q: ir.Node) -> bool:
-    """All readers of this Q's DQs quantize their inputs anyway (Conv after Conv, pooling)."""
+#: ops that move data without computing on it; a Q read through them still feeds the op after them.
+_VIEWS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather")
+
+
+def _readers(value: ir.Value, depth: int = 0) -> list[ir.Node]:
+    """The nodes that read ``value``, looking through view ops (a few levels)."""
+    out = []
+    for user, _ in value.uses():
+        if is_op(user, *_VIEWS) and user.outputs and depth < 4:
+            out += [r for o in user.outputs for r in _readers(o, depth + 1)]
+        else:
+            out.append(user)
+    return out
+
+
+def _is_input_q(q: ir.Node, after_activation: bool) -> bool:
+    """This Q quantizes a tensor the target quantizes anyway, as an input of a later op.
+
+    The same rule as lowering's (a site with role ``"input"``), so ``export`` and ``check`` agree:
+    some reader of its DQs (through views) quantizes its inputs (Conv, Gemm, MatMul, pooling), or,
+    once past the op's activation (Conv → ReLU → Q), an Add or Concat reads it. A Q directly on a
+    Conv output read only by a residual Add blocks Conv+Add fusion.
+    """
     dqs = [u for u, _ in q.outputs[0].uses()]
-    users = [u for dq in dqs for u, _ in dq.outputs[0].uses()]
-    return bool(users) and all(is_op(dq, "DequantizeLinear") for dq in dqs) and all(
-        is_op(u, *_INPUT_QUANTIZED) for u in users)
+    if not dqs or not all(is_op(dq, "DequantizeLinear") for dq in dqs):
+        return False
+    wanted = (*_INPUT_QUANTIZED, "Add", "Concat") if after_activation else _INPUT_QUANTIZED
+    return any(is_op(u, *wanted) for dq in dqs for u in _readers(dq.outputs[0]))
 
 
 def _op_outputs(ctx: RuleContext) -> Iterator[Violation]:
@@ -255,7 +280,7 @@ def _op_outputs(ctx: RuleContext) -> Iterator[Violation]:
             yield Violation("op_output_not_quantized", _name(node), f"target {prof.name!r} needs a Q/DQ on "
                             f"the {node.op_type} output to run it as an integer kernel; it stays float",
                             "warning")
-        elif not prof.quantize_op_outputs and any(not _is_input_q(q) for q in qs):
+        elif not prof.quantize_op_outputs and any(not _is_input_q(q, after) for q, after in qs):
             yield Violation("op_output_quantized", _name(node), f"target {prof.name!r} quantizes op inputs "
                             f"only; the Q on this {node.op_type} output blocks fusion (e.g. Conv+Add)", "warning")
 

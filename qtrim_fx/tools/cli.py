@@ -4,7 +4,7 @@
     qtrim export MODEL -o out.onnx --target T [--checkpoint ckpt.pt] [--calibrate N] [--opset 21]
     qtrim check out.onnx --target T [--json violations.json]
     qtrim verify out.onnx --reference MODEL|fp32.onnx [--backends onnxruntime,openvino] [--json report.json]
-                 [--per-layer] [--min-sqnr DB] [--min-top1 F] [--plots DIR]
+                 [--per-layer] [--min-sqnr DB|off] [--min-top1 F|off] [--plots DIR]
     qtrim report MODEL -o DIR          curriculum, weight distributions before/after a reverse-pruning pin,
                                        graph, QDQ export and per-layer SQNR of a model, as PNG/HTML/JSON
 
@@ -14,7 +14,9 @@ MODEL is a built-in name (``tiny_convnet``, ``cifar_resnet18``, ``tv_resnet18`` 
 
 Exit codes: 0 ok, 1 a check/verify found problems, 2 usage errors (bad MODEL, missing file, unknown
 target, bad option; one line on stderr), 3 an unexpected failure (one line; ``--traceback`` shows where).
-Progress bars appear on stderr when it is a terminal.
+Progress bars appear on stderr when it is a terminal. What libraries print on stderr while a command
+runs (warnings, log lines, FX tracebacks) is held back and summarized after a result, dropped after
+an error (:mod:`qtrim_fx.tools.cli_streams`); ``--verbose`` shows it as it comes.
 
 This module holds the parser and :func:`main`; the commands live in
 :mod:`qtrim_fx.tools.cli_commands`, what they share in :mod:`qtrim_fx.tools.cli_common`.
@@ -24,10 +26,10 @@ This module holds the parser and :func:`main`; the commands live in
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from qtrim_fx import __version__
@@ -38,15 +40,18 @@ from qtrim_fx.tools.cli_commands import cmd_report as _cmd_report
 from qtrim_fx.tools.cli_commands import cmd_vendors as _cmd_vendors
 from qtrim_fx.tools.cli_commands import cmd_verify as _cmd_verify
 from qtrim_fx.tools.cli_common import (
+    CHECKPOINT_HELP,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_PROBLEMS,  # noqa: F401  (not used here; kept importable from qtrim_fx.tools.cli)
     EXIT_USAGE,
     MODEL_HELP,
+    OFF,
     UsageError,
     load_model,
     one_line,
 )
+from qtrim_fx.tools.cli_streams import held_stderr
 
 __all__ = ["UsageError", "build_parser", "load_model", "main"]
 
@@ -61,6 +66,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+
+    parse.__name__ = "count"
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (no nan, no inf)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
+def _threshold(low: float | None = None, high: float | None = None) -> Callable[[str], float | str]:
+    """An argparse type: a finite number (in [low, high] when given), or ``off``."""
+
+    def parse(text: str) -> float | str:
+        if text.strip().lower() in ("off", "none"):
+            return OFF
+        x = _finite(text)
+        if (low is not None and x < low) or (high is not None and x > high):
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}] (or off), got {text!r}")
+        return x
+
+    parse.__name__ = "threshold"
+    return parse
+
+
 def _sub(sub: Any, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
     """Add the sub-command ``name`` with its help, description and an example in the epilog."""
     return sub.add_parser(name, help=help, description=description, epilog=f"example:\n  {example}",
@@ -70,8 +117,8 @@ def _sub(sub: Any, name: str, help: str, description: str, example: str) -> argp
 def _model_options(p: argparse.ArgumentParser, calibrate_default: str) -> None:
     """The MODEL argument and the ``--checkpoint`` / ``--calibrate`` options of the model commands."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--checkpoint", help="state_dict of the prepared model (torch.save), e.g. after training")
-    p.add_argument("--calibrate", type=int, metavar="N",
+    p.add_argument("--checkpoint", metavar="FILE", help=CHECKPOINT_HELP)
+    p.add_argument("--calibrate", type=_count(0), metavar="N",
                    help=f"calibrate on the example inputs + N random batches ({calibrate_default})")
 
 
@@ -96,10 +143,10 @@ def _add_export(sub: Any) -> None:
     p = _sub(sub, "export", "prepare (or load) MODEL and write a QDQ ONNX file",
              "Fold BatchNorm, lower every site to QuantizeLinear/DequantizeLinear for the target and write ONNX.",
              "qtrim export tiny_convnet --calibrate 4 -o tiny.qdq.onnx --target onnxruntime")
-    _model_options(p, "default: 4 without --checkpoint, else 0")
+    _model_options(p, "default: 4, or 0 with a --checkpoint that holds statistics")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.add_argument("--target", default="onnxruntime", help="onnxruntime (default), tensorrt, openvino, qnn, npu")
-    p.add_argument("--opset", type=int, help="override the target's opset (21 for INT4)")
+    p.add_argument("--opset", type=_count(1), help="override the target's opset (21 for INT4)")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -122,16 +169,19 @@ def _add_verify(sub: Any) -> None:
              "qtrim verify tiny.qdq.onnx --reference tiny_convnet --backends onnxruntime,openvino --json r.json")
     p.add_argument("onnx", metavar="ONNX", help="the model to verify (usually the QDQ export)")
     p.add_argument("--reference", required=True, metavar="MODEL|FP32.onnx",
-                   help=f"the FP32 reference: {MODEL_HELP}, or an FP32 .onnx file")
-    p.add_argument("--checkpoint", help="load this prepared-model state_dict into the MODEL reference")
+                   help=f"the FP32 reference: {MODEL_HELP}, or an FP32 .onnx file (a MODEL is built twice to check "
+                        "that it is deterministic: seed a factory's random init, or pass --checkpoint)")
+    p.add_argument("--checkpoint", metavar="FILE", help=f"load this into the MODEL reference: {CHECKPOINT_HELP}")
     p.add_argument("--backends", default="onnxruntime,onnxruntime-noopt,openvino",
                    help="comma-separated: onnxruntime, onnxruntime-noopt, openvino, onnx-reference, qnn")
-    p.add_argument("--batches", type=int, default=4, help="number of input batches (default 4)")
-    p.add_argument("--batch-size", type=int, default=2,
+    p.add_argument("--batches", type=_count(1), default=4, help="number of input batches (default 4)")
+    p.add_argument("--batch-size", type=_count(1), default=2,
                    help="batch size for an ONNX reference's symbolic batch dimension (default 2)")
     p.add_argument("--per-layer", action="store_true", help="also compare intermediate tensors per layer")
-    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) below this output SQNR (default 20)")
-    p.add_argument("--min-top1", type=float, metavar="F", help="fail (exit 1) below this top-1 agreement, 0..1 (default 0.9)")
+    p.add_argument("--min-sqnr", type=_threshold(), metavar="DB|off",
+                   help="fail (exit 1) below this output SQNR in dB (default 20; off: no SQNR threshold)")
+    p.add_argument("--min-top1", type=_threshold(0.0, 1.0), metavar="F|off",
+                   help="fail (exit 1) below this top-1 agreement, 0..1 (default 0.9; off: no top-1 threshold)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON (every figure of the table)")
     p.add_argument("--markdown", metavar="PATH", help="write the report as Markdown")
     p.add_argument("--plots", metavar="DIR", help="write DIR/layer_sqnr.png (implies --per-layer)")
@@ -149,12 +199,12 @@ def _add_report(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--target", default="onnxruntime", help="export target (default onnxruntime)")
     p.add_argument("--backends", default="onnxruntime,openvino", help="verify backends (comma-separated)")
-    p.add_argument("--epochs", type=int, default=80, help="curriculum plot length (default 80)")
-    p.add_argument("--warmup", type=float, default=10, help="curriculum E_w (default 10)")
-    p.add_argument("--ramp-end", type=float, default=50, help="curriculum E_f (default 50)")
-    p.add_argument("--horizon", type=float, default=20, help="curriculum H (default 20)")
-    p.add_argument("--p-clip", type=float, default=0.95, help="reverse-pruning quantile (default 0.95)")
-    p.add_argument("--every", type=int, default=5, help="epochs between pins (default 5)")
+    p.add_argument("--epochs", type=_count(1), default=80, help="curriculum plot length (default 80)")
+    p.add_argument("--warmup", type=_finite, default=10, help="curriculum E_w (default 10)")
+    p.add_argument("--ramp-end", type=_finite, default=50, help="curriculum E_f (default 50)")
+    p.add_argument("--horizon", type=_finite, default=20, help="curriculum H (default 20)")
+    p.add_argument("--p-clip", type=_finite, default=0.95, help="reverse-pruning quantile (default 0.95)")
+    p.add_argument("--every", type=_count(1), default=5, help="epochs between pins (default 5)")
     p.set_defaults(handler=_cmd_report, calibrate=4)
 
 
@@ -166,12 +216,12 @@ def _add_vendors(sub: Any) -> None:
              "samples) plus our embedded-scale export; run each on ONNX Runtime and OpenVINO; print top-1 "
              "(agreement with FP32 without labels) and logit MSE per variant and their spread.",
              "qtrim vendors tiny_convnet --variants quick --json vendors.json --plot vendors.png")
-    _model_options(p, "default: 4 without --checkpoint, else 0")
+    _model_options(p, "default: 4, or 0 with a --checkpoint that holds statistics")
     p.add_argument("--variants", choices=("quick", "full"), default="full", help="variant matrix (default full)")
     p.add_argument("--backends", default="onnxruntime,openvino", help="comma-separated runtimes")
     p.add_argument("--weight-bits", type=int, choices=(4, 8), default=8, help="weight bits (default 8)")
-    p.add_argument("--calib-batches", type=int, default=8, help="random calibration batches (default 8)")
-    p.add_argument("--eval-batches", type=int, default=8, help="random evaluation batches (default 8)")
+    p.add_argument("--calib-batches", type=_count(1), default=8, help="random calibration batches (default 8)")
+    p.add_argument("--eval-batches", type=_count(1), default=8, help="random evaluation batches (default 8)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="write the top-1 matrix as a PNG")
     p.set_defaults(handler=_cmd_vendors)
@@ -186,15 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qtrim_fx {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of a failure")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show what libraries print on stderr (warnings, log lines) as it comes; by default "
+                             "it is held back: one line per kind of warning after a result, nothing after an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_inspect, _add_export, _add_check, _add_verify, _add_report, _add_vendors):
         add(sub)
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # replaces warnings.showwarning: one line on stderr, without the source location
-    print(f"qtrim: warning: {one_line(message)}", file=sys.stderr)
+def _user_error(e: Exception) -> bool:
+    """Whether an exception a command raised is about the user's input (exit 2) rather than a failure (3)."""
+    from qtrim_fx.core import errors
+
+    # qtrim's own errors about the user's input (not VerifyError or internal contract errors)
+    user_errors = (errors.ConfigError, errors.CaptureError, errors.CheckpointError, errors.ProfileError,
+                   errors.ExportError, errors.OutputPathError)
+    return isinstance(e, (*user_errors, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+
+
+def _run(handler: Callable[[argparse.Namespace], Any], args: argparse.Namespace, debug: bool) -> tuple[int, str]:
+    """``(exit code, error line or "")`` of one command."""
+    try:
+        return int(handler(args) or 0), ""
+    except UsageError as e:
+        return EXIT_USAGE, f"qtrim: error: {one_line(e)}"
+    except KeyboardInterrupt:
+        return 130, "qtrim: interrupted"
+    except Exception as e:
+        if debug:
+            raise
+        usage = _user_error(e)
+        return (EXIT_USAGE if usage else EXIT_FAILURE), (f"qtrim: error: {type(e).__name__}: {one_line(e)}"
+                                                         + ("" if usage else " (run with --traceback for details)"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,31 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     debug = args.traceback or bool(os.environ.get("QTRIM_TRACEBACK"))
-    with warnings.catch_warnings():
-        if not debug:
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.showwarning = _show_warning
-        try:
-            return int(handler(args) or 0)
-        except UsageError as e:
-            print(f"qtrim: error: {one_line(e)}", file=sys.stderr)
-            return EXIT_USAGE
-        except KeyboardInterrupt:
-            print("qtrim: interrupted", file=sys.stderr)
-            return 130
-        except Exception as e:
-            from qtrim_fx.core import errors
-
-            # qtrim's own errors about the user's input (not VerifyError or internal contract errors)
-            user_errors = (errors.ConfigError, errors.CaptureError, errors.CheckpointError, errors.ProfileError,
-                           errors.ExportError)
-            if debug:
-                raise
-            usage = isinstance(e, (*user_errors, FileNotFoundError, IsADirectoryError, NotADirectoryError))
-            print(f"qtrim: error: {type(e).__name__}: {one_line(e)}"
-                  + ("" if usage else " (run with --traceback for details)"), file=sys.stderr)
-            return EXIT_USAGE if usage else EXIT_FAILURE
+    with held_stderr(hold=not (debug or args.verbose)) as held:
+        code, error = _run(handler, args, debug)
+    # after an error its line alone (the one-line promise); after a result, what was held back
+    lines = [error] if error else held.summary()
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

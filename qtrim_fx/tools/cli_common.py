@@ -1,5 +1,8 @@
 """What the ``qtrim`` commands share: exit codes, MODEL loading, preparation, progress and output helpers.
 
+The checks of input and output paths and the reading of ``--checkpoint`` files are in
+:mod:`qtrim_fx.tools.cli_inputs` (re-exported here).
+
 Only the standard library is imported at module level, so ``qtrim --help`` stays fast; torch, onnx
 and the rest of qtrim_fx are imported inside the functions that need them.
 """
@@ -11,17 +14,30 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qtrim_fx.tools.cli_inputs import (
+    UsageError,
+    read_checkpoint,
+    require_file,
+    require_output,
+    require_output_folder,
+)
+from qtrim_fx.tools.cli_streams import real_stderr, tty, warn
+from qtrim_fx.tools.sanitize import one_line, printable
+
 __all__ = [
+    "CHECKPOINT_HELP",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_PROBLEMS",
     "EXIT_USAGE",
     "MODEL_HELP",
+    "OFF",
     "Stages",
     "UsageError",
     "check_target",
@@ -31,20 +47,26 @@ __all__ = [
     "one_line",
     "prepared",
     "random_batches",
+    "read_checkpoint",
     "require_file",
     "require_matplotlib",
+    "require_output",
+    "require_output_folder",
     "stage",
     "stages",
     "tty",
+    "user_model_check",
+    "warn",
     "write_json",
+    "write_text",
 ]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 MODEL_HELP = "built-in name (tiny_convnet, cifar_resnet18 ...), package.module:factory or path/file.py:factory"
-
-
-class UsageError(Exception):
-    """A bad command line: printed as one line, exit code 2."""
+#: ``--min-sqnr off`` / ``--min-top1 off``: no threshold (verify's defaults apply when the option is not given)
+OFF = "off"
+CHECKPOINT_HELP = ("a qtrim_fx.checkpoint.save file, or a state_dict (torch.save) of the prepared model (e.g. after "
+                   "training) or of the float model (then calibrated as without a checkpoint)")
 
 
 # --- models and inputs ---------------------------------------------------------------------------------
@@ -76,6 +98,20 @@ def import_file(path: Path) -> Any:
     return module
 
 
+def _split_spec(spec: str) -> tuple[str, str]:
+    """``(file or module, factory)`` of a ``where:factory`` spec; :class:`UsageError` when malformed."""
+    where, _, name = spec.rpartition(":")
+    forms = "use a built-in name, package.module:factory or path/file.py:factory"
+    if not name.isidentifier():
+        raise UsageError(f"MODEL {spec!r}: {name!r} after the last ':' is not a factory name; {forms}")
+    if not where:
+        raise UsageError(f"MODEL {spec!r} names no module or file before ':'; {forms}")
+    if not where.endswith(".py") and not all(part.isidentifier() for part in where.split(".")):
+        raise UsageError(f"MODEL {spec!r}: {where!r} is neither a Python module name (package.module) "
+                         f"nor a .py file; {forms}")
+    return where, name
+
+
 def load_model(spec: str) -> tuple[Any, tuple]:
     """Resolve a MODEL spec to ``(module, example_inputs)`` (example inputs may be ``()``).
 
@@ -97,17 +133,17 @@ def load_model(spec: str) -> tuple[Any, tuple]:
             raise UsageError(f"unknown model {spec!r}: use a built-in name ({', '.join(sorted(MODELS))}), "
                              "package.module:factory or path/file.py:factory")
         return get_model(spec)
-    where, _, name = spec.rpartition(":")
+    where, name = _split_spec(spec)
     if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise UsageError(f"model file {where!r} does not exist")
-        module = import_file(path)
+        require_file(where, "model file")
+        module = import_file(Path(where))
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise UsageError(f"cannot import {where!r}: {e}") from None
+            raise UsageError(f"cannot import {where!r}: {one_line(e)}") from None
+        except Exception as e:  # the module's own code raised while importing
+            raise UsageError(f"importing {where!r} failed: {type(e).__name__}: {one_line(e)}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UsageError(f"{where!r} has no callable {name!r}")
@@ -157,70 +193,111 @@ def check_target(target: str) -> None:
         raise UsageError(f"unknown target {target!r}; known targets: {', '.join(profile_names())}") from None
 
 
-def require_file(path: str, what: str) -> None:
-    """Raise :class:`UsageError` ``"{what} {path!r} does not exist"`` unless ``path`` is a file."""
-    if not Path(path).is_file():
-        raise UsageError(f"{what} {path!r} does not exist")
+def _load_state(module: Any, state: Any, what: str, checkpoint: str, spec: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"checkpoint {checkpoint!r} holds a {what} state_dict that does not fit "
+                         f"{printable(spec)}: {one_line(e)}") from None
 
 
-def prepared(spec: str, checkpoint: str | None, calibrate: int, progress: Any = None) -> tuple[Any, Any, tuple]:
-    """Load MODEL, prepare it, load a checkpoint into it and calibrate it, as the options ask.
+# --- preparation ---------------------------------------------------------------------------------------
+
+
+def _fails_on(model: Any, inputs: tuple) -> BaseException | None:
+    """The error the float ``model`` raises on ``inputs`` (eval mode, no grad), or None."""
+    import torch
+
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except Exception as e:
+        return e
+    finally:
+        model.train(training)
+    return None
+
+
+def user_model_check(spec: str, model: Any, inputs: tuple, e: BaseException) -> None:
+    """After ``e`` while running the prepared model: :class:`UsageError` if the float model fails too.
+
+    A MODEL whose own example inputs do not fit it (wrong shape, dtype) is the user's to fix (exit 2);
+    a prepared model that fails where the float one runs is a qtrim_fx failure (``e`` is re-raised).
+    """
+    own = _fails_on(model, inputs)
+    if own is not None:
+        raise UsageError(f"MODEL {printable(spec)} fails on its own example inputs: {type(own).__name__}: "
+                         f"{one_line(own)}") from None
+
+
+def _prepare(spec: str, model: Any, inputs: tuple, saved: str | None) -> Any:
+    """``qtrim_fx.prepare(model)``, or ``qtrim_fx.checkpoint.load(model, saved)`` for a saved checkpoint."""
+    import qtrim_fx
+    from qtrim_fx.core.errors import CheckpointError
+    from qtrim_fx.train.checkpoint import load
+
+    try:
+        if saved is not None:
+            return load(model, saved, example_inputs=inputs or None)
+        return qtrim_fx.prepare(model, inputs or None)
+    except CheckpointError as e:
+        raise UsageError(f"checkpoint {saved!r}: {one_line(e)}") from None
+    except SyntaxError as e:  # torch.fx writes module names into Python source
+        raise UsageError(f"cannot prepare {printable(spec)}: torch.fx generated invalid Python ({one_line(e.msg)}) "
+                         "from its module names; rename submodules whose names hold a quote, a newline or a "
+                         "NUL") from None
+
+
+def prepared(spec: str, checkpoint: str | None, calibrate: int | None,
+             progress: Any = None) -> tuple[Any, Any, tuple]:
+    """Load MODEL, load a checkpoint into it, prepare it and calibrate it, as the options ask.
 
     Args:
         spec: the MODEL spec (see :func:`load_model`).
-        checkpoint: a prepared-model ``state_dict`` file, or None.
-        calibrate: number of random batches to calibrate on besides the example inputs (0: none).
+        checkpoint: a ``--checkpoint`` file (see :func:`read_checkpoint`), or None. A float
+            ``state_dict`` is loaded into the float model before it is prepared; a prepared one
+            into the prepared model; a :func:`qtrim_fx.checkpoint.save` file is loaded with
+            :func:`qtrim_fx.checkpoint.load` (prepared with its saved config).
+        calibrate: number of random batches to calibrate on besides the example inputs (0: none;
+            None: none when the checkpoint holds statistics, else 4).
         progress: the command's :class:`Stages`, or None.
 
     Returns:
         ``(prepared model, the float model sharing its parameters, example inputs)``.
     """
-    import torch
-
     import qtrim_fx
 
-    if checkpoint:
-        require_file(checkpoint, "checkpoint")
+    kind, state = read_checkpoint(checkpoint) if checkpoint else (None, None)
     model, inputs = load_model(spec)
     stage(progress, "prepare")
-    qm = qtrim_fx.prepare(model, inputs or None)
-    if checkpoint:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"cannot read checkpoint {checkpoint!r}: {one_line(e)}") from None
-        state = state.get("model", state) if isinstance(state, dict) else state
-        try:
-            qm.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise UsageError(f"checkpoint {checkpoint!r} does not fit {spec}: {one_line(e)}") from None
+    if kind == "float":
+        _load_state(model, state, "float model", checkpoint, spec)
+    qm = _prepare(spec, model, inputs, checkpoint if kind == "saved" else None)
+    if kind == "prepared":
+        _load_state(qm, state, "prepared model", checkpoint, spec)
+    if calibrate is None:
+        calibrate = 0 if kind in ("saved", "prepared") else 4
     if calibrate:
         if not inputs:
-            raise UsageError(f"--calibrate needs example inputs; {spec} returned none")
+            raise UsageError(f"--calibrate needs example inputs; {printable(spec)} returned none")
         stage(progress, f"calibrate ({calibrate + 1} batches)")
-        qtrim_fx.calibrate(qm, [inputs, *random_batches(inputs, calibrate)], progress=tty())
+        try:
+            qtrim_fx.calibrate(qm, [inputs, *random_batches(inputs, calibrate)], progress=tty())
+        except Exception as e:
+            user_model_check(spec, model, inputs, e)
+            raise
     return qm, model, inputs
 
 
-def default_calibration(args: argparse.Namespace) -> int:
-    """``--calibrate`` if given, else 0 with ``--checkpoint`` (it holds statistics) and 4 without."""
+def default_calibration(args: argparse.Namespace) -> int | None:
+    """``--calibrate`` if given, else 4 without ``--checkpoint`` and None with one (see :func:`prepared`)."""
     if args.calibrate is not None:
         return args.calibrate
-    return 0 if args.checkpoint else 4
+    return None if args.checkpoint else 4
 
 
 # --- output helpers ------------------------------------------------------------------------------------
-
-
-def one_line(e: BaseException | str, limit: int = 400) -> str:
-    """``e``'s text on one line (whitespace runs collapsed), cut to ``limit`` characters."""
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def tty() -> bool:
-    """Whether stderr is a terminal (progress bars are shown only then)."""
-    return sys.stderr.isatty()
 
 
 class Stages:
@@ -230,7 +307,7 @@ class Stages:
         from tqdm.auto import tqdm
 
         self.title, self.total, self.done = title, total, -1
-        self.bar = tqdm(total=total, desc=title, disable=not tty(), leave=False, file=sys.stderr,
+        self.bar = tqdm(total=total, desc=title, disable=not tty(), leave=False, file=real_stderr(),
                         bar_format="{desc}")
 
     def next(self, name: str) -> None:
@@ -266,9 +343,15 @@ def require_matplotlib() -> None:
         raise UsageError("plots need matplotlib: pip install matplotlib")
 
 
-def write_json(path: str, data: Any) -> None:
-    """Write ``data`` as indented JSON (non-finite floats written as the strings "nan", "inf", "-inf")."""
-    # a private name of verification/report.py, left as is until that module's owner makes it public
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a failed write leaves the old file as it was."""
+    from qtrim_fx.core.fileio import write_text_atomically
+
+    write_text_atomically(path, text)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (non-finite floats written as "nan", "inf", "-inf")."""
     from qtrim_fx.verification.report import json_safe
 
-    Path(path).write_text(json.dumps(json_safe(data), indent=2) + "\n")
+    write_text(path, json.dumps(json_safe(data), indent=2) + "\n")

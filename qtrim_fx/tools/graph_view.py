@@ -16,7 +16,6 @@ barycenter ordering, no graphviz needed) are in :mod:`qtrim_fx.tools.graph_layou
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from qtrim_fx.tools.graph_layout import (
     layout,
 )
 from qtrim_fx.tools.graph_layout import SITE_PREFIX as SITE_PREFIX  # importable from here as before the split
+from qtrim_fx.tools.sanitize import markup, printable
 
 __all__ = ["CATEGORIES", "graph_to_networkx", "to_dot", "to_html", "to_svg", "write_graph"]
 
@@ -42,6 +42,8 @@ __all__ = ["CATEGORIES", "graph_to_networkx", "to_dot", "to_html", "to_svg", "wr
 
 
 def _dot_str(s: str) -> str:
+    # control characters (names come from the model) as \xNN; a newline stays one (a label's line break)
+    s = printable(s, keep="\n")
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
@@ -97,7 +99,8 @@ def _tooltip(name: str, a: dict) -> str:
 
 
 def _esc(s: str) -> str:
-    return html.escape(str(s), quote=True)
+    # XML text or attribute: control characters (invalid in XML 1.0) as \xNN, then & < > " ' escaped
+    return markup(s)
 
 
 def _clip(s: str, n: int = 26) -> str:
@@ -317,9 +320,14 @@ def write_graph(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
 
+    The file is written atomically: a failed write leaves the previous file as it was.
+
     Raises:
         ValueError: the suffix is none of the above.
+        OutputPathError: ``path`` is a directory, FIFO, device or read-only file (nothing written).
     """
+    from qtrim_fx.core.fileio import write_text_atomically
+
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
@@ -331,5 +339,5 @@ def write_graph(gm: fx.GraphModule, path: str | os.PathLike[str]) -> Path:
         text = to_svg(g)
     else:
         text = to_html(g, gm)
-    path.write_text(text, encoding="utf-8")
+    write_text_atomically(path, text)
     return path

@@ -10,6 +10,7 @@ from torch import nn
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.runtime.ops import bn_fold_factor, channel_shape
 from qtrim_fx.runtime.prepared import INFO_ATTR, iter_sites, require_prepared
+from qtrim_fx.tools.sanitize import printable
 
 __all__ = ["InspectReport", "SiteRow", "inspect"]
 
@@ -39,10 +40,11 @@ class InspectReport:
         return asdict(self)
 
     def table(self) -> str:
+        """The sites as a fixed-width table (names from the model with control characters escaped)."""
         head = ("site", "kind", "role", "scheme", "shape", "scale", "zp", "clipped", "notes")
         body = [
             (
-                r.name,
+                printable(r.name),
                 r.kind,
                 r.role,
                 r.scheme,
@@ -50,7 +52,7 @@ class InspectReport:
                 _range(r.scale, "{:.3g}"),
                 _range(r.zero_point, "{}"),
                 "-" if r.clipped is None else f"{100 * r.clipped:.2f}%",
-                "; ".join(r.notes),
+                printable("; ".join(r.notes)),
             )
             for r in self.rows
         ]
@@ -63,7 +65,7 @@ class InspectReport:
         ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)).rstrip() for b in body]
         for mod, why in self.fallbacks:
-            lines.append(f"leaf (not traced, not quantized inside): {mod}: {why}")
+            lines.append(printable(f"leaf (not traced, not quantized inside): {mod}: {why}"))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -38,12 +38,16 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    """Write ``fig`` as PNG atomically (a failed write leaves the previous file as it was) and close it."""
+    from qtrim_fx.core.fileio import write_atomically
 
-    plt.close(fig)
+    path = Path(path)
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, dpi=110, format="png", bbox_inches="tight"))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return path
 
 
@@ -140,7 +144,13 @@ def plot_weight_distributions(
 
 
 def _short(s: str, n: int) -> str:
-    return s if len(s) <= n else "…" + s[-(n - 1):]
+    """A name from the model as a plot label: control characters as ``\\xNN``, ``$`` not read as
+    mathtext, cut to ``n`` characters from the left."""
+    from qtrim_fx.tools.sanitize import printable
+
+    s = printable(s)
+    s = s if len(s) <= n else "…" + s[-(n - 1):]
+    return s.replace("$", "\\$")
 
 
 # --- curriculum ----------------------------------------------------------------------------------------

@@ -185,9 +185,11 @@ def test_tv_vit_b_16_export(tmp_path):
 def test_int4_weights_need_opset_21_and_run_on_ort(tmp_path):
     model, (x,) = get_model("tiny_convnet")
     qm = calibrated(model, [x], config=qtrim_fx.QuantConfig(weight_bits=4))
-    with pytest.raises((ExportError, ProfileError), match="21"):
-        export_onnx(qm, (x,), tmp_path / "bad.onnx", "onnxruntime")
+    with pytest.raises((ExportError, ProfileError), match="21"):  # an explicit older opset is refused
+        export_onnx(qm, (x,), tmp_path / "bad.onnx", "onnxruntime", opset=17)
     assert not (tmp_path / "bad.onnx").exists()
+    auto = export_onnx(qm, (x,), tmp_path / "auto.onnx", "onnxruntime")  # no opset given: 21 is chosen
+    assert {o.version for o in auto.opset_import if o.domain in ("", "ai.onnx")} == {21}
     with pytest.raises((ExportError, ProfileError)):
         export_onnx(qm, (x,), tmp_path / "trt.onnx", "tensorrt", opset=21)
     m = export_onnx(qm, (x,), tmp_path / "w4.onnx", "onnxruntime", opset=21)

@@ -130,3 +130,16 @@ def test_four_bit_weights_export_without_naming_the_opset(tmp_path):
     with torch.no_grad():
         ref = qm.eval()(x).numpy()
     assert _ort(path, x).shape == ref.shape  # ONNX Runtime loads and runs the INT4 file
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet18", "tv_resnet18", "mobilenet_small", "tiny_convnet"])
+def test_tensorrt_export_passes_its_own_check(tmp_path, name):
+    """export and check apply one rule for where TensorRT files carry a Q (residual nets included)."""
+    from qtrim_fx.models import get_model
+
+    model, (x,) = get_model(name)
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    path = tmp_path / "trt.onnx"
+    qtrim_fx.export_onnx(qm, (x,), path, target="tensorrt")
+    assert qtrim_fx.check(path, "tensorrt") == []
