@@ -16,9 +16,9 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from qtrim_fx.core.errors import ConfigError
+from qtrim_fx.core.fileio import write_text_atomically
 
 __all__ = [
     "DEFAULT_MIN_SQNR_DB",
@@ -228,7 +228,7 @@ class VerifyReport:
         """
         text = json.dumps(json_safe(self.to_dict()), indent=2)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_text_atomically(path, text + "\n")
         return text
 
     def failures(self, min_sqnr_db: float | None = None, min_top1: float | None = None) -> list[str]:
@@ -303,7 +303,7 @@ class VerifyReport:
         """
         text = "\n".join(_render(self, markdown=True)) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            write_text_atomically(path, text)
         return text
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qtrim_fx.core.fileio import write_atomically, write_text_atomically
 from qtrim_fx.core.profiles import profile_names
 
 __all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "VendorReport", "VendorRow", "VendorVariant", "vendor_sweep"]
@@ -126,7 +127,7 @@ class VendorReport:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=str)
         if path is not None:
-            Path(path).write_text(text)
+            write_text_atomically(path, text)
         return text
 
     def table(self) -> str:
@@ -173,7 +174,8 @@ class VendorReport:
         ax.set_title(f"top-1 % by vendor-style quantization (FP32 {100 * self.fp32_top1:.1f}%)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fmt = Path(path).suffix.lstrip(".") or "png"
+        write_atomically(path, lambda f: fig.savefig(f, dpi=110, format=fmt))
         plt.close(fig)
 
 

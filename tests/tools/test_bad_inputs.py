@@ -332,3 +332,19 @@ def test_calibrating_collapsed_activations_warns_with_the_sites_and_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error", qtrim_fx.CollapsedRangeWarning)
         qtrim_fx.calibrate(healthy, [x])
+
+
+@pytest.mark.parametrize("name", ['a"b', "a\nb", "a\\b"])
+def test_submodule_names_fx_cannot_write_are_a_clear_error(name):
+    model = torch.nn.Sequential()
+    model.add_module(name, torch.nn.Linear(4, 4))
+    for inputs in (None, (torch.randn(2, 4),)):
+        with pytest.raises(qtrim_fx.ConfigError, match="rename those submodules"):
+            qtrim_fx.prepare(model, inputs)
+
+
+def test_names_fx_can_write_still_prepare():
+    model = torch.nn.Sequential()
+    model.add_module("a'b c-d", torch.nn.Linear(4, 4))
+    qm = qtrim_fx.prepare(model)
+    assert any(spec.kind == "weight" for spec, _, _ in qtrim_fx.iter_sites(qm))

@@ -66,7 +66,12 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
         raise ConfigError(f"config must be a qtrim_fx.QuantConfig, got {type(config).__name__}")
     if isinstance(model, nn.Module):
         _refuse_prepared(model)
-    result = capture(model, example_inputs)
+    if any(c in name for name, _ in model.named_modules() for c in _UNPRINTABLE):
+        raise _unprintable_names(model)
+    try:
+        result = capture(model, example_inputs)
+    except SyntaxError as e:
+        raise _unprintable_names(model) from e
     gm = result.gm
     for fb in result.fallbacks:
         warnings.warn(
@@ -74,7 +79,10 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
             f"(its internals are not quantized): {fb.reason}",
             stacklevel=2,
         )
-    gm = run_passes(gm, prepare_passes(config))
+    try:
+        gm = run_passes(gm, prepare_passes(config))
+    except SyntaxError as e:
+        raise _unprintable_names(model) from e
     if not any(spec.kind == "weight" for spec, _, _ in iter_sites(gm)):
         raise NoSitesError(
             f"{model.__class__.__name__} has no quantizable site (no Conv, ConvTranspose, Linear or matmul "
@@ -155,3 +163,16 @@ def _size_weight_statistics(gm: fx.GraphModule) -> None:
             shape = (w.shape[obs.axis],)
             obs.lo = torch.full(shape, math.nan, device=obs.lo.device)
             obs.hi = torch.full(shape, math.nan, device=obs.hi.device)
+
+
+#: characters of a submodule name that torch.fx cannot write into generated Python.
+_UNPRINTABLE = "\"\n\r\x00\\"
+
+
+def _unprintable_names(model: nn.Module) -> ConfigError:
+    """torch.fx writes module names into generated Python; some names cannot be written there."""
+    bad = [name for name, _ in model.named_modules() if any(c in name for c in _UNPRINTABLE)]
+    shown = ", ".join(repr(n) for n in bad[:4]) or "(none found among the submodules)"
+    return ConfigError(f"torch.fx cannot generate code for this model: submodule names such as {shown} contain "
+                       "double quotes, backslashes, newlines or NUL; rename those submodules (e.g. add_module with a "
+                       "plain identifier) and prepare again")
