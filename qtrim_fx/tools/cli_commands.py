@@ -158,7 +158,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_vendors(args: argparse.Namespace) -> int:
     """``qtrim vendors``: quantize MODEL's float graph like vendor tools do and print the spread."""
-    from qtrim_fx.core.fileio import write_atomically
     from qtrim_fx.verification.vendors import DEFAULT_VARIANTS, QUICK_VARIANTS, vendor_sweep
 
     backends = parse_backends(args.backends, VENDOR_BACKENDS)
@@ -181,7 +180,7 @@ def cmd_vendors(args: argparse.Namespace) -> int:
     if args.json:
         write_text(args.json, report.to_json())
     if args.plot:
-        write_atomically(args.plot, report.plot)  # matplotlib writes PNG into the open file
+        report.plot(args.plot)  # written atomically by VendorReport.plot
     return 0 if report.ok_rows() else EXIT_PROBLEMS
 
 

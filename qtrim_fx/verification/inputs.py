@@ -213,7 +213,12 @@ def run_reference(reference, batches: Sequence[Batch]) -> tuple[list[Batch], str
     if isinstance(reference, str | os.PathLike):
         path = os.fspath(reference)
         require_regular_file(path, "reference ONNX file")
-        run = worker.run_backend("onnxruntime-noopt", path, batches)
+        try:
+            run = worker.run_backend("onnxruntime-noopt", path, batches)
+        except Exception as e:  # the reference and the model disagree on their inputs, or it is broken
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            raise ConfigError(f"the reference {path} does not run on the inputs of the model under test ({why}); "
+                              "pass a reference with the same graph inputs (names, ranks, dtypes)") from e
         return run.outputs, f"{path} (onnxruntime, ORT_DISABLE_ALL)"
     raise TypeError(
         f"reference must be a torch nn.Module or the path of an FP32 ONNX file, not {type(reference).__name__}"

@@ -196,6 +196,8 @@ class VerifyReport:
         per_layer: per-layer report, when requested.
         min_sqnr_db: the SQNR threshold :meth:`failures` applies (None: none).
         min_top1: the top-1 threshold :meth:`failures` applies (None: none).
+        file_problems: what ``check`` found wrong with the file whatever the target (invalid ONNX,
+            external data, unusable scales): each one fails the report even if a runtime ran the file.
     """
 
     model: str
@@ -208,6 +210,7 @@ class VerifyReport:
     per_layer: PerLayerReport | None = None
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB
     min_top1: float | None = DEFAULT_MIN_TOP1
+    file_problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The report as plain Python data (floats may be inf or nan).
@@ -249,7 +252,7 @@ class VerifyReport:
         min_sqnr_db = self.min_sqnr_db if min_sqnr_db is None else min_sqnr_db
         min_top1 = self.min_top1 if min_top1 is None else min_top1
         validate_thresholds(min_sqnr_db, min_top1)
-        problems = []
+        problems = [f"file: {p}" for p in self.file_problems]
         if self.num_samples <= 0:
             problems.append("no sample was compared")
         if not any(b.status == "ok" for b in self.backends):

@@ -164,6 +164,19 @@ def _result(
 # --- verify --------------------------------------------------------------------------------------------
 
 
+#: ``check`` rules that make a file unfit to verify whatever the target: a runtime may still run it
+#: (ONNX Runtime computes something from a NaN weight scale), but what it computes means nothing.
+_INVALID_FILE_RULES = ("invalid_model", "external_data", "scale_value")
+
+
+def _file_problems(model_path: str | os.PathLike) -> list[str]:
+    """The target-independent ``check`` errors of the file (each fails the report)."""
+    from qtrim_fx.onnx.check import check
+
+    return [f"{v.rule} at {v.node}: {v.message}" for v in check(model_path, "onnxruntime")
+            if v.rule in _INVALID_FILE_RULES and v.severity == "error"]
+
+
 def verify(
     onnx_path: str | os.PathLike,
     reference: torch.nn.Module | str | os.PathLike,
@@ -234,6 +247,7 @@ def verify(
         output_names=names,
         min_sqnr_db=min_sqnr_db,
         min_top1=min_top1,
+        file_problems=_file_problems(model_path),
     )
     ran: dict[str, list[Batch]] = {}
     for backend in dict.fromkeys(backends):

@@ -286,10 +286,31 @@ def _valid(path: str) -> bool:
 
 
 def _cli(path: str, target: str) -> tuple[int, str]:
+    return _run_cli(["check", path, "--target", target])
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main(["check", path, "--target", target])
+        code = main(argv)
     return code, out.getvalue()
+
+
+def _runs(path: str) -> bool:
+    """What ``verify`` needs of a file: it parses, passes onnx.checker (full), ORT loads it, and its
+    Q/DQ scales are sane (a zero, negative or non-finite scale computes garbage)."""
+    return _valid(path) or (_loads(path) and not any(n.op_type in QDQ for n in onnx.load(path).graph.node))
+
+
+def _loads(path: str) -> bool:
+    try:
+        onnx.checker.check_model(path, full_check=True)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
 
 
 @pytest.mark.timeout(120)
@@ -318,4 +339,27 @@ def test_mutants_never_pass_invalid_never_crash(bases, index, tmp_path):
             problems.append(f"{mutant.label}: invalid, yet check() found no error: {found}")
     elapsed = time.perf_counter() - start
     print(f"{BASES[index]}: {len(all_mutants)} mutants ({counts}) in {elapsed:.1f} s")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("index", range(len(BASES)))
+def test_verify_on_mutants_never_passes_a_broken_file_never_crashes(bases, index, tmp_path):
+    """``qtrim verify MUTANT --reference ORIGINAL``: exit 0 only for a file that runs correctly."""
+    _target, model = bases[index]
+    reference = str(tmp_path / "reference.onnx")
+    onnx.save(model, reference)
+    problems, counts = [], {"broken": 0, "runs": 0}
+    for k, mutant in enumerate(mutants(model, seed=index)):
+        folder = tmp_path / f"m{k}"
+        folder.mkdir()
+        path = mutant.write(str(folder))
+        broken = mutant.invalid or not _runs(path)
+        counts["broken" if broken else "runs"] += 1
+        code, out = _run_cli(["verify", path, "--reference", reference, "--backends", "onnxruntime",
+                              "--batches", "1"])
+        if code == 3 or (broken and code == 0) or code not in (0, 1, 2):
+            problems.append(f"{mutant.label}: verify exit {code} ({'broken' if broken else 'runs'}): {out[-300:]}")
+    print(f"{BASES[index]}: verify on {sum(counts.values())} mutants ({counts})")
+    assert sum(counts.values()) >= MIN_MUTANTS_PER_BASE
     assert not problems, "\n".join(problems)

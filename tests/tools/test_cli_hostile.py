@@ -423,8 +423,8 @@ def test_hostile_module_names_in_inspect_table_and_graphs(work, capfd):
 
 def test_module_name_fx_cannot_compile_is_a_usage_error(work, capfd):
     code, out, err = run(["inspect", "m.py:quoted"], capfd, work["tmp"])
-    assert_usage_error(code, out, err, "cannot prepare m.py:quoted: torch.fx generated invalid Python",
-                       "rename submodules")
+    assert_usage_error(code, out, err, "torch.fx cannot generate code for this model",
+                       "rename those submodules")
 
 
 def test_rendering_functions_escape_names_given_directly():
