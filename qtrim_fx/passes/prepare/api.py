@@ -66,7 +66,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
         raise ConfigError(f"config must be a qtrim_fx.QuantConfig, got {type(config).__name__}")
     if isinstance(model, nn.Module):
         _refuse_prepared(model)
-    if any(c in name for name, _ in model.named_modules() for c in _UNPRINTABLE):
+    if isinstance(model, nn.Module) and any(c in name for name, _ in model.named_modules() for c in _UNPRINTABLE):
         raise _unprintable_names(model)
     try:
         result = capture(model, example_inputs)
