@@ -43,11 +43,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from qtrim_fx.core.errors import OutputPathError
+from qtrim_fx.core.errors import ConfigError, OutputPathError
 
 __all__ = [
     "OutputPathError",
     "check_output_path",
+    "file_kind",
+    "require_regular_input",
     "write_atomically",
     "write_bytes_atomically",
     "write_text_atomically",
@@ -148,7 +150,7 @@ def _checked_target(path: Path) -> tuple[Path, os.stat_result | None]:
     if stat.S_ISLNK(st.st_mode):  # realpath stops on a loop and returns a link
         raise OutputPathError(f"cannot write {path}: it is a symlink loop; remove the link or point it at a file")
     if not stat.S_ISREG(st.st_mode):
-        raise OutputPathError(f"cannot write {shown}: it is {_kind(st.st_mode)}, not a regular file, and qtrim_fx "
+        raise OutputPathError(f"cannot write {shown}: it is {file_kind(st.st_mode)}, not a regular file, and qtrim_fx "
                               "replaces its outputs as a whole; give the path of a file (e.g. model.onnx)")
     if not _mode_allows_write(st):
         raise OutputPathError(f"cannot overwrite {shown}: it is read-only (mode {stat.S_IMODE(st.st_mode):04o}); "
@@ -156,11 +158,28 @@ def _checked_target(path: Path) -> tuple[Path, os.stat_result | None]:
     return target, st
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: ``a directory``, ``a FIFO (named pipe)``, ..."""
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISSOCK, "a socket"))
     return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+
+def require_regular_input(path: StrPath, what: str, fix: str) -> None:
+    """Refuse an input path that is missing or not a regular file, before anything opens it.
+
+    A FIFO or device could block a reader forever; a folder is a user's slip. Raises
+    ``FileNotFoundError`` (missing) or :class:`~qtrim_fx.core.errors.ConfigError` naming what it is and ``fix``.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{what} {path!r} is not a regular file ({file_kind(mode)}); {fix}")
 
 
 def _mode_allows_write(st: os.stat_result) -> bool:

@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto
 
 from qtrim_fx.core.errors import ConfigError
+from qtrim_fx.core.fileio import file_kind, require_regular_input
 
 __all__ = [
     "Finding",
@@ -81,12 +82,7 @@ def read_untrusted(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto | None
         ConfigError: ``path`` is not a regular file (a folder, FIFO or device).
     """
     path = os.fspath(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ONNX file {path!r} does not exist") from None
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"{path!r} is not a regular file ({_file_kind(mode)}); pass the path of an .onnx file")
+    require_regular_input(path, "ONNX file", "pass the path of an .onnx file")
     try:
         model = onnx.load_model(path, load_external_data=False)
     except Exception as e:  # protobuf DecodeError, a textproto/json parse error, ...
@@ -94,14 +90,6 @@ def read_untrusted(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto | None
                               f"({type(e).__name__}: {_one_line(e, 200)}): the file is truncated, corrupted "
                               "or not ONNX; export or download it again")]
     return model, external_data_findings(model, os.path.dirname(os.path.abspath(path)))
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 # -- external data ---------------------------------------------------------------------------
@@ -180,7 +168,7 @@ def _location_problem(tensor: TensorProto, base_dir: str | None) -> str | None:
     except OSError as e:
         return f"file {location!r} cannot be found next to the model ({e.strerror})"
     if not stat.S_ISREG(st.st_mode):
-        return f"{location!r} is {_file_kind(st.st_mode)}, not a regular file; reading it could block forever"
+        return f"{location!r} is {file_kind(st.st_mode)}, not a regular file; reading it could block forever"
     need = _nbytes(tensor)
     have = max(0, st.st_size - offset) if length is None else min(length, max(0, st.st_size - offset))
     if need is not None and have < need:

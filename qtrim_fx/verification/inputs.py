@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from qtrim_fx.core.errors import ConfigError
+from qtrim_fx.core.fileio import require_regular_input
 from qtrim_fx.verification import backend_worker as worker
 from qtrim_fx.verification.backend_worker import Batch
 
@@ -38,12 +38,7 @@ _REPRODUCIBLE_RTOL = 1e-4
 
 def require_regular_file(path: str, what: str) -> None:
     """FileNotFoundError when missing, ConfigError when a folder, FIFO or device (reading it could block)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"{what} {path} is not a regular file (a folder, FIFO or device); pass an .onnx file")
+    require_regular_input(path, what, "pass an .onnx file")
 
 
 def read_graph_inputs(model_path: str):
