@@ -178,6 +178,9 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("--batch-size", type=_count(1), default=2,
                    help="batch size for an ONNX reference's symbolic batch dimension (default 2)")
     p.add_argument("--per-layer", action="store_true", help="also compare intermediate tensors per layer")
+    p.add_argument("--qnn-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the qnn backend (repeatable): soc_model=60, htp_performance_mode=burst, "
+                        "strict=0 (allow CPU fallback; strict, the default, fails on any node the HTP cannot take)")
     p.add_argument("--min-sqnr", type=_threshold(), metavar="DB|off",
                    help="fail (exit 1) below this output SQNR in dB (default 20; off: no SQNR threshold)")
     p.add_argument("--min-top1", type=_threshold(0.0, 1.0), metavar="F|off",

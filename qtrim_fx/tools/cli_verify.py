@@ -176,7 +176,18 @@ def _verify_backends(args: argparse.Namespace) -> tuple[str, ...]:
     if args.plots:
         require_matplotlib()
         require_output(require_output_folder(args.plots, "--plots") / "layer_sqnr.png", "--plots")
+    _qnn_options(args)
     return backends
+
+
+def _qnn_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """``--qnn-option KEY=VALUE ...`` as verify's ``backend_options``."""
+    given = getattr(args, "qnn_option", None) or []
+    bad = [o for o in given if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise UsageError(f"--qnn-option takes KEY=VALUE (e.g. soc_model=60), got {bad[0]!r}")
+    options = dict(o.split("=", 1) for o in given)
+    return {"qnn": {k.strip(): v.strip() for k, v in options.items()}} if options else {}
 
 
 def _thresholds(args: argparse.Namespace) -> tuple[float | None, float | None]:
@@ -206,7 +217,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         reference, batches = _reference(args, bar)
         stage(bar, f"run {', '.join(backends)}" + (" + per layer" if per_layer else ""))
         report = verify(args.onnx, reference, batches, backends=backends, per_layer=per_layer,
-                        min_sqnr_db=min_sqnr, min_top1=min_top1)
+                        min_sqnr_db=min_sqnr, min_top1=min_top1, backend_options=_qnn_options(args))
     failures = report.failures()
     shown = map_strings(report, printable)  # output and layer names come from the file
     print(shown.table())

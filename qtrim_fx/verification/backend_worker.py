@@ -4,7 +4,8 @@
 this file as a script in another Python (a virtual environment) for backends that cannot share the
 process, e.g. ``onnxruntime-qnn`` 1.x wheels, which replace the ``onnxruntime`` module::
 
-    python _backend_worker.py --backend qnn --model m.onnx --inputs in.npz --outputs out.npz --result r.json
+    python _backend_worker.py --backend qnn --model m.onnx --inputs in.npz --outputs out.npz --result r.json \
+        [--option soc_model=60 ...]
 
 The file only needs numpy plus the backend's own package: it imports nothing from ``qtrim_fx`` (whose
 ``__init__`` needs torch), so ``verify`` copies it to a scratch folder and runs it there by path
@@ -13,7 +14,12 @@ The file only needs numpy plus the backend's own package: it imports nothing fro
 
 Exchange format: ``in.npz`` holds ``b{batch}_{input}`` arrays (inputs by position), ``out.npz`` holds
 ``b{batch}_{output}`` arrays, and ``r.json`` holds ``{"status": "ok"|"skipped"|"error", "message",
-"info", "output_names", "seconds"}``. Exit code 0 unless the command line itself is wrong.
+"info", "output_names", "seconds", "ep_nodes"}``. Exit code 0 unless the command line itself is wrong.
+
+Backend options (``--option KEY=VALUE``, or ``options=`` of :func:`run_backend`): for ``qnn``,
+``strict`` (default ``1``: CPU fallback disabled, so a node the HTP cannot take fails the session instead
+of running silently on the CPU) and any QNN execution-provider option (``soc_model``,
+``htp_performance_mode``, ``offload_graph_io_quantization`` ...), passed to the EP as given.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 BACKENDS = ("onnxruntime", "onnxruntime-noopt", "openvino", "onnx-reference", "qnn")
 """Backend names this worker can run."""
+
+OPTION_BACKENDS = ("qnn",)
+"""Backends that take options (``run_backend(..., options=)``); the others take none."""
 
 REFERENCE_MAX_PARAMS = 2_000_000
 """``onnx.reference`` runs pure numpy: models with more weights than this are skipped."""
@@ -63,35 +72,44 @@ class BackendRun:
         output_names: graph output names, in order.
         info: one line on how it ran (providers, devices, nodes that fell back ...).
         seconds: wall time of the inference calls (session creation excluded).
+        ep_nodes: nodes per execution provider (``{"QNNExecutionProvider": 37}``), where the runtime says.
     """
 
     outputs: list[Batch]
     output_names: list[str]
     info: str = ""
     seconds: float = 0.0
+    ep_nodes: dict[str, int] = field(default_factory=dict)
 
 
-def run_backend(backend: str, model_path: str, batches: Sequence[Batch]) -> BackendRun:
+def run_backend(
+    backend: str, model_path: str, batches: Sequence[Batch], options: Mapping[str, str] | None = None
+) -> BackendRun:
     """Run an ONNX file on one backend, in this process.
 
     Args:
         backend: one of :data:`BACKENDS`.
         model_path: path of the ONNX file.
         batches: input batches; each a list of arrays matched to the graph inputs by position.
+        options: backend options (only for :data:`OPTION_BACKENDS`; see the module docstring).
 
     Returns:
         The outputs of every batch.
 
     Raises:
         BackendUnavailable: the backend is missing here or declines the model (a skip, with the reason).
-        ValueError: unknown backend name.
+        ValueError: unknown backend name, or options for a backend that takes none.
     """
+    options = {str(k): str(v) for k, v in (options or {}).items()}
+    if options and backend not in OPTION_BACKENDS:
+        raise ValueError(f"backend {backend!r} takes no options (got {sorted(options)}); only "
+                         f"{', '.join(OPTION_BACKENDS)} do")
     runners = {
         "onnxruntime": lambda: _run_onnxruntime(model_path, batches, optimize=True),
         "onnxruntime-noopt": lambda: _run_onnxruntime(model_path, batches, optimize=False),
         "openvino": lambda: _run_openvino(model_path, batches),
         "onnx-reference": lambda: _run_onnx_reference(model_path, batches),
-        "qnn": lambda: _run_qnn(model_path, batches),
+        "qnn": lambda: _run_qnn(model_path, batches, options),
     }
     if backend not in runners:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
@@ -223,9 +241,19 @@ def _run_onnx_reference(model_path: str, batches: Sequence[Batch]) -> BackendRun
 # --- QNN (Qualcomm HTP, simulated on x86) --------------------------------------------------------------
 
 
-def _qnn_session_options(ort):
+def _strict(options: Mapping[str, str]) -> bool:
+    value = options.get("strict", "1").strip().lower()
+    if value not in ("0", "1", "true", "false"):
+        raise ValueError(f"qnn option strict={value!r}: use 1 (CPU fallback disabled, the default) or 0")
+    return value in ("1", "true")
+
+
+def _qnn_session_options(ort, options: Mapping[str, str]):
     """SessionOptions with the QNN HTP EP added, for onnxruntime-qnn 2.x (plugin) or 1.x (built in)."""
     so = ort.SessionOptions()
+    ep_options = {k: v for k, v in options.items() if k != "strict"}
+    if _strict(options):
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
         import onnxruntime_qnn
     except ImportError:
@@ -238,22 +266,24 @@ def _qnn_session_options(ort):
         devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
         if not devices:
             raise BackendUnavailable("onnxruntime-qnn is installed but exposes no QNN device")
-        so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path()})
+        so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), **ep_options})
         return (
             so,
             None,
             f"onnxruntime {ort.__version__} + onnxruntime-qnn {onnxruntime_qnn.__version__} (plugin)",
         )
     if "QNNExecutionProvider" in ort.get_available_providers():
-        providers = [("QNNExecutionProvider", {"backend_path": "libQnnHtp.so"}), "CPUExecutionProvider"]
+        providers = [("QNNExecutionProvider", {"backend_path": "libQnnHtp.so", **ep_options})]
+        if not _strict(options):
+            providers.append("CPUExecutionProvider")
         return so, providers, f"onnxruntime-qnn {ort.__version__} (built-in EP)"
     raise BackendUnavailable(
         f"QNNExecutionProvider is not available in {sys.executable}: {INSTALL_HINTS['qnn']}"
     )
 
 
-def _qnn_session(ort, model_path: str, batch: Batch):
-    so, providers, what = _qnn_session_options(ort)
+def _qnn_session(ort, model_path: str, batch: Batch, options: Mapping[str, str]):
+    so, providers, what = _qnn_session_options(ort, options)
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     # QNN HTP compiles static graphs only: pin every symbolic input dimension to this batch's size.
     probe = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
@@ -261,14 +291,28 @@ def _qnn_session(ort, model_path: str, batch: Batch):
         for dim, size in zip(spec.shape, array.shape, strict=False):
             if isinstance(dim, str) and dim:
                 so.add_free_dimension_override_by_name(dim, int(size))
-    return ort.InferenceSession(model_path, sess_options=so, providers=providers), what
+    try:
+        return ort.InferenceSession(model_path, sess_options=so, providers=providers), what
+    except Exception as e:
+        if not _strict(options) or "fallback to CPU EP" not in str(e):
+            raise
+        # Name the nodes the HTP refused: place the graph again with the fallback allowed.
+        loose = _qnn_session(ort, model_path, batch, {**options, "strict": "0"})[0]
+        line = _assignment_info(loose)[0]
+        raise RuntimeError(
+            f"the QNN HTP backend cannot run every node of {os.path.basename(model_path)} (strict run, CPU "
+            f"fallback disabled): {line or e}. Quantize those ops for the qnn target (re-export with "
+            "--target qnn and check the file with qtrim check --target qnn), or pass the qnn option strict=0 "
+            "to let them run on the CPU"
+        ) from None
 
 
-def _assignment_info(sess) -> str:
+def _assignment_info(sess) -> tuple[str, dict[str, int]]:
+    """One line on node placement, and the node count per execution provider."""
     try:
         subgraphs = sess.get_provider_graph_assignment_info()
     except Exception:  # older onnxruntime: no assignment info
-        return ""
+        return "", {}
     per_ep: dict[str, list[str]] = {}
     for sg in subgraphs:
         per_ep.setdefault(sg.ep_name, []).extend(f"{n.name} ({n.op_type})" for n in sg.get_nodes())
@@ -280,26 +324,29 @@ def _assignment_info(sess) -> str:
             else ": " + ", ".join(nodes[:8]) + (" ..." if len(nodes) > 8 else "")
         )
         parts.append(f"{ep} {len(nodes)} node(s){shown}")
-    return "; ".join(parts)
+    return "; ".join(parts), {ep: len(nodes) for ep, nodes in per_ep.items()}
 
 
-def _run_qnn(model_path: str, batches: Sequence[Batch]) -> BackendRun:
+def _run_qnn(model_path: str, batches: Sequence[Batch], options: Mapping[str, str]) -> BackendRun:
     ort = _import_onnxruntime()
     sessions: dict[tuple, object] = {}
-    outputs, seconds, what, assigned = [], 0.0, "", ""
+    outputs, seconds, what, assigned, counts = [], 0.0, "", "", {}
     for b in batches:
         key = tuple(a.shape for a in b)
         if key not in sessions:
-            sessions[key], what = _qnn_session(ort, model_path, b)
-            assigned = assigned or _assignment_info(sessions[key])
+            sessions[key], what = _qnn_session(ort, model_path, b, options)
+            if not assigned:
+                assigned, counts = _assignment_info(sessions[key])
         sess = sessions[key]
         names = [i.name for i in sess.get_inputs()]
         start = time.perf_counter()
         outputs.append(list(sess.run(None, _feeds(names, b, model_path))))
         seconds += time.perf_counter() - start
     sess = next(iter(sessions.values()))
-    info = f"{what}, HTP backend; " + (assigned or "providers " + ", ".join(sess.get_providers()))
-    return BackendRun(outputs, [o.name for o in sess.get_outputs()], info, seconds)
+    mode = "strict (CPU fallback disabled)" if _strict(options) else "CPU fallback allowed"
+    shown = "".join(f", {k}={v}" for k, v in sorted(options.items()) if k != "strict")
+    info = f"{what}, HTP backend, {mode}{shown}; " + (assigned or "providers " + ", ".join(sess.get_providers()))
+    return BackendRun(outputs, [o.name for o in sess.get_outputs()], info, seconds, counts)
 
 
 # --- worker entry point --------------------------------------------------------------------------------
@@ -365,12 +412,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inputs", required=True)
     parser.add_argument("--outputs", required=True)
     parser.add_argument("--result", required=True)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a backend option (repeatable), e.g. soc_model=60 for qnn")
     args = parser.parse_args(argv)
-    result: dict = {"status": "ok", "message": "", "info": "", "output_names": [], "seconds": 0.0}
+    bad = [o for o in args.option if "=" not in o]
+    if bad:
+        parser.error(f"--option takes KEY=VALUE, got {bad[0]!r}")
+    options = dict(o.split("=", 1) for o in args.option)
+    result: dict = {"status": "ok", "message": "", "info": "", "output_names": [], "seconds": 0.0, "ep_nodes": {}}
     try:
-        run = run_backend(args.backend, args.model, load_batches(args.inputs))
+        run = run_backend(args.backend, args.model, load_batches(args.inputs), options)
         save_batches(args.outputs, run.outputs)
-        result.update(info=run.info, output_names=run.output_names, seconds=run.seconds)
+        result.update(info=run.info, output_names=run.output_names, seconds=run.seconds, ep_nodes=run.ep_nodes)
     except BackendUnavailable as e:
         result.update(status="skipped", message=str(e))
     except Exception as e:

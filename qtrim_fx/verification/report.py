@@ -109,6 +109,7 @@ class BackendResult:
         info: how it ran (versions, providers, node placement).
         seconds: wall time of the inference calls.
         outputs: metrics per output (empty unless ok).
+        ep_nodes: nodes per execution provider where the runtime reports placement (``qnn``).
     """
 
     backend: str
@@ -117,6 +118,7 @@ class BackendResult:
     info: str = ""
     seconds: float = 0.0
     outputs: list[OutputMetrics] = field(default_factory=list)
+    ep_nodes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -109,7 +109,9 @@ def _python_for(
     return os.environ.get(f"QTRIM_{backend.upper().replace('-', '_')}_PYTHON") or None
 
 
-def _run_subprocess(python: str, backend: str, model_path: str, batches: Sequence[Batch]) -> BackendRun:
+def _run_subprocess(
+    python: str, backend: str, model_path: str, batches: Sequence[Batch], options: Mapping[str, str]
+) -> BackendRun:
     if not (os.path.isfile(python) or shutil.which(python)):
         raise BackendUnavailable(
             f"python interpreter {python!r} for {backend} does not exist: {INSTALL_HINTS[backend]}"
@@ -124,6 +126,7 @@ def _run_subprocess(python: str, backend: str, model_path: str, batches: Sequenc
         worker.save_batches(paths["inputs"], batches)
         cmd = [python, script, "--backend", backend, "--model", os.path.abspath(model_path)]
         cmd += [x for k, p in paths.items() for x in (f"--{k}", p)]
+        cmd += [x for k, v in options.items() for x in ("--option", f"{k}={v}")]
         try:
             proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         except OSError as e:
@@ -138,30 +141,51 @@ def _run_subprocess(python: str, backend: str, model_path: str, batches: Sequenc
             raise VerifyError(f"{result['message']} (in {result.get('python', python)})")
         outputs = worker.load_batches(paths["outputs"])
     info = f"{result['info']}; out of process in {python}"
-    return BackendRun(outputs, result["output_names"], info, result["seconds"])
+    return BackendRun(outputs, result["output_names"], info, result["seconds"], result.get("ep_nodes", {}))
 
 
-def _run_one(backend: str, model_path: str, batches: Sequence[Batch], python: str | None) -> BackendRun:
+def _run_one(
+    backend: str, model_path: str, batches: Sequence[Batch], python: str | None, options: Mapping[str, str]
+) -> BackendRun:
     if python is not None:
-        return _run_subprocess(python, backend, model_path, batches)
-    return worker.run_backend(backend, model_path, batches)
+        return _run_subprocess(python, backend, model_path, batches, options)
+    return worker.run_backend(backend, model_path, batches, options)
 
 
 def _result(
-    backend: str, model_path: str, batches, reference_out, names, python
+    backend: str, model_path: str, batches, reference_out, names, python, options: Mapping[str, str]
 ) -> tuple[BackendResult, list | None]:
     try:
-        run = _run_one(backend, model_path, batches, python)
+        run = _run_one(backend, model_path, batches, python, options)
         outputs = compare_outputs(reference_out, run.outputs, names)
     except BackendUnavailable as e:
         return BackendResult(backend, "skipped", message=str(e)), None
     except Exception as e:
         message = " ".join(f"{type(e).__name__}: {e}".split())  # runtimes pad messages with blank lines
         return BackendResult(backend, "error", message=worker.ir_version_hint(message)), None
-    return BackendResult(backend, "ok", info=run.info, seconds=run.seconds, outputs=outputs), run.outputs
+    result = BackendResult(backend, "ok", info=run.info, seconds=run.seconds, outputs=outputs, ep_nodes=run.ep_nodes)
+    return result, run.outputs
 
 
 # --- verify --------------------------------------------------------------------------------------------
+
+
+def _backend_options(given: Mapping[str, Mapping[str, str]] | None) -> dict[str, dict[str, str]]:
+    """Validate ``backend_options`` before anything runs."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"backend_options must be a dict {{backend: {{option: value}}}}, got {type(given).__name__}")
+    out: dict[str, dict[str, str]] = {}
+    for backend, opts in given.items():
+        if backend not in worker.OPTION_BACKENDS:
+            raise ConfigError(f"backend_options for {backend!r}: only {', '.join(worker.OPTION_BACKENDS)} "
+                              "take options")
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"backend_options[{backend!r}] must be a dict of option: value, e.g. "
+                              "{'soc_model': '60'}")
+        out[backend] = {str(k): str(v) for k, v in opts.items()}
+    return out
 
 
 #: ``check`` rules that make a file unfit to verify whatever the target: a runtime may still run it
@@ -187,6 +211,7 @@ def verify(
     subprocess_python: Mapping[str, str] | None = None,
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     min_top1: float | None = DEFAULT_MIN_TOP1,
+    backend_options: Mapping[str, Mapping[str, str]] | None = None,
 ) -> VerifyReport:
     """Run an ONNX model on real runtimes and measure how closely each one matches the reference.
 
@@ -209,6 +234,11 @@ def verify(
             :data:`DEFAULT_MIN_SQNR_DB` = 20); None turns it off.
         min_top1: the report's top-1 threshold, a fraction in [0, 1], for every 2-D output (default
             :data:`DEFAULT_MIN_TOP1` = 0.9); None turns it off.
+        backend_options: ``{backend: {option: value}}``, e.g. ``{"qnn": {"soc_model": "60"}}``. The ``qnn``
+            backend runs strictly by default (CPU fallback disabled: a node the HTP cannot take is an
+            error, not a silent CPU island); ``{"qnn": {"strict": "0"}}`` allows the fallback. Other QNN
+            options go to the execution provider as given. Per-provider node counts are in
+            ``BackendResult.ep_nodes``.
 
     Returns:
         The :class:`VerifyReport`; ``report.ok()`` / ``report.failures()`` apply the thresholds.
@@ -230,6 +260,7 @@ def verify(
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"unknown backend(s) {unknown}; known backends: {', '.join(BACKENDS)}")
+    options = _backend_options(backend_options)
     model, graph_inputs = read_graph_inputs(model_path)
     names = [o.name for o in model.graph.output]
     batches = to_numpy_batches(inputs, graph_inputs, model_path)
@@ -252,7 +283,8 @@ def verify(
     ran: dict[str, list[Batch]] = {}
     for backend in dict.fromkeys(backends):
         python = _python_for(backend, qnn_python, subprocess_python)
-        result, outputs = _result(backend, model_path, batches, reference_out, names, python)
+        result, outputs = _result(backend, model_path, batches, reference_out, names, python,
+                                  options.get(backend, {}))
         report.backends.append(result)
         if outputs is not None:
             ran[backend] = outputs

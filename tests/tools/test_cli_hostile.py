@@ -222,6 +222,8 @@ def test_other_checkpoints_are_usage_errors_naming_what_they_hold(work, capfd, n
         (["verify", "t.onnx", "--reference", "tiny_convnet", "--min-top1", "nan"], "--min-top1: must be a finite"),
         (["verify", "t.onnx", "--reference", "tiny_convnet", "--min-top1", "1.5"], "--min-top1: must be in [0, 1]"),
         (["verify", "t.onnx", "--reference", "tiny_convnet", "--min-top1", "-0.1"], "--min-top1: must be in [0, 1]"),
+        (["verify", "t.onnx", "--reference", "tiny_convnet", "--qnn-option", "soc_model"], "--qnn-option takes KEY=VALUE"),
+        (["verify", "t.onnx", "--reference", "tiny_convnet", "--qnn-option", "=60"], "--qnn-option takes KEY=VALUE"),
         (["report", "tiny_convnet", "-o", "r", "--epochs", "0"], "--epochs: must be at least 1"),
         (["report", "tiny_convnet", "-o", "r", "--every", "0"], "--every: must be at least 1"),
         (["report", "tiny_convnet", "-o", "r", "--warmup", "nan"], "--warmup: must be a finite number"),

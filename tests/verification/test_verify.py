@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import sys
 import warnings
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from qtrim_fx.models import get_model
 
+from qtrim_fx.core.errors import ConfigError
 from qtrim_fx.verification import backend_worker as worker
 from qtrim_fx.verification.metrics import _Accumulator
 from qtrim_fx.verification.run import VerifyReport, verify
@@ -314,3 +316,73 @@ def test_per_layer_matches_our_export_against_the_float_model(tmp_path):
     convs = [layer for layer in report.per_layer.layers if layer.op_type in ("Conv", "Gemm")]
     assert len(convs) == 3  # conv1, conv2, fc
     assert all(layer.sqnr_db > 10 for layer in convs)
+
+
+# -- QNN HTP (simulated): strict by default, options, per-EP node counts ----------------------------------
+_QNN_PLATFORM = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+def _require_qnn() -> str:
+    python = _qnn_python()
+    if python is None and _QNN_PLATFORM:
+        pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
+    if python is None:
+        pytest.skip("onnxruntime-qnn has no wheel for this platform")
+    return python
+
+
+def test_qnn_strict_by_default_with_node_counts_and_options(setup):
+    python = _require_qnn()
+    report = verify(setup["qdq"], setup["fp32"], setup["batches"][:1], backends=["qnn"], qnn_python=python,
+                    backend_options={"qnn": {"soc_model": "60"}})
+    (result,) = report.backends
+    assert result.status == "ok", result.message
+    assert "strict (CPU fallback disabled)" in result.info and "soc_model=60" in result.info
+    # Every node on the HTP (ORT may duplicate shared DequantizeLinear nodes before placing them).
+    assert list(result.ep_nodes) == ["QNNExecutionProvider"]
+    assert result.ep_nodes["QNNExecutionProvider"] >= len(onnx.load(setup["qdq"]).graph.node)
+    assert report.to_dict()["backends"][0]["ep_nodes"] == result.ep_nodes
+
+
+def _float_erf(tmp_path) -> str:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"], name="the_erf")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path = str(tmp_path / "erf.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def test_qnn_strict_run_names_the_nodes_the_htp_refuses(tmp_path):
+    python = _require_qnn()
+    path = _float_erf(tmp_path)
+    x = [np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)]
+    report = verify(path, path, x, backends=["qnn"], qnn_python=python)
+    (result,) = report.backends
+    assert result.status == "error"
+    assert "the_erf (Erf)" in result.message and "strict=0" in result.message
+    loose = verify(path, path, x, backends=["qnn"], qnn_python=python, backend_options={"qnn": {"strict": "0"}})
+    (result,) = loose.backends
+    assert result.status == "ok", result.message
+    assert result.ep_nodes.get("CPUExecutionProvider") == 1 and "CPU fallback allowed" in result.info
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"onnxruntime": {"x": "1"}}, "only qnn take options"),
+    ({"qnn": "soc_model=60"}, "must be a dict"),
+    ("soc_model=60", "must be a dict"),
+])
+def test_backend_options_are_validated_before_running(setup, options, match):
+    with pytest.raises(ConfigError, match=match):
+        verify(setup["qdq"], setup["fp32"], setup["batches"][:1], backends=["onnxruntime"], backend_options=options)
+
+
+def test_qnn_option_strict_value_is_checked(setup):
+    python = _require_qnn()
+    report = verify(setup["qdq"], setup["fp32"], setup["batches"][:1], backends=["qnn"], qnn_python=python,
+                    backend_options={"qnn": {"strict": "maybe"}})
+    assert report.backends[0].status == "error" and "strict='maybe'" in report.backends[0].message
