@@ -37,6 +37,8 @@ __all__ = [
 PER_CHANNEL_MIN_OPSET = 13
 #: Oldest opset with INT4/UINT4 and INT16/UINT16 Q/DQ.
 INT4_MIN_OPSET = 21
+#: Ops a profile may ask to be written fused (``fused_ops``), with the oldest opset that has them.
+_FUSABLE = {"Gelu": 20}
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class TargetProfile:
         max_opset: newest opset the back end parses.
         allow_int4: INT4 weights accepted (needs opset >= 21).
         ir_version: ONNX IR version written (and the newest ``check`` accepts).
+        fused_ops: compound functions written as one ONNX op, so that an integer back end finds one
+            DQ → op → Q group instead of float ops it cannot take: ``("Gelu",)`` (needs opset >= 20;
+            the QNN HTP cannot finalize the exporters' Erf decomposition).
     """
 
     name: str
@@ -118,6 +123,7 @@ class TargetProfile:
     max_opset: int = 21
     allow_int4: bool = False
     ir_version: int = 10
+    fused_ops: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -218,6 +224,14 @@ def _check_opsets(p: TargetProfile) -> None:
     if p.allow_int4 and p.max_opset < INT4_MIN_OPSET:
         raise ProfileError(f"profile {p.name!r}: allow_int4=True contradicts max_opset={p.max_opset}; INT4 "
                            f"needs opset >= {INT4_MIN_OPSET} (set allow_int4=False or max_opset >= 21)")
+    if not isinstance(p.fused_ops, tuple) or any(op not in _FUSABLE for op in p.fused_ops):
+        raise ProfileError(f"profile {p.name!r}: fused_ops={p.fused_ops!r}; use a tuple of "
+                           f"{', '.join(repr(o) for o in _FUSABLE)} (or ())")
+    for op in p.fused_ops:
+        if p.opset < _FUSABLE[op]:
+            raise ProfileError(f"profile {p.name!r} writes {op} as one ONNX op, which needs opset >= "
+                               f"{_FUSABLE[op]}, but opset={p.opset}; pass opset={_FUSABLE[op]} (or a profile "
+                               "with fused_ops=())")
     if p.weight_bits <= 4 and not p.allow_int4:
         raise ProfileError(f"profile {p.name!r}: weight_bits={p.weight_bits} needs allow_int4=True")
     for what, bits in (("weight", p.weight_bits), ("activation", p.activation_bits)):
@@ -250,8 +264,8 @@ _BUILTIN = (
         quantize_op_outputs=False, max_opset=20),
     TargetProfile(
         "qnn", "ONNX Runtime QNN (Qualcomm HTP): uint8 asym activations (uint16 accepted), full QDQ "
-        "groups with int32 bias",
-        extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True),
+        "groups with int32 bias, GELU as one Gelu op (opset 20)",
+        extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True, opset=20, fused_ops=("Gelu",)),
     TargetProfile(
         "openvino", "OpenVINO CPU: uint8 asym activations, per-channel weights; Q/DQ on inputs is "
         "enough, outputs may be quantized",

@@ -325,7 +325,18 @@ def _narrow_types(ctx: RuleContext) -> Iterator[Violation]:
                             "quantize this tensor to 8 bits")
 
 
+def _unfused_ops(ctx: RuleContext) -> Iterator[Violation]:
+    """A profile that wants GELU as one op (``fused_ops``) cannot take the Erf decomposition."""
+    if "Gelu" not in ctx.profile.fused_ops:
+        return
+    for node in ctx.graph.all_nodes():
+        if is_op(node, "Erf"):
+            yield Violation("unfused_gelu", _name(node), f"target {ctx.profile.name!r} has no integer Erf (the QNN "
+                            "HTP fails to finalize a graph with the exporters' GELU decomposition); write GELU as "
+                            "one Gelu op: re-export with qtrim_fx for this target at opset >= 20")
+
+
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (
     quantized_ops, _scale_values, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
-    _softmax, _op_outputs, _op_inputs, _versions, _narrow_types,
+    _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops,
 )

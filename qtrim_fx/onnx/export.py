@@ -35,6 +35,7 @@ from qtrim_fx.onnx.check import Violation, check
 from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass, require_storage
 from qtrim_fx.onnx.finalize import FinalizeModelPass, validate_model
 from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
+from qtrim_fx.onnx.fuse_gelu import FuseGeluPass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
@@ -54,6 +55,7 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             ExpandPlaceholdersPass(profile),
             FoldWeightLayoutPass(),
             MergeDuplicateQDQPass(),
+            FuseGeluPass(profile),
             RequantizeAfterShapeOpsPass(),
             QuantizeBiasPass(profile),
             RemoveUnusedNodesPass(),
