@@ -32,6 +32,7 @@ from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass
 from qtrim_fx.onnx.export import _torch_export, qdq_passes
 from qtrim_fx.onnx.finalize import FinalizeModelPass
 from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
+from qtrim_fx.onnx.fuse_gelu import FuseGeluPass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
@@ -46,6 +47,7 @@ PASSES: dict[str, Callable[[TargetProfile], ir.passes.PassBase]] = {
     "ExpandPlaceholdersPass": ExpandPlaceholdersPass,
     "FoldWeightLayoutPass": lambda _: FoldWeightLayoutPass(),
     "MergeDuplicateQDQPass": lambda _: MergeDuplicateQDQPass(),
+    "FuseGeluPass": FuseGeluPass,
     "RequantizeAfterShapeOpsPass": lambda _: RequantizeAfterShapeOpsPass(),
     "QuantizeBiasPass": QuantizeBiasPass,
     "NameAfterSitesPass": lambda _: NameAfterSitesPass(),
@@ -63,6 +65,7 @@ APPLIES = [
     *(("FoldWeightLayoutPass", "token_mixer", p) for p in PROFILES),  # Transpose of a weight before a 3-D MatMul
     *(("RequantizeAfterShapeOpsPass", "convnet", p) for p in PROFILES),  # pool.out -> Flatten -> Gemm
     # MergeDuplicateQDQPass has nothing to merge in these exports; tests/onnx/test_passes.py has graphs it merges.
+    # FuseGeluPass finds no GELU in these models; tests/onnx/test_fuse_gelu.py has graphs it fuses.
 ]
 
 
