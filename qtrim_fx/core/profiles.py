@@ -103,6 +103,9 @@ class TargetProfile:
         fused_ops: compound functions written as one ONNX op, so that an integer back end finds one
             DQ → op → Q group instead of float ops it cannot take: ``("Gelu",)`` (needs opset >= 20;
             the QNN HTP cannot finalize the exporters' Erf decomposition).
+        quantize_gather_tables: an embedding lookup's activation Q/DQ is stored on its table instead
+            (``DQ(int8 table) -> Gather``, the same values): OpenVINO cannot compile an Add of two
+            dequantized lookups (token + position embedding).
     """
 
     name: str
@@ -124,6 +127,7 @@ class TargetProfile:
     allow_int4: bool = False
     ir_version: int = 10
     fused_ops: tuple[str, ...] = ()
+    quantize_gather_tables: bool = False
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -185,7 +189,7 @@ def _check_types(p: TargetProfile) -> None:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ProfileError(f"profile {p.name!r}: {f} must be an int, got {v!r}")
     for f in ("activation_signed", "activation_symmetric", "weight_per_channel", "weight_narrow",
-              "quantize_op_outputs", "enforce_op_outputs", "allow_int4"):
+              "quantize_op_outputs", "enforce_op_outputs", "allow_int4", "quantize_gather_tables"):
         if not isinstance(getattr(p, f), bool):
             raise ProfileError(f"profile {p.name!r}: {f} must be True or False, got {getattr(p, f)!r}")
     if not isinstance(p.weight_axes, WeightAxes):
@@ -270,7 +274,7 @@ _BUILTIN = (
         "openvino", "OpenVINO CPU: uint8 asym activations, per-channel weights; Q/DQ on inputs is "
         "enough, outputs may be quantized",
         extra_activation_dtypes=("int8",), quantize_op_outputs=False, enforce_op_outputs=False,
-        allow_int4=True),
+        allow_int4=True, quantize_gather_tables=True),
     TargetProfile(
         "npu", "Generic edge NPU (RKNN-like): int8 asym activations, per-tensor int8 weights, full "
         "QDQ, opset <= 19",

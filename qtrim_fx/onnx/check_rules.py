@@ -136,11 +136,22 @@ def _qparam_shapes(ctx: RuleContext) -> Iterator[Violation]:
                             f"from scale shape {p.scale.shape}; they must match")
 
 
+def _gather_table(node: ir.Node) -> bool:
+    """A DQ of a constant read only as a ``Gather``'s data: a lookup table (an activation grid, or a weight's)."""
+    if not is_op(node, "DequantizeLinear") or not dequantizes_constant(node):
+        return False
+    uses = node.outputs[0].uses()
+    return bool(uses) and all(is_op(user, "Gather") and index == 0 for user, index in uses)
+
+
 def _activation_grids(ctx: RuleContext) -> Iterator[Violation]:
     prof = ctx.profile
     for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or dequantizes_constant(node):
+        if p is None or p.storage is None or (dequantizes_constant(node) and not _gather_table(node)):
             continue
+        if _gather_table(node) and p.storage.name in prof.weight_dtypes and (
+                p.zero_point is None or not np.any(p.zero_point.astype(np.int64) != 0)):
+            continue  # a table stored on the weight grid
         if p.storage.name not in prof.activation_dtypes:
             yield Violation("activation_dtype", _name(node), f"activation stored as {p.storage.name}; target "
                             f"{prof.name!r} takes {', '.join(prof.activation_dtypes)}")
@@ -154,7 +165,7 @@ def _activation_grids(ctx: RuleContext) -> Iterator[Violation]:
 def _weight_grids(ctx: RuleContext) -> Iterator[Violation]:
     prof = ctx.profile
     for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or not dequantizes_constant(node):
+        if p is None or p.storage is None or not dequantizes_constant(node) or _gather_table(node):
             continue
         if is_op(node, "QuantizeLinear"):
             if prof.weight_storage == "integer":

@@ -36,6 +36,7 @@ from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass, require_st
 from qtrim_fx.onnx.finalize import FinalizeModelPass, validate_model
 from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
 from qtrim_fx.onnx.fuse_gelu import FuseGeluPass
+from qtrim_fx.onnx.gather_table_qdq import QuantizeGatherTablePass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
@@ -56,6 +57,7 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             FoldWeightLayoutPass(),
             MergeDuplicateQDQPass(),
             FuseGeluPass(profile),
+            QuantizeGatherTablePass(profile),
             RequantizeAfterShapeOpsPass(),
             QuantizeBiasPass(profile),
             RemoveUnusedNodesPass(),

@@ -33,6 +33,7 @@ from qtrim_fx.onnx.export import _torch_export, qdq_passes
 from qtrim_fx.onnx.finalize import FinalizeModelPass
 from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
 from qtrim_fx.onnx.fuse_gelu import FuseGeluPass
+from qtrim_fx.onnx.gather_table_qdq import QuantizeGatherTablePass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
@@ -48,6 +49,7 @@ PASSES: dict[str, Callable[[TargetProfile], ir.passes.PassBase]] = {
     "FoldWeightLayoutPass": lambda _: FoldWeightLayoutPass(),
     "MergeDuplicateQDQPass": lambda _: MergeDuplicateQDQPass(),
     "FuseGeluPass": FuseGeluPass,
+    "QuantizeGatherTablePass": QuantizeGatherTablePass,
     "RequantizeAfterShapeOpsPass": lambda _: RequantizeAfterShapeOpsPass(),
     "QuantizeBiasPass": QuantizeBiasPass,
     "NameAfterSitesPass": lambda _: NameAfterSitesPass(),
@@ -66,6 +68,7 @@ APPLIES = [
     *(("RequantizeAfterShapeOpsPass", "convnet", p) for p in PROFILES),  # pool.out -> Flatten -> Gemm
     # MergeDuplicateQDQPass has nothing to merge in these exports; tests/onnx/test_passes.py has graphs it merges.
     # FuseGeluPass finds no GELU in these models; tests/onnx/test_fuse_gelu.py has graphs it fuses.
+    # QuantizeGatherTablePass finds no lookup; tests/onnx/test_gather_table.py has graphs it rewrites.
 ]
 
 
