@@ -91,8 +91,15 @@ OpKind = Literal[
 
 
 def site_key(name: str) -> str:
-    """A ModuleDict-safe key for a dotted site name (``layer1.0.conv1.weight`` -> ``layer1_0_conv1_weight``)."""
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    """A ModuleDict-safe key for a dotted site name (``layer1.0.conv1.weight`` -> ``layer1_0_conv1_weight``).
+
+    A name that is already an attribute of ``nn.ModuleDict`` (a site on the output of an ownerless
+    ``x.to(...)`` node is named ``to``) gets a ``site_`` prefix: ``add_module`` refuses such keys.
+    """
+    from torch.nn import ModuleDict  # here, not at the top: core.spec is imported by torch-free tools
+
+    key = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return f"site_{key}" if hasattr(ModuleDict(), key) else key
 
 
 @dataclass(frozen=True)
