@@ -103,6 +103,9 @@ class TargetProfile:
         fused_ops: compound functions written as one ONNX op, so that an integer back end finds one
             DQ → op → Q group instead of float ops it cannot take: ``("Gelu",)`` (needs opset >= 20;
             the QNN HTP cannot finalize the exporters' Erf decomposition).
+        integer_only: the back end runs every op on integers or not at all (the QNN HTP runs the rest
+            in FLOAT_32, an NPU on its CPU): ``check`` reports each op outside a complete DQ → op → Q
+            group (``float_op``, naming op and tensor).
         quantize_gather_tables: an embedding lookup's activation Q/DQ is stored on its table instead
             (``DQ(int8 table) -> Gather``, the same values): OpenVINO cannot compile an Add of two
             dequantized lookups (token + position embedding).
@@ -128,6 +131,7 @@ class TargetProfile:
     ir_version: int = 10
     fused_ops: tuple[str, ...] = ()
     quantize_gather_tables: bool = False
+    integer_only: bool = False
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -189,7 +193,8 @@ def _check_types(p: TargetProfile) -> None:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ProfileError(f"profile {p.name!r}: {f} must be an int, got {v!r}")
     for f in ("activation_signed", "activation_symmetric", "weight_per_channel", "weight_narrow",
-              "quantize_op_outputs", "enforce_op_outputs", "allow_int4", "quantize_gather_tables"):
+              "quantize_op_outputs", "enforce_op_outputs", "allow_int4", "quantize_gather_tables",
+              "integer_only"):
         if not isinstance(getattr(p, f), bool):
             raise ProfileError(f"profile {p.name!r}: {f} must be True or False, got {getattr(p, f)!r}")
     if not isinstance(p.weight_axes, WeightAxes):
@@ -269,7 +274,8 @@ _BUILTIN = (
     TargetProfile(
         "qnn", "ONNX Runtime QNN (Qualcomm HTP): uint8 asym activations (uint16 accepted), full QDQ "
         "groups with int32 bias, GELU as one Gelu op (opset 20)",
-        extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True, opset=20, fused_ops=("Gelu",)),
+        extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True, opset=20, fused_ops=("Gelu",),
+        integer_only=True),
     TargetProfile(
         "openvino", "OpenVINO CPU: uint8 asym activations, per-channel weights; Q/DQ on inputs is "
         "enough, outputs may be quantized",
@@ -278,7 +284,7 @@ _BUILTIN = (
     TargetProfile(
         "npu", "Generic edge NPU (RKNN-like): int8 asym activations, per-tensor int8 weights, full "
         "QDQ, opset <= 19",
-        activation_signed=True, weight_per_channel=False, opset=13, max_opset=19),
+        activation_signed=True, weight_per_channel=False, opset=13, max_opset=19, integer_only=True),
 )
 _REGISTRY: dict[str, TargetProfile] = {p.name: p for p in _BUILTIN}
 _ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}

