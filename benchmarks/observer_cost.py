@@ -12,10 +12,19 @@ Each case is also timed with the tail selections forced onto ``torch.topk``
 (``qtrim_fx.runtime.quantiles.HOST_SELECT = False``) in the same round-robin, so the table
 shows what the NumPy selection (used where CPU ``topk`` would sort whole rows) saves.
 
+The training-step cost of the activation range rule (issue 19) is measured too: one training step
+(forward + cross-entropy + backward + SGD) of a prepared model at λ = 1 with the default
+``act_range="mse"`` against the paper's quantile rule (``act_range="quantile"``), both at the default
+cadence (``update_every=4``: timed in blocks of 4 steps, so every figure holds one statistics update)
+and at ``update_every=1`` (``QuantConfig.paper()``: every step updates, the rule's cost undiluted),
+with the FP32 step for reference. Goal: the default step within 10 % of the quantile rule's at the
+same cadence.
+
 Usage::
 
     python benchmarks/observer_cost.py                 # measure, print, update RESULTS.md
     python benchmarks/observer_cost.py --no-write      # measure and print only
+    python benchmarks/observer_cost.py --step-repeats 0  # the per-update table only
 
 Writes (replaces) the section "## Observer update cost" of ``benchmarks/RESULTS.md``.
 """
@@ -32,18 +41,24 @@ from pathlib import Path
 
 import torch
 
+import qtrim_fx
 from qtrim_fx.runtime import quantiles as observer_module
 from qtrim_fx.runtime.observer import EmaQuantileObserver
 
 SECTION = "## Observer update cost"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 GOAL_RATIO = 3.0
+STEP_GOAL = 1.10  # issue 19: the default range rule's training step vs the quantile rule's
 
 # (label, observer kwargs, tensor shape, dtype); shapes are NCHW activations and an OIHW conv weight.
 # The first two rows are the goal; the others are for information.
 CASES = [
     ("range, per-tensor, 1e5 activation", {"mode": "range"}, (1, 1000, 10, 10), torch.float32),
     ("range, per-tensor, 1e7 activation", {"mode": "range"}, (100, 1000, 10, 10), torch.float32),
+    ("range, per-tensor, 1e5 activation, act_range=mse", {"mode": "range", "act_range": "mse"},
+     (1, 1000, 10, 10), torch.float32),
+    ("range, per-tensor, 1e7 activation, act_range=mse", {"mode": "range", "act_range": "mse"},
+     (100, 1000, 10, 10), torch.float32),
     (
         "abs, per-channel (axis 0, 512 ch), 1e7 weight",
         {"mode": "abs", "axis": 0},
@@ -172,20 +187,119 @@ def replace_section(text: str, section: str) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+# --- the range rule in the training step (issue 19) ------------------------------------------------
+
+# (label, qtrim_fx.models name, kwargs)
+STEP_MODELS = [
+    ("torchvision mobilenet_v3_small, batch 16, 64x64", "tv_mobilenet_v3_small",
+     {"batch_size": 16, "image_size": 64, "num_classes": 10}),
+    ("CIFAR ResNet-18 (width 16), batch 32, 32x32", "cifar_resnet18",
+     {"width": 16, "batch_size": 32, "image_size": 32, "num_classes": 10}),
+]
+# (label, QuantConfig kwargs or None for FP32)
+STEP_CONFIGS = [
+    ("FP32", None),
+    ("mse, every 4 (defaults)", {}),
+    ("quantile, every 4", {"act_range": "quantile"}),
+    ("mse, every 1", {"update_every": 1}),
+    ("quantile, every 1 (paper())", "paper"),
+]
+STEP_BLOCK = 4  # steps per timed sample: one statistics update at update_every=4
+
+
+def _step_fn(model_name: str, kwargs: dict, config: dict | str | None):
+    """A training step (zero_grad, forward, cross-entropy, backward, SGD) of one configuration."""
+    from qtrim_fx.models import get_model
+
+    torch.manual_seed(0)
+    model, (x,) = get_model(model_name, **kwargs)
+    y = torch.arange(len(x)) % 10
+    net = model.train()
+    if config is not None:
+        cfg = qtrim_fx.QuantConfig.paper() if config == "paper" else qtrim_fx.QuantConfig(**config)
+        with torch.no_grad():
+            model.train()(x)  # BatchNorm running statistics from the batch, as in a trained net
+        net = qtrim_fx.prepare(model, config=cfg)
+        qtrim_fx.calibrate(net, [x])
+        qtrim_fx.set_blend(net, 1.0)
+        net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        for _ in range(STEP_BLOCK):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+
+    return step
+
+
+def measure_step(repeats: int, warmup: int = 2) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Median time of one training step per (model, configuration), configurations round-robin."""
+    import warnings
+
+    out = []
+    for label, name, kwargs in STEP_MODELS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            steps = [_step_fn(name, kwargs, cfg) for _, cfg in STEP_CONFIGS]
+            for fn in steps:
+                for _ in range(warmup):
+                    fn()
+            times: list[list[float]] = [[] for _ in steps]
+            for r in range(repeats):
+                order = range(len(steps)) if r % 2 else reversed(range(len(steps)))
+                for i in order:
+                    t0 = time.perf_counter()
+                    steps[i]()
+                    times[i].append((time.perf_counter() - t0) / STEP_BLOCK)
+        out.append((label, [(c, statistics.median(t)) for (c, _), t in zip(STEP_CONFIGS, times, strict=True)]))
+        print(label, " ".join(f"{c}: {v * 1e3:.1f} ms" for c, v in out[-1][1]), file=sys.stderr, flush=True)
+    return out
+
+
+def render_step(rows: list[tuple[str, list[tuple[str, float]]]], repeats: int) -> str:
+    lines = [
+        "### The range rule in the training step (issue 19)",
+        "",
+        f"One training step at λ = 1 (SGD, cross-entropy, train mode), median over {repeats} rounds of "
+        f"{STEP_BLOCK} steps (each block holds one statistics update at `update_every=4`), the "
+        "configurations round-robin. \"mse\": the default range rule (`act_range=\"mse\"`); "
+        "\"quantile\": the paper's p_lo/p_hi quantiles; \"every N\": `update_every`.",
+        "",
+        "| model | " + " | ".join(c for c, _ in rows[0][1]) + " | mse / quantile, every 4 | mse / quantile, every 1 |",
+        "|---|" + "---:|" * (len(rows[0][1]) + 2),
+    ]
+    verdicts = []
+    for label, cells in rows:
+        t = dict(cells)
+        r4 = t["mse, every 4 (defaults)"] / t["quantile, every 4"]
+        r1 = t["mse, every 1"] / t["quantile, every 1 (paper())"]
+        verdicts.append(r4 <= STEP_GOAL)
+        lines.append(f"| {label} | " + " | ".join(f"{v * 1e3:.1f} ms" for _, v in cells) + f" | {r4:.3f}x | {r1:.3f}x |")
+    verdict = "met on every model" if all(verdicts) else "MISSED on at least one model"
+    lines += ["", f"Goal (issue 19): the default step within {STEP_GOAL - 1:.0%} of the quantile rule's at the same "
+              f"cadence: {verdict}.", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=100, help="timed updates per case (median reported)")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--step-repeats", type=int, default=12, help="timed rounds of the training-step table (0: skip)")
     args = ap.parse_args(argv)
 
     rows = measure(args.repeats)
+    step_rows = measure_step(args.step_repeats) if args.step_repeats else []
     niceness = os.nice(0)  # recorded: on a shared machine a raised priority keeps other load out
     command = (
         (f"nice -n {niceness} " if niceness else "")
         + "python benchmarks/observer_cost.py"
         + (f" --repeats {args.repeats}" if args.repeats != 100 else "")
+        + (f" --step-repeats {args.step_repeats}" if args.step_repeats != 12 else "")
     )
-    section = render(rows, command)
+    section = render(rows, command) + ("\n" + render_step(step_rows, args.step_repeats) if step_rows else "")
     print(section)
     if not args.no_write:
         old = RESULTS.read_text() if RESULTS.exists() else ""

@@ -1,8 +1,17 @@
 """What to quantize and how: :class:`QuantConfig` with per-layer overrides.
 
-Defaults follow the paper: INT8 symmetric per-channel weights, UINT8 asymmetric
-per-tensor activations, EMA-quantile statistics with p_lo = 0.001, p_hi = 0.999,
-μ = 1e-3 and subsamples of at most 1e5 elements.
+Grids follow the paper: INT8 symmetric per-channel weights, UINT8 asymmetric per-tensor
+activations. Statistics: weights keep the paper's EMA'd |w| quantile (p_hi = 0.999); by default
+each activation site's range is the one of least expected quantization error for its grid,
+chosen from EMA'd tail order statistics (``act_range="mse"``: rounding noise s²/12 against the
+clipping error of the tails, :mod:`qtrim_fx.runtime.range_rule`), model outputs are never
+clipped (their range is the EMA'd min/max), and statistics update every
+:data:`DEFAULT_UPDATE_EVERY` training steps with the momentum compensated (μ_N = 1 − (1 − μ)^N,
+the paper's horizon of 1/μ steps). μ = 1e-3, subsamples of at most 1e5 elements.
+
+The paper's exact recipe is :meth:`QuantConfig.paper` (fixed p_lo = 0.001 / p_hi = 0.999 quantiles
+for every activation, updated every step); giving ``p_lo``/``p_hi`` explicitly also selects the
+quantile rule (``act_range="quantile"``).
 
 Overrides are matched in order, the last match winning, against a site's owning
 module name (regex, ``re.fullmatch``), its module type and its op kind::
@@ -23,7 +32,15 @@ from torch import nn
 
 from qtrim_fx.core.scheme import QuantScheme, SchemeError
 
-__all__ = ["EPS_MAX", "EPS_MIN", "Override", "QuantConfig", "SiteSettings"]
+__all__ = ["DEFAULT_UPDATE_EVERY", "EPS_MAX", "EPS_MIN", "Override", "QuantConfig", "SiteSettings"]
+
+#: Statistics cadence of the defaults: every 4th training step (μ compensated, so the EMA horizon in
+#: steps is the paper's); ``QuantConfig.paper()`` and ``update_every=1`` update every step.
+DEFAULT_UPDATE_EVERY = 4
+#: The paper's quantile levels (the quantile rule's pair; the tail base of the MSE rule).
+PAPER_P_LO = 0.001
+PAPER_P_HI = 0.999
+ACT_RANGES = ("mse", "quantile")
 
 #: Bounds of :attr:`QuantConfig.eps`, the floor of a statistic's range (``scale = max(range, eps) / levels``,
 #: in float32). Above 1e-2 the floor reaches real ranges (|w| quantiles of wide layers are ~1e-2) and
@@ -97,14 +114,28 @@ class QuantConfig:
         weight_bits: weight integer width (8 = INT8, 4 = INT4), symmetric, signed.
         weight_per_channel: one scale per output channel (else per tensor).
         act_bits, act_signed, act_symmetric: activation grid (default UINT8 asymmetric).
-        p_lo, p_hi: activation quantile levels; ``p_hi`` is also the |w| quantile of weights.
-        momentum: EMA momentum μ of the statistics.
+        p_lo, p_hi: activation quantile levels (default 0.001 / 0.999); ``p_hi`` is also the |w|
+            quantile of weights. Given explicitly (and ``act_range`` not), they select the paper's
+            quantile rule; under ``act_range="mse"`` they are where the stored tails begin.
+        act_range: how an activation site's range is derived: ``"mse"`` (default: least expected
+            quantization error for its grid, from EMA'd tail nodes between the p_lo/p_hi quantiles and
+            the min/max; graph outputs take the EMA'd min/max) or ``"quantile"`` (the paper:
+            ``[lo, hi]`` = the EMA'd p_lo/p_hi quantiles).
+        momentum: EMA momentum μ of the statistics, per training step (an update every N steps uses
+            1 − (1 − μ)^N, so the horizon in steps does not depend on ``update_every``).
         max_samples: subsample bound S_max of each quantile.
         eps: lower bound ε of the range a scale is derived from, in [1e-30, 1e-2].
-        update_every: update statistics every N training steps (1 = every step).
+        update_every: update statistics every N training steps (default
+            :data:`DEFAULT_UPDATE_EVERY`; 1 = every step, as the paper).
         seed: base seed of the observers' subsampling.
         quantize_inputs: quantize model inputs that feed weighted ops.
         overrides: per-site :class:`Override` rules (last match wins).
+        coverage: what ``prepare`` does about weights of parameter-holding ops left in float
+            (leaf modules, unsupported ops, exclusions): ``"warn"`` (default), ``"error"``, ``"ignore"``.
+        target: a target profile name (``"qnn"``, ``"npu"``, ...) whose ``activation_sites`` are
+            trained as well: an integer-only back end then gets every tensor it computes on
+            quantized (no float islands). ``None`` (default): the hardware-neutral sites, which
+            export to every target.
     """
 
     weight_bits: int = 8
@@ -112,17 +143,67 @@ class QuantConfig:
     act_bits: int = 8
     act_signed: bool = False
     act_symmetric: bool = False
-    p_lo: float = 0.001
-    p_hi: float = 0.999
+    p_lo: float | None = None
+    p_hi: float | None = None
     momentum: float = 1e-3
     max_samples: int = 100_000
     eps: float = 1e-6
-    update_every: int = 1
+    update_every: int = DEFAULT_UPDATE_EVERY
     seed: int = 0
     quantize_inputs: bool = True
     overrides: tuple[Override, ...] = field(default=())
+    #: parameter-holding ops left in float at prepare: "warn" (one CoverageWarning), "error"
+    #: (CoverageError listing them) or "ignore"; they are listed by ``inspect`` in any case
+    coverage: str = "warn"
+    act_range: str | None = None
+    target: str | None = None
+
+    @classmethod
+    def paper(cls, **changes: object) -> QuantConfig:
+        """The paper's exact statistics recipe: fixed p_lo = 0.001 / p_hi = 0.999 quantiles for every
+        activation (model outputs included), updated every training step with μ = 1e-3.
+
+        Args:
+            changes: other fields (grids, overrides, ...), as for ``QuantConfig(...)``.
+        """
+        base: dict[str, object] = {"p_lo": PAPER_P_LO, "p_hi": PAPER_P_HI, "act_range": "quantile",
+                                   "update_every": 1, "momentum": 1e-3}
+        return cls(**{**base, **changes})
+
+    def _resolve_range_rule(self) -> None:
+        """Fill in ``act_range`` (explicit quantiles mean the paper's rule) and the quantile levels."""
+        rule = self.act_range
+        if rule is None:
+            rule = "quantile" if (self.p_lo is not None or self.p_hi is not None) else "mse"
+        if rule not in ACT_RANGES:
+            raise SchemeError(f"QuantConfig act_range={rule!r} must be 'mse' (default: least quantization error "
+                              "per activation) or 'quantile' (the paper's fixed p_lo/p_hi quantiles)")
+        object.__setattr__(self, "act_range", rule)
+        if self.p_lo is None:
+            object.__setattr__(self, "p_lo", PAPER_P_LO)
+        if self.p_hi is None:
+            object.__setattr__(self, "p_hi", PAPER_P_HI)
+
+    def _resolve_target(self) -> None:
+        """``target`` as its registered profile name (aliases resolved); unknown names are refused."""
+        if self.target is None:
+            return
+        from qtrim_fx.core.errors import ProfileError
+        from qtrim_fx.core.profiles import get_profile
+
+        if not isinstance(self.target, str):
+            raise SchemeError(f"QuantConfig target={self.target!r} must be a target name such as 'qnn' (register a "
+                              "custom TargetProfile with qtrim_fx.register_profile and pass its name)")
+        try:
+            object.__setattr__(self, "target", get_profile(self.target).name)
+        except ProfileError as e:
+            raise SchemeError(f"QuantConfig target: {e}") from None
 
     def __post_init__(self) -> None:
+        self._resolve_range_rule()
+        self._resolve_target()
+        if self.coverage not in ("warn", "error", "ignore"):
+            raise SchemeError(f"QuantConfig coverage={self.coverage!r} must be 'warn', 'error' or 'ignore'")
         # Building the schemes validates bits (2..16) with the scheme's own messages.
         QuantScheme(bits=self.weight_bits)
         QuantScheme(bits=self.act_bits, signed=self.act_signed, symmetric=self.act_symmetric)
@@ -189,6 +270,7 @@ class QuantConfig:
             "momentum": self.momentum,
             "max_samples": self.max_samples,
             "update_every": self.update_every,
+            "act_range": self.act_range,
         }
 
     def to_dict(self) -> dict[str, object]:

@@ -4,7 +4,8 @@
 
     QtrimError
     ├── ConfigError (ValueError)        a scheme, config or argument that cannot be honoured
-    │   └── NoSitesError                 the model has nothing qtrim_fx can quantize
+    │   ├── NoSitesError                 the model has nothing qtrim_fx can quantize
+    │   └── CoverageError                weights left in float while QuantConfig(coverage="error")
     ├── CaptureError (ValueError)       neither front end could capture the model
     ├── CheckpointError (ValueError, RuntimeError)   a state from another model/config, or corrupted
     ├── ProfileError (ValueError)       a target profile that is unknown or contradicts itself
@@ -13,6 +14,9 @@
     ├── OutputPathError (ValueError)    an output path that is not a file qtrim_fx may replace
     │                                    (directory, FIFO, device, socket, read-only file)
     └── VerifyError (RuntimeError)      a verification that cannot be run as asked
+
+Warnings derive from :class:`QtrimWarning` (a ``UserWarning``): :class:`CoverageWarning` (weights left
+in float, at ``prepare``), :class:`TracedBranchWarning` (a data-dependent branch frozen by tracing).
 
 ``except qtrim_fx.QtrimError`` catches all of them; each is also the builtin exception callers
 already catch (``ValueError`` for bad input, ``RuntimeError`` like ``nn.Module.load_state_dict``).
@@ -25,12 +29,16 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "ConfigError",
+    "CoverageError",
+    "CoverageWarning",
     "ExportError",
     "NoSitesError",
     "OutputPathError",
     "ProfileError",
     "QtrimError",
+    "QtrimWarning",
     "SchemeError",
+    "TracedBranchWarning",
     "UncalibratedSitesError",
     "VerifyError",
 ]
@@ -50,6 +58,10 @@ SchemeError = ConfigError
 
 class NoSitesError(ConfigError):
     """The model has nothing qtrim_fx can quantize."""
+
+
+class CoverageError(ConfigError):
+    """Parameter-holding ops stay in float while the config asks for full coverage (``coverage="error"``)."""
 
 
 class CaptureError(QtrimError, ValueError):
@@ -86,3 +98,15 @@ class OutputPathError(QtrimError, ValueError):
 
 class VerifyError(QtrimError, RuntimeError):
     """A verification run that cannot be carried out as asked (no backend, no inputs, ...)."""
+
+
+class QtrimWarning(UserWarning):
+    """Root of the warnings qtrim_fx issues about a model (``warnings.simplefilter("error", QtrimWarning)``)."""
+
+
+class CoverageWarning(QtrimWarning):
+    """Parameter-holding ops that ``prepare`` leaves in float (listed with the reason)."""
+
+
+class TracedBranchWarning(QtrimWarning):
+    """Tracing evaluated Python control flow on a tensor value: only the branch taken was captured."""

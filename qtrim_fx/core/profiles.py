@@ -26,6 +26,7 @@ from qtrim_fx.core.errors import ProfileError
 from qtrim_fx.core.scheme import QuantScheme
 
 __all__ = [
+    "INTEGER_ACTIVATION_SITES",
     "TargetProfile",
     "WeightAxes",
     "get_profile",
@@ -39,6 +40,19 @@ PER_CHANNEL_MIN_OPSET = 13
 INT4_MIN_OPSET = 21
 #: Ops a profile may ask to be written fused (``fused_ops``), with the oldest opset that has them.
 _FUSABLE = {"Gelu": 20}
+#: Where an ``activation_sites`` entry puts activation sites around an op: its data inputs, its output, both.
+SITE_PLACES = ("in", "out", "in+out")
+#: Op kinds (``qtrim_fx.core.spec.OpKind``) an ``activation_sites`` entry may name.
+_SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "cat", "pool",
+                         "maxpool", "matmul", "bmm"})
+#: What an integer-only back end (QNN HTP, NPUs) runs on integers, as (op kind, place) pairs: every tensor
+#: these ops read or write carries a Q/DQ, so each op sits in a complete DQ -> op -> Q group. ``matmul`` /
+#: ``bmm`` here are the activation x activation products (attention); weighted ones are quantized anyway.
+INTEGER_ACTIVATION_SITES: tuple[tuple[str, str], ...] = (
+    ("layernorm", "in+out"), ("softmax", "out"), ("activation", "out"), ("relu", "out"),
+    ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("cat", "out"),
+    ("pool", "out"), ("maxpool", "out"), ("matmul", "in+out"), ("bmm", "in+out"),
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,14 @@ class TargetProfile:
         quantize_gather_tables: an embedding lookup's activation Q/DQ is stored on its table instead
             (``DQ(int8 table) -> Gather``, the same values): OpenVINO cannot compile an Add of two
             dequantized lookups (token + position embedding).
+        activation_sites: ``(op kind, place)`` pairs, ``place`` one of ``"in"``, ``"out"``, ``"in+out"``:
+            the extra activation sites ``prepare(..., target=...)`` trains around those ops so the
+            back end runs them on integers (:data:`INTEGER_ACTIVATION_SITES` for ``qnn`` and ``npu``).
+            Read only when a model is prepared for this target; ``check`` reports a float op of one
+            of these kinds as an error (``float_op``).
+        integer_attention_scores: the attention scores (QKᵀ, its scaling and mask, softmax, the
+            probabilities entering P·V) are quantized too when a model is prepared for this target;
+            otherwise they stay float (DESIGN.md), as for every target by default.
     """
 
     name: str
@@ -132,6 +154,8 @@ class TargetProfile:
     fused_ops: tuple[str, ...] = ()
     quantize_gather_tables: bool = False
     integer_only: bool = False
+    activation_sites: tuple[tuple[str, str], ...] = ()
+    integer_attention_scores: bool = False
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -194,7 +218,7 @@ def _check_types(p: TargetProfile) -> None:
             raise ProfileError(f"profile {p.name!r}: {f} must be an int, got {v!r}")
     for f in ("activation_signed", "activation_symmetric", "weight_per_channel", "weight_narrow",
               "quantize_op_outputs", "enforce_op_outputs", "allow_int4", "quantize_gather_tables",
-              "integer_only"):
+              "integer_only", "integer_attention_scores"):
         if not isinstance(getattr(p, f), bool):
             raise ProfileError(f"profile {p.name!r}: {f} must be True or False, got {getattr(p, f)!r}")
     if not isinstance(p.weight_axes, WeightAxes):
@@ -257,7 +281,18 @@ def _check_ir_version(p: TargetProfile) -> None:
                            "reliably (ONNX Runtime 1.31 stops at 13, older ones earlier); use 10")
 
 
-_RULES: tuple[Callable[[TargetProfile], None], ...] = (_check_types, _check_bits, _check_opsets, _check_ir_version)
+def _check_activation_sites(p: TargetProfile) -> None:
+    sites = p.activation_sites
+    ok = isinstance(sites, tuple) and all(
+        isinstance(e, tuple) and len(e) == 2 and e[0] in _SITE_KINDS and e[1] in SITE_PLACES for e in sites)
+    if not ok:
+        raise ProfileError(f"profile {p.name!r}: activation_sites={sites!r}; use a tuple of (op kind, place) pairs, "
+                           f"op kind one of {', '.join(sorted(_SITE_KINDS))}, place one of {', '.join(SITE_PLACES)} "
+                           "(e.g. (('layernorm', 'in+out'), ('softmax', 'out')))")
+
+
+_RULES: tuple[Callable[[TargetProfile], None], ...] = (
+    _check_types, _check_bits, _check_opsets, _check_ir_version, _check_activation_sites)
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -275,7 +310,7 @@ _BUILTIN = (
         "qnn", "ONNX Runtime QNN (Qualcomm HTP): uint8 asym activations (uint16 accepted), full QDQ "
         "groups with int32 bias, GELU as one Gelu op (opset 20)",
         extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True, opset=20, fused_ops=("Gelu",),
-        integer_only=True),
+        integer_only=True, activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True),
     TargetProfile(
         "openvino", "OpenVINO CPU: uint8 asym activations, per-channel weights; Q/DQ on inputs is "
         "enough, outputs may be quantized",
@@ -284,7 +319,8 @@ _BUILTIN = (
     TargetProfile(
         "npu", "Generic edge NPU (RKNN-like): int8 asym activations, per-tensor int8 weights, full "
         "QDQ, opset <= 19",
-        activation_signed=True, weight_per_channel=False, opset=13, max_opset=19, integer_only=True),
+        activation_signed=True, weight_per_channel=False, opset=13, max_opset=19, integer_only=True,
+        activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True),
 )
 _REGISTRY: dict[str, TargetProfile] = {p.name: p for p in _BUILTIN}
 _ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}

@@ -3,7 +3,9 @@
 ``torch.export.export`` (non-strict, every tensor dimension ``Dim.AUTO``) gives an
 ATen graph whose ``self.training`` decisions are frozen at export time, and
 whose unlifted module cannot be switched with ``.eval()``. The graph is
-exported in train mode and then made mode-aware and readable::
+exported in train mode and then made mode-aware and readable (when the train()
+forward cannot be exported, or its graph does not reproduce eval(), the eval()
+graph is captured instead, with a warning; see :func:`export_capture`)::
 
     before (exported in train mode)                  after
     add_ = aten.add_(bn.num_batches_tracked, 1)      (gone: the BatchNorm module counts itself)
@@ -62,7 +64,14 @@ def _dynamic_shapes(value: Any) -> Any:
 
 
 def export_capture(model: nn.Module, example_inputs: tuple | list | Mapping[str, Any]) -> fx.GraphModule:
-    """Export ``model`` (train mode, dynamic shapes) and return a mode-aware GraphModule sharing its modules.
+    """Export ``model`` (dynamic shapes) and return a mode-aware GraphModule sharing its modules.
+
+    The train() graph is preferred: its dropout and BatchNorm flags become runtime switches, so one
+    graph serves both modes. It is kept only when, switched to eval(), it computes what the model
+    computes in eval() on ``example_inputs``; otherwise (train-only code baked in as constants, such as
+    a sampled time mask) or when the train() forward cannot be exported (a detection model asking for
+    targets, layerdrop deciding on a random number), the eval() graph is captured instead, with a
+    warning that train() runs it too.
 
     Args:
         model: the model; its modules' train/eval flags are restored afterwards.
@@ -72,20 +81,46 @@ def export_capture(model: nn.Module, example_inputs: tuple | list | Mapping[str,
         A ``GraphModule`` in the model's mode whose ``train()`` / ``eval()`` drive dropout and BatchNorm.
 
     Raises:
-        ExportFailed: ``torch.export`` could not export the model with these inputs.
+        ExportFailed: ``torch.export`` could not export the model in either mode (the message says
+            what failed in each).
     """
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
-        dynamic = _dynamic_shapes(kwargs)
     else:
         args, kwargs = tuple(example_inputs), None
-        dynamic = _dynamic_shapes(args)
+    failed: dict[bool, str] = {}
+    for training in (True, False):
+        try:
+            gm = _export_in_mode(model, training, args, kwargs)
+        except ExportFailed as e:
+            failed[training] = f"{type(e.__cause__).__name__}: {e.__cause__}".splitlines()[0]
+            continue
+        if training and not _same_in_eval(gm, model, args, kwargs):
+            failed[True] = ("its graph, switched to eval(), does not compute what the model computes in eval() "
+                            "(train-only code frozen into it)")
+            continue
+        if not training:
+            warnings.warn(
+                f"qtrim_fx: {model.__class__.__name__} was captured with torch.export in eval() mode: in train() "
+                f"mode {failed[True]}. train() on the prepared model runs this eval() graph (BatchNorm still "
+                "follows the mode; dropout and other train-only code are not in it); to train with them, make the "
+                "train() forward exportable with these example inputs",
+                stacklevel=4,
+            )
+        return gm
+    raise ExportFailed(f"in train() mode: {failed[True]}; in eval() mode: {failed[False]}")
+
+
+def _export_in_mode(
+    model: nn.Module, training: bool, args: tuple, kwargs: dict[str, Any] | None
+) -> fx.GraphModule:
     modes = {m: m.training for m in model.modules()}
-    model.train()
+    model.train(training)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(kwargs or args),
+                                     strict=False)
     except Exception as e:
         raise ExportFailed() from e
     finally:
@@ -101,6 +136,35 @@ def export_capture(model: nn.Module, example_inputs: tuple | list | Mapping[str,
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _same_in_eval(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict[str, Any] | None) -> bool:
+    """Whether ``gm`` in eval() computes what ``model`` computes in eval() on the example inputs."""
+    modes = {m: m.training for m in (*model.modules(), *gm.modules())}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = torch.utils._pytree.tree_leaves(model.eval()(*args, **(kwargs or {})))
+            got = torch.utils._pytree.tree_leaves(gm.eval()(*args, **(kwargs or {})))
+    except Exception:
+        return True  # the eval() forward does not run on these inputs: nothing to compare against
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    want = [t for t in want if isinstance(t, torch.Tensor)]
+    got = [t for t in got if isinstance(t, torch.Tensor)]
+    if len(want) != len(got):
+        return False
+    for w, g in zip(want, got, strict=True):
+        if w.shape != g.shape or w.dtype != g.dtype:
+            return False
+        if w.is_floating_point():
+            tol = 1e-4 * float(w.abs().max()) + 1e-6 if w.numel() else 0.0
+            if not torch.allclose(g, w, rtol=1e-4, atol=tol, equal_nan=True):
+                return False
+        elif not torch.equal(g, w):
+            return False
+    return True
 
 
 def _resolve(root: nn.Module, target: str) -> Any:

@@ -55,12 +55,21 @@ class _RootNotTraceable(Exception):
     """Symbolic tracing failed in the root forward itself (``__cause__`` says why)."""
 
 
+#: reason prefix of a leaf whose forward branches on tensor values (see :meth:`_LeafFallbackTracer.to_bool`)
+VALUE_BRANCH = "data-dependent control flow on tensor values"
+
+
 @dataclass(frozen=True)
 class Fallback:
     """A submodule kept as an opaque leaf (its internals are not quantized), and why."""
 
     module: str
     reason: str
+
+    @property
+    def data_dependent(self) -> bool:
+        """Its forward branches on tensor values: a tracing exporter captures only the branch taken."""
+        return self.reason.startswith(VALUE_BRANCH)
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,13 @@ class _LeafFallbackTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.mode_leaves = mode_leaves
         self.fallbacks: dict[str, str] = dict(forced)
+        self._value_branch: str | None = None  # the last condition on tensor values tracing met
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Remember a condition on tensor values (``x.sum() > 0``), unlike one on shapes, then fail as fx does."""
+        if _reads_values(obj.node):
+            self._value_branch = _describe(obj.node, 3)
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention):
@@ -166,8 +182,44 @@ class _LeafFallbackTracer(fx.Tracer):
                 node = prev
             self.module_stack = saved_stack
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+            branch, self._value_branch = self._value_branch, None
+            if branch is not None and isinstance(e, fx.proxy.TraceError):
+                reason = f"{VALUE_BRANCH} ({branch}); {reason}"
             self.fallbacks[qualname] = reason
             return self.create_proxy("call_module", qualname, args, kwargs)
+
+
+def _is_shape_access(n: fx.Node) -> bool:
+    if n.op == "call_method" and n.target in ("size", "dim", "numel"):
+        return True
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+        return n.args[1] in ("shape", "ndim", "dtype", "device", "is_cuda")
+    return n.op == "call_function" and n.target is len
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether ``node`` depends on tensor values (an input or attribute reached other than through shapes)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or _is_shape_access(n):
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _describe(n: Any, depth: int) -> str:
+    """``gt(sum(x), 0)``: a node as a short expression."""
+    if not isinstance(n, fx.Node):
+        return repr(n)
+    if depth == 0 or n.op in ("placeholder", "get_attr"):
+        return str(n.target) if n.op == "get_attr" else n.name
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{name}({', '.join(_describe(a, depth - 1) for a in n.args)})"
 
 
 @dataclass
@@ -313,12 +365,11 @@ def capture(model: nn.Module, example_inputs: Any = None) -> CaptureResult:
     try:
         gm = export_capture(model, example_inputs)
     except ExportFailed as e:
-        cause = e.__cause__
-        export_error = f"{type(cause).__name__}: {cause}".splitlines()[0]
         raise CaptureError(
             f"cannot capture {model.__class__.__name__}: symbolic tracing failed ({trace_error}) and "
-            f"torch.export failed ({export_error}). Options: make the data-dependent Python in the failing "
-            "forward traceable, mark the offending submodule as a leaf, or check that example_inputs match "
-            "the forward signature."
+            f"torch.export failed {e} (tried in train() mode, then eval()). Options: make the data-dependent "
+            "Python in the failing forward traceable, mark the offending submodule as a leaf, check that "
+            "example_inputs match the forward signature, or pass the inputs the failing mode needs "
+            "(a train() forward that asks for targets or labels: include them, or call model.eval() first)."
         ) from e
     return CaptureResult(gm, "torch.export", ())

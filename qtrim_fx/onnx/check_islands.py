@@ -11,7 +11,13 @@ and the tensor that is not quantized::
     DQ -> Concat -> cat -> GlobalAveragePool -> Q     float_op at Concat (output 'cat' feeds GlobalAveragePool)
                                                       float_op at GlobalAveragePool (input 'cat' is not dequantized)
 
-Shape arithmetic (Shape, Size, integer-typed values) is not computation on activations and is skipped.
+Shape arithmetic (Shape, Size, integer-typed values) is not computation on activations and is skipped; a
+``Shape`` reading a tensor next to its QuantizeLinear does not break the group.
+
+Severity (:func:`island_severity`): an op of a kind the profile's ``activation_sites`` name (LayerNorm,
+Softmax, GELU, Add, Concat, pooling, attention MatMul ...: :data:`ONNX_OPS_OF_KIND`) is an ``"error"``,
+what ``prepare(..., target=...)`` would have quantized; other ops (data movement, mask arithmetic) are
+``"warning"``.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from qtrim_fx.onnx._graph import const_array, is_op
+from qtrim_fx.core.errors import QtrimWarning
+from qtrim_fx.onnx._graph import const_array, is_op, source_value
 
-__all__ = ["float_islands"]
+__all__ = ["ONNX_OPS_OF_KIND", "FloatOpsWarning", "float_islands", "float_ops_summary", "island_severity"]
 
 _FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -30,6 +37,24 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _SHAPE_ONLY = ("Shape", "Size", "ConstantOfShape", "EyeLike")
 #: activations an integer back end fuses into the op before the output Q (a constant bias Add too).
 _FUSED_AFTER = ("Relu", "Clip")
+#: the ONNX ops each op kind of ``TargetProfile.activation_sites`` is written as.
+ONNX_OPS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "layernorm": ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization"),
+    "softmax": ("Softmax", "LogSoftmax"),
+    "activation": ("Gelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "LeakyRelu", "Softplus", "PRelu",
+                   "Selu", "Celu", "Mish", "Erf"),
+    "relu": ("Relu", "Clip"),
+    "add": ("Add",), "sub": ("Sub",), "mul": ("Mul",), "div": ("Div",), "cat": ("Concat",),
+    "pool": ("AveragePool", "GlobalAveragePool", "ReduceMean"),
+    "maxpool": ("MaxPool", "GlobalMaxPool"),
+    "matmul": ("MatMul", "Gemm"), "bmm": ("MatMul",),
+}
+
+
+def island_severity(node: ir.Node, activation_sites: tuple[tuple[str, str], ...]) -> str:
+    """``"error"`` for an op of a kind the profile runs on integers (``activation_sites``), else ``"warning"``."""
+    kinds = {kind for kind, _ in activation_sites}
+    return "error" if any(node.op_type in ONNX_OPS_OF_KIND.get(k, ()) for k in kinds) else "warning"
 
 
 def _is_float(value: ir.Value | None, seen: set[ir.Value] | None = None) -> bool:
@@ -77,8 +102,10 @@ def _to_q(value: ir.Value, depth: int = 0) -> bool:
     uses = value.uses()
     if value.is_graph_output() or not uses:
         return False
+    if all(is_op(user, *_SHAPE_ONLY) for user, _ in uses):
+        return False
     for user, _ in uses:
-        if is_op(user, "QuantizeLinear"):
+        if is_op(user, "QuantizeLinear", *_SHAPE_ONLY):
             continue
         if depth < 2 and len(uses) == 1 and _follower(user, value) and _to_q(user.outputs[0], depth + 1):
             continue
@@ -95,6 +122,43 @@ def _fused_activation(node: ir.Node) -> bool:
     return src is not None and not is_op(src, *_QDQ) and len(x.uses()) == 1 and _to_q(node.outputs[0], 1)
 
 
+_NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
+
+
+def _float_norm_param(node: ir.Node) -> str | None:
+    """A normalization whose scale (γ) or bias (β) is a float constant: the QNN HTP then runs it in FLOAT_32
+    (it wants γ dequantized from uint8 and β from int32, as ONNX Runtime's QNN recipe writes them)."""
+    if not is_op(node, *_NORMS):
+        return None
+    for index, what in ((1, "scale"), (2, "bias")):
+        v = node.inputs[index] if len(node.inputs) > index else None
+        if v is not None and _is_float(v) and not is_op(v.producer(), "DequantizeLinear"):
+            return f"{what} {v.name!r} is a float constant, not dequantized (uint8 scale, int32 bias)"
+    return None
+
+
+def _float_scalar_operand(node: ir.Node) -> str | None:
+    """An elementwise op on a dequantized tensor and a float constant: not an integer op for the QNN HTP (the
+    constant needs its own DequantizeLinear; qtrim_fx writes a scalar as one exact code)."""
+    if not is_op(node, "Add", "Mul", "Sub", "Div") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    for const, other in ((a, b), (b, a)):
+        if const is None or other is None or not is_op(other.producer(), "DequantizeLinear") \
+                or is_op(const.producer(), "DequantizeLinear"):
+            continue
+        # the value's type and shape only: reading a constant's data (even a Constant node's attribute) would
+        # re-encode it in a file being written
+        src = source_value(const)
+        if not (src.is_initializer() or is_op(src.producer(), "Constant")) or not _is_float(const):
+            continue
+        dims = list(const.shape) if const.shape is not None else None
+        scalar = dims is not None and all(isinstance(d, int) and d == 1 for d in dims)
+        what = "a float constant" if scalar or dims is None else f"a float constant tensor {dims}"
+        return f"operand {const.name!r} is {what}, not dequantized"
+    return None
+
+
 def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
     """Each op of ``graph`` that an integer-only back end would run in float, with the reason."""
     for node in graph.all_nodes():
@@ -105,6 +169,10 @@ def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
         if not inputs and not outputs:
             continue
         if _fused_activation(node):
+            continue
+        bad_param = _float_norm_param(node) or _float_scalar_operand(node)
+        if bad_param is not None:
+            yield node, bad_param
             continue
         bad_in = next((v for v in inputs if not _quantized_input(v)), None)
         if bad_in is not None:
@@ -117,3 +185,24 @@ def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
             readers = sorted({u.op_type for u, _ in bad_out.uses()})
             where = "is a graph output" if bad_out.is_graph_output() else f"feeds {', '.join(readers) or 'nothing'}"
             yield node, f"output {bad_out.name!r} {where} without a QuantizeLinear"
+
+
+class FloatOpsWarning(QtrimWarning):
+    """An export to an integer-only target keeps ops in float (``float_op``); the file is correct, but slower there."""
+
+
+def float_ops_summary(violations: list, target: str, shown: int = 6) -> str:
+    """One message for the ``float_op`` violations of an export: how many, which ops, and the fix."""
+    errors = [v for v in violations if v.severity == "error"]
+    ops = sorted({v.message.split(" ", 1)[0] for v in violations})
+    listed = errors or violations
+    names = ", ".join(f"{v.message.split(' ', 1)[0]} {v.node!r}" for v in listed[:shown])
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    if errors and len(errors) < len(violations):
+        more += f" (+ {len(violations) - len(errors)} other op(s))"
+    fix = (f"prepare the model with qtrim_fx.prepare(model, ..., target={target!r}) (or QuantConfig(target="
+           f"{target!r})) and train or calibrate it, so these tensors get trained Q/DQ sites" if errors else
+           "qtrim_fx.onnx.check lists each with the tensor that lacks a Q/DQ")
+    return (f"target {target!r} is integer-only but {len(violations)} op(s) of the file run in float "
+            f"({', '.join(ops)}): {names}{more}. The file computes the model correctly; on the back end they "
+            f"run in FLOAT_32 or on its CPU. Fix: {fix}")

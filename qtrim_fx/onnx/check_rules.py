@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from qtrim_fx.core.profiles import PER_CHANNEL_MIN_OPSET, TargetProfile
 from qtrim_fx.onnx._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
-from qtrim_fx.onnx.check_islands import float_islands
+from qtrim_fx.onnx.check_islands import float_islands, island_severity
 
 __all__ = ["RULES", "RuleContext", "Violation", "quantized_ops"]
 
@@ -137,6 +137,10 @@ def _qparam_shapes(ctx: RuleContext) -> Iterator[Violation]:
                             f"from scale shape {p.scale.shape}; they must match")
 
 
+_NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
+_ELEMENTWISE_OPS = ("Add", "Mul", "Sub", "Div")
+
+
 def _gather_table(node: ir.Node) -> bool:
     """A DQ of a constant read only as a ``Gather``'s data: a lookup table (an activation grid, or a weight's)."""
     if not is_op(node, "DequantizeLinear") or not dequantizes_constant(node):
@@ -145,10 +149,23 @@ def _gather_table(node: ir.Node) -> bool:
     return bool(uses) and all(is_op(user, "Gather") and index == 0 for user, index in uses)
 
 
+def _norm_scale(node: ir.Node) -> bool:
+    """A DQ of a constant read only as a LayerNormalization's scale (γ), or a scalar read by Add/Mul/Sub/Div:
+    stored on the activation grid (what QNN takes), not a weight."""
+    if not is_op(node, "DequantizeLinear") or not dequantizes_constant(node):
+        return False
+    uses = node.outputs[0].uses()
+    codes = const_array(node.inputs[0])
+    scalar = codes is not None and codes.size == 1  # an elementwise op's constant operand (QNN: one exact code)
+    return bool(uses) and all((is_op(user, *_NORMS) and index == 1) or (scalar and is_op(user, *_ELEMENTWISE_OPS))
+                              for user, index in uses)
+
+
 def _activation_grids(ctx: RuleContext) -> Iterator[Violation]:
     prof = ctx.profile
     for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or (dequantizes_constant(node) and not _gather_table(node)):
+        if p is None or p.storage is None or (dequantizes_constant(node) and not (_gather_table(node)
+                                                                                 or _norm_scale(node))):
             continue
         if _gather_table(node) and p.storage.name in prof.weight_dtypes and (
                 p.zero_point is None or not np.any(p.zero_point.astype(np.int64) != 0)):
@@ -166,7 +183,8 @@ def _activation_grids(ctx: RuleContext) -> Iterator[Violation]:
 def _weight_grids(ctx: RuleContext) -> Iterator[Violation]:
     prof = ctx.profile
     for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or not dequantizes_constant(node) or _gather_table(node):
+        if p is None or p.storage is None or not dequantizes_constant(node) or _gather_table(node) \
+                or _norm_scale(node):
             continue
         if is_op(node, "QuantizeLinear"):
             if prof.weight_storage == "integer":
@@ -214,6 +232,8 @@ def _weight_axes(ctx: RuleContext) -> Iterator[Violation]:
 
 
 def _softmax(ctx: RuleContext) -> Iterator[Violation]:
+    if ctx.profile.integer_attention_scores:
+        return  # the back end runs softmax on integers (QNN HTP): a quantized softmax is what it wants
     for node in ctx.graph.all_nodes():
         if is_op(node, "DequantizeLinear") and any(is_op(u, "Softmax") for u, _ in node.outputs[0].uses()):
             yield Violation("softmax_quantized", _name(node), "DequantizeLinear feeds Softmax: attention scores "
@@ -353,9 +373,17 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
     if not prof.integer_only or not any(is_op(n, *_QDQ) for n in ctx.graph.all_nodes()):
         return  # a float model: quantized_ops says so once
     for node, why in float_islands(ctx.graph):
+        severity = island_severity(node, prof.activation_sites)
+        if "float constant tensor" in why:  # a parameter added or multiplied in (a position embedding)
+            severity, fix = "warning", "that constant needs a DequantizeLinear (quantize it on its own grid)"
+        elif severity == "error":
+            fix = (f"prepare the model with qtrim_fx.prepare(model, ..., target={prof.name!r}) so that tensor is "
+                   "quantized and trained")
+        else:
+            fix = "it needs a Q/DQ on that tensor"
         yield Violation("float_op", _name(node), f"{node.op_type} runs in float on integer-only target "
-                        f"{prof.name!r}: {why}; it needs a Q/DQ on that tensor to run as an integer op (else "
-                        "the back end converts around it and runs it in float, or on its CPU)", "warning")
+                        f"{prof.name!r}: {why}; {fix} (else the back end converts around it and runs it in "
+                        "float, or on its CPU)", severity)
 
 
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (

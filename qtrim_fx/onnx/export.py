@@ -3,8 +3,14 @@
 ::
 
     lowered GraphModule (quant_dequant calls)
-      -> torch.onnx.export(dynamo=False)           raw ONNX with qtrim::QDQ placeholders
+      -> torch.onnx.export                         raw ONNX with qtrim::QDQ placeholders:
+           exporter="dynamo"                       torch.export + onnxscript (dynamo_export.py), opset >= 18
+           exporter="torchscript"                  the legacy TorchScript exporter (deprecated by torch)
+           exporter="auto" (default)               dynamo for an ATen graph (torch.export front end: its
+                                                   dims stay dynamic), else torchscript: the same file,
+                                                   faster (benchmarks/RESULTS.md, "Export time: ...")
       -> qdq_passes(profile)                       standard Q/DQ, integer weights, target rules
+      -> downgrade_opset                           dynamo only: to the profile's opset when it is < 18
       -> validate_model + check(profile)           onnx.checker, shape inference, target rules
       -> atomic write                              core.fileio: temp file beside the target + os.replace
 """
@@ -32,6 +38,7 @@ from qtrim_fx.core.errors import ExportError, QtrimError
 from qtrim_fx.core.fileio import check_output_path, write_atomically
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.onnx.check import Violation, check
+from qtrim_fx.onnx.check_islands import FloatOpsWarning, float_ops_summary
 from qtrim_fx.onnx.expand_placeholders import ExpandPlaceholdersPass, require_storage
 from qtrim_fx.onnx.finalize import FinalizeModelPass, validate_model
 from qtrim_fx.onnx.fold_weight_layout import FoldWeightLayoutPass
@@ -40,12 +47,15 @@ from qtrim_fx.onnx.gather_table_qdq import QuantizeGatherTablePass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
+from qtrim_fx.onnx.quantize_scalar_operands import QuantizeScalarOperandsPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
 from qtrim_fx.runtime.qdq import PLACEHOLDER_DOMAIN, PLACEHOLDER_OPSET, is_quant_dequant
 
-__all__ = ["export_lowered", "qdq_passes", "run_qdq_passes"]
+__all__ = ["EXPORTERS", "export_lowered", "qdq_passes", "run_qdq_passes"]
 
 _BATCH = "batch"
+#: the ``exporter=`` choices; the first is the default.
+EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
@@ -60,6 +70,7 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             QuantizeGatherTablePass(profile),
             RequantizeAfterShapeOpsPass(),
             QuantizeBiasPass(profile),
+            QuantizeScalarOperandsPass(profile),
             RemoveUnusedNodesPass(),
             NameAfterSitesPass(),
             TopologicalSortPass(),
@@ -96,6 +107,7 @@ def export_lowered(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    exporter: str = EXPORTERS[0],
 ) -> onnx.ModelProto:
     """Export a lowered model (``quant_dequant`` at every site) as a clean QDQ ONNX file.
 
@@ -108,6 +120,10 @@ def export_lowered(
         input_names, output_names: ONNX names (default: the forward's argument names;
             ``output`` / ``output_<i>``).
         dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
+        exporter: ``"dynamo"`` (``torch.onnx.export(dynamo=True)``; also keeps the dims a
+            ``torch.export`` capture left symbolic, e.g. ``sequence``), ``"torchscript"`` (the legacy
+            exporter, while torch ships it; batch only) or ``"auto"``: dynamo for a graph captured by
+            ``torch.export`` (ATen ops), torchscript otherwise (see :func:`resolve_exporter`).
 
     Returns:
         The written model.
@@ -121,14 +137,63 @@ def export_lowered(
     """
     check_output_path(path)
     prof = get_profile(profile)
+    _require_exporter(exporter)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _preflight(gm, prof)
     ins, outs = _io_names(gm, args, input_names, output_names)
-    raw = _torch_export(gm, args, prof, ins, outs, dynamic_batch)
-    model = run_qdq_passes(raw, prof)
+    if resolve_exporter(gm, exporter) == "torchscript":
+        model = run_qdq_passes(_torch_export(gm, args, prof, ins, outs, dynamic_batch), prof)
+    else:
+        model = _dynamo_qdq(gm, args, prof, ins, outs, dynamic_batch)
     _enforce(check(model, prof), prof)
     _write_atomically(model, Path(path))
     return model
+
+
+def resolve_exporter(gm: torch.nn.Module, exporter: str) -> str:
+    """``"auto"`` -> ``"dynamo"`` for an ATen graph (the ``torch.export`` front end) or when torch no longer
+    has the TorchScript exporter, else ``"torchscript"``; other names are returned unchanged.
+
+    Both write equivalent files (tests/onnx/test_dynamo_export.py); the TorchScript exporter is faster on
+    symbolically traced models (dynamo adds seconds of fixed torch.export/decomposition cost per export:
+    ~10x on a tiny model, ~2x on resnet18), and cannot keep a ``torch.export`` capture's dynamic dims.
+    """
+    if exporter != "auto":
+        return exporter
+    aten = isinstance(gm, torch.fx.GraphModule) and any(
+        isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten" for n in gm.graph.nodes)
+    return "dynamo" if aten or not _has_torchscript_exporter() else "torchscript"
+
+
+def _has_torchscript_exporter() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch.onnx._internal.torchscript_exporter") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _require_exporter(exporter: str) -> None:
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; use one of {', '.join(map(repr, EXPORTERS))}")
+
+
+def _dynamo_qdq(
+    gm: torch.nn.Module,
+    args: tuple[object, ...],
+    prof: TargetProfile,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+) -> onnx.ModelProto:
+    """torch.export + onnxscript -> the same placeholder passes -> the profile's opset (torchlib emits >= 18)."""
+    from qtrim_fx.onnx.dynamo_export import downgrade_opset, export_dynamo
+
+    raw = export_dynamo(gm, args, prof, input_names, output_names, dynamic_batch)
+    model = run_qdq_passes(raw, prof)
+    downgraded = downgrade_opset(model, prof.opset)
+    return model if downgraded is model else validate_model(downgraded)
 
 
 def _preflight(gm: torch.nn.Module, prof: TargetProfile) -> None:
@@ -191,21 +256,34 @@ def _torch_export(
         # Opset 21 (INT4): the legacy exporter warns and emits opset-20 forms of ordinary ops, which
         # opset 21 only widened (types); checker and shape inference validate the result.
         warnings.filterwarnings("ignore", message=".*opset version 21 is not supported.*")
-        torch.onnx.export(
-            gm, args, buffer, dynamo=False, opset_version=prof.opset, do_constant_folding=True,
-            custom_opsets={PLACEHOLDER_DOMAIN: PLACEHOLDER_OPSET}, input_names=input_names,
-            output_names=output_names, dynamic_axes=dynamic_axes,
-        )
+        try:
+            torch.onnx.export(
+                gm, args, buffer, dynamo=False, opset_version=prof.opset, do_constant_folding=True,
+                custom_opsets={PLACEHOLDER_DOMAIN: PLACEHOLDER_OPSET}, input_names=input_names,
+                output_names=output_names, dynamic_axes=dynamic_axes,
+            )
+        except torch.onnx.errors.OnnxExporterError as e:  # SymbolicValueError, UnsupportedOperatorError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(
+                f"the TorchScript ONNX exporter cannot write this model at opset {prof.opset}: {first}. "
+                "Fix: export_onnx(..., exporter='dynamo'), a newer opset=, or change the op or the input "
+                "size it fails on (e.g. adaptive pooling whose output size does not divide the input's)"
+            ) from e
     return onnx.load_model_from_string(buffer.getvalue())
 
 
 def _enforce(violations: list[Violation], prof: TargetProfile) -> None:
-    errors = [v for v in violations if v.severity == "error"]
+    # float ops on an integer-only target: the file is right, only slower there; one warning names them
+    islands = [v for v in violations if v.rule == "float_op"]
+    errors = [v for v in violations if v.severity == "error" and v.rule != "float_op"]
     if errors:
         lines = "\n  ".join(str(v) for v in errors)
         raise ExportError(f"the export breaks target {prof.name!r}'s rules:\n  {lines}")
     for v in violations:
-        warnings.warn(f"target {prof.name!r}: {v}", stacklevel=3)
+        if v.rule != "float_op":
+            warnings.warn(f"target {prof.name!r}: {v}", stacklevel=3)
+    if islands:
+        warnings.warn(FloatOpsWarning(float_ops_summary(islands, prof.name)), stacklevel=3)
 
 
 def _write_atomically(model: onnx.ModelProto, path: Path) -> None:

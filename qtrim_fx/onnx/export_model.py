@@ -14,7 +14,7 @@ from torch import nn
 from qtrim_fx.core.errors import ExportError, ProfileError
 from qtrim_fx.core.fileio import check_output_path
 from qtrim_fx.core.profiles import TargetProfile, get_profile
-from qtrim_fx.onnx.export import export_lowered
+from qtrim_fx.onnx.export import EXPORTERS, export_lowered
 from qtrim_fx.passes.lower.api import lower
 from qtrim_fx.runtime.prepared import unwrap
 
@@ -30,6 +30,8 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    verify: bool = True,
+    exporter: str = EXPORTERS[0],
 ) -> onnx.ModelProto:
     """Write a standard QuantizeLinear/DequantizeLinear ONNX file of a prepared model for ``target``.
 
@@ -47,6 +49,12 @@ def export_onnx(
         opset: override the target's opset (21 for INT4 weights).
         input_names, output_names: ONNX graph input/output names.
         dynamic_batch: symbolic batch dimension on inputs and outputs.
+        exporter: ``"auto"`` (default), ``"dynamo"`` (``torch.onnx.export(dynamo=True)``: torch.export +
+            onnxscript; the dims a ``torch.export`` capture kept symbolic, e.g. ``sequence``, stay dynamic
+            too) or ``"torchscript"`` (the legacy exporter torch deprecates; batch only). ``"auto"`` takes
+            dynamo for models captured by ``torch.export`` and torchscript (same file, faster) otherwise.
+        verify: run the written file on ONNX Runtime against the lowered model on ``example_inputs``
+            and refuse (``ExportError``, file removed) when they disagree beyond rounding.
 
     Returns:
         The written ``onnx.ModelProto``.
@@ -60,6 +68,8 @@ def export_onnx(
             (checked before the export starts).
     """
     check_output_path(path)  # a bad output path fails before the (slow) lowering and export
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; use one of {', '.join(map(repr, EXPORTERS))}")
     profile = get_profile(target)
     if opset is not None:
         if isinstance(opset, bool) or not isinstance(opset, int):
@@ -71,7 +81,14 @@ def export_onnx(
     args = _positional_inputs(model, example_inputs)
     gm = lower(model, profile)
     _dry_run(gm, args)
-    return export_lowered(gm, args, path, profile, input_names, output_names, dynamic_batch)
+    if verify:  # leaves branching on tensor values would export one branch (qtrim_fx.onnx.self_check)
+        from qtrim_fx.onnx.self_check import refuse_value_branches, verify_export
+
+        refuse_value_branches(model, gm)
+    written = export_lowered(gm, args, path, profile, input_names, output_names, dynamic_batch, exporter)
+    if verify:  # the file, on ONNX Runtime, against the lowered model
+        verify_export(gm, args, path)
+    return written
 
 
 def _opset_for_sites(model: nn.Module, profile: TargetProfile) -> TargetProfile:

@@ -3,9 +3,15 @@
     x̃ = x + λ · (x̂ − x).detach()        x̂ = DequantizeLinear(QuantizeLinear(x))
 
 The value is computed with ``torch.lerp(x, x̂, λ)``, which is exact at both
-ends (λ = 0 gives x, λ = 1 gives x̂ bit for bit); the gradient with respect to
-``x`` is the identity for every λ (straight-through, gradients follow FP32), and
-nothing is saved for backward, so blend-quant adds no activation memory.
+ends (λ = 0 gives x, λ = 1 gives x̂ bit for bit). The gradient with respect to ``x`` is the
+*clipped* straight-through estimate of that lerp (issue 19, see the README's "Gradients"):
+
+    ∂x̃/∂x = (1 − λ) + λ · 1[lo < x̃ < hi]        lo = (q_min − z)·s,  hi = (q_max − z)·s
+
+rounding passes the gradient unchanged, saturation blocks the quantized share of it. The mask
+is recomputed in backward from the *output* (for λ < 1, ``lo < x̃ < hi`` ⇔ ``lo < x < hi``; at
+λ = 1 it also drops the two end levels, half a step each): the output is the tensor the next
+layer saves anyway, so blend-quant keeps no activation memory of its own.
 
 Hot path (eager): x̂ is computed in place on one fresh float32 tensor
 (``x / s`` → round → + z → clip → − z → · s: one allocation, at most six passes, five
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,33 +41,109 @@ from qtrim_fx.core.fakequant import (
     round_clip_,
 )
 
-__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to"]
+__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "saturation_gradient"]
 
 
 class BlendQuantFn(torch.autograd.Function):
-    """``lerp(x, x̂, λ)`` with an identity gradient for ``x``; saves nothing for backward.
+    """``lerp(x, x̂, λ)`` with the clipped straight-through gradient ``(1 − λ) + λ·1[lo < x̃ < hi]``.
 
-    ``scale`` / ``zero_point`` arrive shaped for broadcasting; ``lam_is_one`` is a host-side
-    fact (never read from the tensor) that lets eager skip the ``lerp`` pass.
+    ``scale`` / ``zero_point`` arrive shaped for broadcasting (``zero_point=None``: z = 0);
+    ``lam_is_one`` is a host-side fact (never read from the tensor) that lets eager skip the
+    ``lerp`` pass. ``keep_output``: save only its own output (shared with the reader that saves
+    it) and the qparams and λ for backward; ``False`` (a reader modifies the output in place, e.g.
+    ``Dropout(inplace=True)``): save a 1-byte in-range mask instead.
     """
 
     @staticmethod
-    def forward(ctx: Any, x, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool):  # type: ignore[override]
+    def forward(ctx: Any, x, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool,  # type: ignore[override]
+                keep_output: bool, clip: bool = True):
+        bounds = None
         if torch.compiler.is_compiling():
             xf = x.float()
-            out = torch.lerp(xf, fake_quantize_broadcast(xf, scale, zero_point, qmin, qmax), lam.float())
-            return out.to(x.dtype)
-        fp32 = x.dtype == torch.float32
-        xf = x if fp32 else x.float()
-        # Work in place in the float copy of a half-precision x unless the lerp still needs it.
-        t = fake_quantize_(xf, scale, zero_point, qmin, qmax, inplace=not fp32 and lam_is_one)
-        if not lam_is_one:
-            torch.lerp(xf, t, lam if lam.dtype == torch.float32 else lam.float(), out=t)
-        return t if fp32 else t.to(x.dtype)
+            out = torch.lerp(xf, fake_quantize_broadcast(xf, scale, zero_point, qmin, qmax), lam.float()).to(x.dtype)
+        else:
+            fp32 = x.dtype == torch.float32
+            xf = x if fp32 else x.float()
+            # Work in place in the float copy of a half-precision x unless the lerp still needs it.
+            t = fake_quantize_(xf, scale, zero_point, qmin, qmax, inplace=not fp32 and lam_is_one)
+            if not lam_is_one:
+                torch.lerp(xf, t, lam if lam.dtype == torch.float32 else lam.float(), out=t)
+            out = t if fp32 else t.to(x.dtype)
+            if fp32 and keep_output:  # per-tensor CPU qparams: the mask's bounds now, backward is one kernel
+                bounds = _host_bounds(scale, zero_point, qmin, qmax)
+        ctx.qrange = (qmin, qmax, lam_is_one, keep_output)
+        ctx.bounds = bounds
+        ctx.straight = not clip
+        if not clip:  # a range that never clips (model outputs: min/max): the plain straight-through gradient
+            return out
+        if keep_output:
+            zp = () if zero_point is None else (zero_point,)
+            ctx.save_for_backward(out, scale, lam, *zp)
+        else:  # a reader modifies the output in place: keep the 1-byte mask instead
+            ones = torch.ones((), dtype=out.dtype, device=out.device).expand_as(out)
+            mask = saturation_gradient(ones, out, scale, zero_point, lam, qmin, qmax, True) != 0
+            ctx.save_for_backward(mask, lam)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
-        return grad, None, None, None, None, None, None
+        qmin, qmax, lam_is_one, keep_output = ctx.qrange
+        nones = (None,) * (len(ctx.needs_input_grad) - 1)
+        if getattr(ctx, "straight", False):
+            return (grad, *nones)
+        bounds = getattr(ctx, "bounds", None)  # absent on forwards of subclasses that do not set it
+        if keep_output and bounds is not None and grad.dtype == torch.float32:
+            out, _, lam, *_ = ctx.saved_tensors
+            kept = torch.ops.aten.hardtanh_backward(grad, out, bounds[0], bounds[1])
+            g = kept if lam_is_one else torch.lerp(grad, kept, lam.to(grad.dtype), out=kept)
+        elif keep_output:
+            out, scale, lam, *zp = ctx.saved_tensors
+            g = saturation_gradient(grad, out, scale, zp[0] if zp else None, lam, qmin, qmax, lam_is_one)
+        else:
+            mask, lam = ctx.saved_tensors
+            kept = torch.where(mask, grad, 0.0)
+            g = kept if lam_is_one else torch.lerp(grad, kept, lam.to(grad.dtype), out=kept)
+        return (g, *nones)
+
+
+def _host_bounds(scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
+                 qmax: int) -> tuple[float, float] | None:
+    """``(lo, hi)`` of :func:`saturation_gradient` as host floats for float32 per-tensor CPU qparams, else None.
+
+    Bit for bit the float32 values that function computes (``(q − z)`` then ``· s``, each rounded to
+    float32: exact integers, then one IEEE float32 product, as NumPy's float32 arithmetic rounds it);
+    reading 0-D CPU tensors costs no synchronization.
+    """
+    if (scale.numel() != 1 or scale.device.type != "cpu" or scale.dtype != torch.float32
+            or torch.compiler.is_compiling()):
+        return None
+    if zero_point is not None and (zero_point.numel() != 1 or zero_point.dtype != torch.float32):
+        return None
+    s = np.float32(scale.item())
+    z = np.float32(0.0 if zero_point is None else zero_point.item())
+    return float((np.float32(qmin) - z) * s), float((np.float32(qmax) - z) * s)
+
+
+def saturation_gradient(grad: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                        lam: torch.Tensor, qmin: int, qmax: int, lam_is_one: bool = False) -> torch.Tensor:
+    """``grad · ((1 − λ) + λ·1[lo < out < hi])``: the clipped straight-through gradient of a blend.
+
+    ``lo``/``hi`` are the grid's end values ``(q_min − z)·s`` / ``(q_max − z)·s``, computed exactly
+    as the forward computes a saturated element and cast to ``out``'s dtype, so a saturated
+    element compares equal to its end value and is masked at λ = 1. With per-tensor qparams on the
+    CPU the mask and product are one fused ``hardtanh_backward`` pass (its bounds are host scalars,
+    a read that costs no synchronization there), plus one in-place ``lerp`` for λ < 1.
+    """
+    z: Any = 0.0 if zero_point is None else zero_point
+    lo = ((qmin - z) * scale).to(out.dtype)
+    hi = ((qmax - z) * scale).to(out.dtype)
+    if scale.numel() == 1 and scale.device.type == "cpu" and not torch.compiler.is_compiling():
+        kept = torch.ops.aten.hardtanh_backward(grad, out, float(lo), float(hi))
+    else:
+        kept = torch.where((out > lo).logical_and_(out < hi), grad, 0.0)
+    if lam_is_one:
+        return kept
+    return torch.lerp(grad, kept, lam.to(grad.dtype), out=kept)
 
 
 class _BlendFoldedFn(torch.autograd.Function):
@@ -87,8 +170,10 @@ class _BlendFoldedFn(torch.autograd.Function):
         if t.dtype != w.dtype:
             t = t.to(w.dtype)
         # Channels with f = 0 (γ = 0) keep w. On the CPU a host read costs no synchronization,
-        # and skipping the weight-sized ``where`` when no channel has f = 0 saves a slow pass.
-        if f.device.type != "cpu" or bool((f == 0).any()):
+        # and skipping the weight-sized ``where`` when no channel has f = 0 saves a slow pass
+        # (the test on the C factors runs in NumPy: a tenth of two torch kernels and a read).
+        if (f.device.type != "cpu" or type(f) is not torch.Tensor or f.dtype != torch.float32
+                or not f.detach().numpy().all()):
             t = torch.where(f != 0, t, w)
         if not lam_is_one:
             torch.lerp(w, t, lam.to(w.dtype), out=t)
@@ -123,7 +208,9 @@ def blend_quant(
     qmax: int,
     axis: int | None = None,
 ) -> torch.Tensor:
-    """Blend ``x`` towards its fake-quantized value by ``lam``; gradient w.r.t. ``x`` is identity.
+    """Blend ``x`` towards its fake-quantized value by ``lam``; clipped straight-through gradient.
+
+    The gradient w.r.t. ``x`` is ``(1 − lam) + lam · 1[lo < x̃ < hi]`` (see :class:`BlendQuantFn`).
 
     Args:
         x: input tensor (any float dtype; quantization math runs in float32, the result has x's dtype).
@@ -138,7 +225,7 @@ def blend_quant(
         lam = torch.tensor(float(lam), device=x.device)
     s = channel_broadcast(scale, x, axis)
     z = channel_broadcast(zero_point, x, axis)
-    return BlendQuantFn.apply(x, s, z, lam, qmin, qmax, lam_is_one)
+    return BlendQuantFn.apply(x, s, z, lam, qmin, qmax, lam_is_one, True)
 
 
 def blend_quant_folded(

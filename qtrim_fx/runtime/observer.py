@@ -41,19 +41,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qtrim_fx.core.scheme import SchemeError
+from qtrim_fx.core.scheme import QuantScheme, SchemeError
 from qtrim_fx.runtime.quantiles import (
     fill_nonfinite,
     filled_quantile,
     finite_quantile,
     refill,
+    tail_nodes,
     two_tail_quantiles,
 )
+from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS, mse_range, tail_levels
 from qtrim_fx.runtime.subsample import subsample_rows
 
 __all__ = ["EmaQuantileObserver", "is_distributed"]
 
 Mode = Literal["range", "abs"]
+ActRange = Literal["quantile", "mse"]
+_UINT8 = QuantScheme(bits=8, signed=False, symmetric=False)
 
 
 def _check_p(name: str, p: float) -> float:
@@ -108,12 +112,13 @@ def _all_reduce_mean(
     lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean of each rank's step statistics over the ranks where they are valid (one all-reduce)."""
-    v = valid.to(lo.dtype)
-    buf = torch.stack([torch.where(valid, lo, 0.0), torch.where(valid, hi, 0.0), v])
+    wide = valid.unsqueeze(-1).expand_as(lo) if lo.dim() > valid.dim() else valid  # tail nodes: (C, K)
+    buf = torch.stack([torch.where(wide, lo, 0.0), torch.where(wide, hi, 0.0), wide.to(lo.dtype)])
     dist.all_reduce(buf)
     count = buf[2]
     denom = count.clamp(min=1.0)
-    return buf[0] / denom, buf[1] / denom, count > 0
+    ok = count > 0
+    return buf[0] / denom, buf[1] / denom, ok[..., 0] if ok.dim() > valid.dim() else ok
 
 
 CALLS_KEY = "calls"
@@ -140,10 +145,19 @@ class EmaQuantileObserver(nn.Module):
         max_samples: subsample size bound S_max.
         seed: seed of the subsampling generator (the update count is mixed in, so the
             samples are reproducible across resume and identical across DDP ranks).
-        update_every: update statistics on every N-th training call only.
+        update_every: update statistics on every N-th training call only. ``momentum`` stays the
+            per-step μ: an update uses μ_N = 1 − (1 − μ)^N, so the EMA's horizon in training steps
+            is the same for every N (exactly μ at N = 1).
+        act_range: ``"quantile"`` (the paper: ``[lo, hi]`` = the EMA'd ``p_lo``/``p_hi`` quantiles) or
+            ``"mse"`` (``"range"`` mode only: EMA'd tail nodes between those quantiles and the min/max,
+            ``[lo, hi]`` = the range of least expected quantization error on ``grid``, see
+            :mod:`qtrim_fx.runtime.range_rule`).
+        grid: the integer grid an ``"mse"`` range is chosen for (default UINT8 asymmetric).
+        clip: ``False``: an ``"mse"`` range is the EMA'd min/max (never clips; model outputs).
 
-    Buffers: ``lo``, ``hi`` (the EMAs; 0-D or (C,), NaN until first observed), ``num_updates``,
-    ``nonfinite``. The state_dict also holds ``calls`` (training calls seen, host-side), so
+    Buffers: ``lo``, ``hi`` (the range; 0-D or (C,), NaN until first observed), ``num_updates``,
+    ``nonfinite``; with ``act_range="mse"`` also ``tail_lo``, ``tail_hi`` (the EMA'd tail nodes,
+    (K,) or (C, K), from the ``p_lo``/``p_hi`` quantile out to the min/max). The state_dict also holds ``calls`` (training calls seen, host-side), so
     resuming with ``update_every > 1`` keeps the update phase.
     Statistics change only in ``train()`` mode.
     """
@@ -160,6 +174,9 @@ class EmaQuantileObserver(nn.Module):
         max_samples: int = 100_000,
         seed: int = 0,
         update_every: int = 1,
+        act_range: ActRange = "quantile",
+        grid: QuantScheme | None = None,
+        clip: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("range", "abs"):
@@ -181,6 +198,12 @@ class EmaQuantileObserver(nn.Module):
             raise SchemeError(f"update_every must be a positive int, got {update_every!r}")
         self.update_every = int(update_every)
         self.seed = int(seed)
+        if act_range not in ("quantile", "mse"):
+            raise SchemeError(f"act_range must be 'quantile' (the paper's p_lo/p_hi) or 'mse', got {act_range!r}")
+        self.act_range = act_range
+        self.grid = grid or _UINT8
+        self.clip = bool(clip)
+        self._mse = mode == "range" and act_range == "mse"
         self.enabled = True
         # NaN marks "never observed" (per channel): the first finite observation initializes the EMA.
         self.register_buffer("lo", torch.full((), math.nan))
@@ -188,6 +211,10 @@ class EmaQuantileObserver(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
         # Non-finite values seen in the samples (counted on the device: no sync in the hot path).
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64))
+        if self._mse:
+            self._levels = (tail_levels(self.p_lo, False), tail_levels(self.p_hi, True))
+            self.register_buffer("tail_lo", torch.full((len(TAIL_FRACTIONS),), math.nan))
+            self.register_buffer("tail_hi", torch.full((len(TAIL_FRACTIONS),), math.nan))
         self.sync_ranks = True
         self._calls = 0  # training calls seen (host side), drives update_every and the sample seed
         self._updates = 0  # host mirror of num_updates
@@ -211,8 +238,22 @@ class EmaQuantileObserver(nn.Module):
         """True once at least one observation was recorded (host-side, no sync)."""
         return self._initialized
 
+    @property
+    def update_momentum(self) -> float:
+        """The momentum of one update: μ_N = 1 − (1 − μ)^N for ``update_every = N`` (μ itself at N = 1)."""
+        n, mu = self.update_every, self.momentum
+        return mu if n == 1 else 1.0 - (1.0 - mu) ** n
+
     def _on_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        for name in ("lo", "hi"):
+        if self._mse:
+            for name, src in (("tail_lo", "lo"), ("tail_hi", "hi")):
+                if prefix + name not in state_dict and prefix + src in state_dict:
+                    # A file from the quantile rule: its range as flat tails (the same range selected).
+                    state_dict[prefix + name] = state_dict[prefix + src].unsqueeze(-1).repeat_interleave(
+                        len(TAIL_FRACTIONS), -1)
+        for name in ("lo", "hi", "tail_lo", "tail_hi"):
+            if name in ("tail_lo", "tail_hi") and not self._mse:
+                continue
             t = state_dict.get(prefix + name)
             if t is not None and t.shape != getattr(self, name).shape:
                 # Per-channel buffers are sized lazily on the first observation.
@@ -241,7 +282,8 @@ class EmaQuantileObserver(nn.Module):
     # -- update --------------------------------------------------------------
     def _empty_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = () if self.axis is None else (x.shape[self.axis],)
-        z = torch.zeros(shape, device=x.device)
+        nodes = (len(TAIL_FRACTIONS),) if self._mse else ()
+        z = torch.zeros(shape + nodes, device=x.device)
         return z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=x.device)
 
     def _step_stats(
@@ -259,6 +301,10 @@ class EmaQuantileObserver(nn.Module):
             a, nf = fill_nonfinite(a, self.p_hi, inplace=True)
             m = filled_quantile(a, nf, self.p_hi)
             lo_t, hi_t = -m, m
+        elif self._mse:
+            lo_fill, nf = fill_nonfinite(rows, self.p_lo)
+            lo_t = tail_nodes(lo_fill, nf, self._levels[0])
+            hi_t = tail_nodes(refill(lo_fill, self.p_hi), nf, self._levels[1])
         else:
             lo_fill, nf = fill_nonfinite(rows, self.p_lo)
             if self.p_lo < 0.5 <= self.p_hi:
@@ -279,6 +325,8 @@ class EmaQuantileObserver(nn.Module):
         if self.mode == "abs":
             m = finite_quantile(rows.abs_() if owned else rows.abs(), self.p_hi)
             lo_t, hi_t = -m, m
+        elif self._mse:
+            lo_t, hi_t = tail_nodes(rows, None, self._levels[0]), tail_nodes(rows, None, self._levels[1])
         else:
             lo_t, hi_t = finite_quantile(rows, self.p_lo), finite_quantile(rows, self.p_hi)
         if self.axis is None:
@@ -304,6 +352,8 @@ class EmaQuantileObserver(nn.Module):
         sync = self.sync_ranks and is_distributed()
         if x.numel() == 0 and not sync:
             return
+        # The EMA'd statistics: the range itself (quantile rule) or the tail nodes it is chosen from.
+        ema_lo, ema_hi = (self.tail_lo, self.tail_hi) if self._mse else (lo, hi)
         if self._cpu_fast_path and x.device.type == "cpu" and not sync and lo.shape == self._stat_shape(x):
             # On the CPU a host read costs no device synchronization: when the subsample is all
             # finite (the usual case) the ranks are host constants and the EMA needs no masks.
@@ -312,34 +362,64 @@ class EmaQuantileObserver(nn.Module):
             # finite values only sends the step down the general path, which gives the same result.
             if math.isfinite(float(rows.sum())):
                 lo_t, hi_t = self._finite_step_stats(rows, owned)
-                self._finite_ema(lo, hi, lo_t, hi_t)
-                num_updates += 1
-                self._updates += 1
-                self._initialized = True
+                self._finite_ema(ema_lo, ema_hi, lo_t, hi_t)
+                self._finish_update(lo, hi, num_updates)
                 return
             lo_t, hi_t, valid = self._step_stats(x, nonfinite, (rows, owned))
         else:
             lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x, nonfinite)
         if sync:
             lo_t, hi_t, valid = _all_reduce_mean(lo_t, hi_t, valid)
-        if lo.shape != lo_t.shape:
+        if ema_lo.shape != lo_t.shape:
             if self._updates or lo is not self.lo:
                 raise SchemeError(
-                    f"observer saw {tuple(lo_t.shape)} channels after {tuple(lo.shape)}; "
+                    f"observer saw {tuple(lo_t.shape)[:1]} channels after {tuple(ema_lo.shape)[:1]}; "
                     "a per-channel site needs a fixed channel count"
                 )
-            self.lo = lo = torch.full_like(lo_t, math.nan)
-            self.hi = hi = torch.full_like(hi_t, math.nan)
-        first = torch.isnan(lo)
-        mu = self.momentum
-        new_lo = torch.where(first, lo_t, (1.0 - mu) * lo + mu * lo_t)
-        new_hi = torch.where(first, hi_t, (1.0 - mu) * hi + mu * hi_t)
+            ema_lo, ema_hi = self._resize(lo_t, hi_t)
+            lo, hi = self.lo, self.hi
+        if ema_lo.dim() > valid.dim():
+            valid = valid.unsqueeze(-1)
+        first = torch.isnan(ema_lo)
+        mu = self.update_momentum
+        new_lo = torch.where(first, lo_t, (1.0 - mu) * ema_lo + mu * lo_t)
+        new_hi = torch.where(first, hi_t, (1.0 - mu) * ema_hi + mu * hi_t)
         # Rows with no finite value keep their previous statistics.
-        lo.copy_(torch.where(valid, new_lo, lo))
-        hi.copy_(torch.where(valid, new_hi, hi))
+        ema_lo.copy_(torch.where(valid, new_lo, ema_lo))
+        ema_hi.copy_(torch.where(valid, new_hi, ema_hi))
+        self._finish_update(lo, hi, num_updates)
+
+    def _resize(self, lo_t: torch.Tensor, hi_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size the (lazily per-channel) buffers for the first observation; returns the EMA'd ones."""
+        if self._mse:
+            self.tail_lo = torch.full_like(lo_t, math.nan)
+            self.tail_hi = torch.full_like(hi_t, math.nan)
+            self.lo = torch.full_like(lo_t[..., 0], math.nan)
+            self.hi = torch.full_like(hi_t[..., 0], math.nan)
+            return self.tail_lo, self.tail_hi
+        self.lo = torch.full_like(lo_t, math.nan)
+        self.hi = torch.full_like(hi_t, math.nan)
+        return self.lo, self.hi
+
+    def _finish_update(self, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor) -> None:
+        if self._mse:
+            self._select_range(lo, hi)
         num_updates += 1
         self._updates += 1
         self._initialized = True
+
+    def _select_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """``[lo, hi]`` from the EMA'd tail nodes: least expected error on ``grid``, or min/max (no clip)."""
+        tl, th = self.tail_lo, self.tail_hi
+        if not self.clip:
+            lo.copy_(tl[..., -1])
+            hi.copy_(th[..., -1])
+            return
+        per_tensor = tl.dim() == 1
+        lo_c, hi_c = mse_range(tl.unsqueeze(0) if per_tensor else tl, th.unsqueeze(0) if per_tensor else th,
+                         self.p_lo, self.p_hi, self.grid)
+        lo.copy_(lo_c.view(lo.shape))
+        hi.copy_(hi_c.view(hi.shape))
 
     def _stat_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self.axis is None:
@@ -359,12 +439,12 @@ class EmaQuantileObserver(nn.Module):
                 and known[2] == _versions(lo, hi)):
             first = torch.isnan(lo)
             if bool(first.any()):
-                mu = self.momentum
+                mu = self.update_momentum
                 lo.copy_(torch.where(first, lo_t, (1.0 - mu) * lo + mu * lo_t))
                 hi.copy_(torch.where(first, hi_t, (1.0 - mu) * hi + mu * hi_t))
                 self._nan_free = (lo, hi, _versions(lo, hi))  # every entry is now observed
                 return
-        mu = self.momentum
+        mu = self.update_momentum
         lo.copy_((1.0 - mu) * lo + mu * lo_t)
         hi.copy_((1.0 - mu) * hi + mu * hi_t)
         self._nan_free = (lo, hi, _versions(lo, hi))
@@ -373,8 +453,9 @@ class EmaQuantileObserver(nn.Module):
         self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor
     ) -> None:
         """One training-mode call: count it, observe on calls 1, N+1, 2N+1, ... (N = update_every)."""
-        self._calls += 1
-        if (self._calls - 1) % self.update_every == 0:
+        d = self.__dict__  # a plain int attribute: skips nn.Module.__setattr__ (this runs every step)
+        d["_calls"] = calls = d["_calls"] + 1
+        if (calls - 1) % self.update_every == 0:
             with torch.no_grad():
                 self._observe_into(x, lo, hi, num_updates, nonfinite)
 
@@ -399,5 +480,6 @@ class EmaQuantileObserver(nn.Module):
         gran = "per-tensor" if self.axis is None else f"axis={self.axis}"
         return (
             f"mode={self.mode}, {gran}, p=({self.p_lo}, {self.p_hi}), μ={self.momentum}, "
+            f"{'range=' + self.act_range + ('' if self.clip else ' (no clip)') + ', ' if self.mode == 'range' else ''}"
             f"S_max={self.max_samples}"
         )

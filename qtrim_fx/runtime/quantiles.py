@@ -23,6 +23,7 @@ __all__ = [
     "finite_quantile",
     "host_selects",
     "refill",
+    "tail_nodes",
     "tail_quantiles",
     "top_values",
     "two_tail_quantiles",
@@ -94,6 +95,61 @@ def finite_quantile(vv: torch.Tensor, p: float) -> torch.Tensor:
     i_lo, i_hi, frac = _finite_ranks(p, n, k, c, vv.dtype, vv.device)
     top = top_values(vv, k, upper)
     return torch.lerp(top[:, i_lo], top[:, i_hi], frac)
+
+
+def tail_nodes(vv: torch.Tensor, nf: torch.Tensor | None, levels: tuple[float, ...]) -> torch.Tensor:
+    """Quantiles of each row of ``vv`` at several ``levels`` of one tail, as ``filled_quantile`` each.
+
+    ``levels`` all lie on one side of the median, the first the farthest from the extreme (it sets
+    how many order statistics are selected, one ``top_values`` for all). ``nf``: the finite count per
+    row (``fill_nonfinite``), or ``None`` for rows known to be all finite (host-side ranks, as
+    :func:`finite_quantile`). Returns (C, len(levels)).
+    """
+    n = vv.shape[-1]
+    p0 = levels[0]
+    upper = p0 >= 0.5
+    k = min(n, math.ceil((1.0 - p0 if upper else p0) * (n - 1)) + 2)
+    top = top_values(vv, k, upper)
+    if nf is None:
+        i_lo, i_hi, frac = _finite_node_ranks(levels, n, k, vv.dtype, vv.device)
+        return torch.lerp(top[:, i_lo], top[:, i_hi], frac)
+    lv = torch.tensor(levels, dtype=torch.float64, device=vv.device)
+    m1 = (nf - 1).clamp(min=0).unsqueeze(-1)
+    pos = lv * m1.to(torch.float64)
+    r0 = torch.floor(pos)
+    frac = (pos - r0).to(vv.dtype)
+    r0 = r0.to(torch.int64)
+    r1 = torch.minimum(r0 + 1, m1)
+    if upper:
+        r0, r1 = m1 - r0, m1 - r1
+    return torch.lerp(top.gather(-1, r0.clamp(0, k - 1)), top.gather(-1, r1.clamp(0, k - 1)), frac)
+
+
+_NODE_RANKS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _finite_node_ranks(levels: tuple[float, ...], n: int, k: int, dtype: torch.dtype, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = (levels, n, k, dtype, device)
+    r = _NODE_RANKS.get(key)
+    if r is None:
+        if len(_NODE_RANKS) > 1024:
+            _NODE_RANKS.clear()
+        i0, i1, fr = [], [], []
+        for p in levels:
+            pos = p * float(n - 1)
+            lo_rank = math.floor(pos)
+            hi_rank = min(lo_rank + 1, n - 1)
+            if p >= 0.5:
+                lo_rank, hi_rank = n - 1 - lo_rank, n - 1 - hi_rank
+            i0.append(min(max(lo_rank, 0), k - 1))
+            i1.append(min(max(hi_rank, 0), k - 1))
+            fr.append(pos - math.floor(pos))
+        r = _NODE_RANKS[key] = (
+            torch.tensor(i0, device=device), torch.tensor(i1, device=device),
+            torch.tensor(fr, dtype=torch.float64).to(dtype=dtype, device=device),
+        )
+    return r
 
 
 _FINITE_RANKS: dict[tuple, tuple[int, int, torch.Tensor]] = {}
@@ -221,4 +277,6 @@ def _topk_values(v: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     n = a.shape[-1]
     part = np.partition(a, n - k, axis=-1)[:, n - k :] if largest else np.partition(a, k - 1, axis=-1)[:, :k]
     part.sort(axis=-1)  # ascending, in the partitioned copy
-    return torch.from_numpy(np.ascontiguousarray(part[:, ::-1] if largest else part))
+    # copy, not ascontiguousarray: a reversed axis of length 1 (k = 1) counts as contiguous and keeps
+    # its negative stride, which torch.from_numpy refuses
+    return torch.from_numpy((part[:, ::-1] if largest else part).copy())

@@ -45,6 +45,11 @@ class QuantSite(nn.Module):
         eps: lower bound of derived scales.
     """
 
+    #: Backward recomputes the saturation mask from the saved output (no memory of its own: the
+    #: reader saves it too). ``InsertSitesPass`` sets ``False`` where a reader modifies the output
+    #: in place; the site then saves a 1-byte mask. Safe default for sites built by hand.
+    keep_output: bool = False
+
     def __init__(
         self,
         scheme: QuantScheme,
@@ -81,7 +86,8 @@ class QuantSite(nn.Module):
         until the statistics tensors change (identity and in-place version counters: an observer
         update, ``load_state_dict``, ``.to()``), so frozen statistics cost no kernels per step.
         """
-        lo, hi = self.observer.lo, self.observer.hi
+        obs = self.observer
+        lo, hi = obs.lo, obs.hi
         key = None
         if not torch.compiler.is_compiling():
             key = _stats_key(lo, hi, self.scheme, self.eps, ndim)
@@ -115,22 +121,24 @@ class QuantSite(nn.Module):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
         compiling = torch.compiler.is_compiling()
-        control = self.control
+        control = self._control
+        obs = self.observer  # one nn.Module attribute lookup (this runs for every site on every step)
         # λ = 0 in eager: FP32 exactly, no quantization work (the statistics still update).
-        quantize = self.enabled and (compiling or not control.is_zero)
-        observe = self.training and self.observer.training and self.observer.enabled
+        quantize = self.enabled and (compiling or not control._is_zero)
+        observe = self.training and obs.training and obs.enabled
         if not (quantize or observe):
             return x
         f = xs = None
         if fold is not None:
             with torch.no_grad():
-                f = channel_shape(fold.detach().to(x.dtype), x.dim(), 0)
+                fd = fold.detach()
+                f = channel_shape(fd if fd.dtype == x.dtype else fd.to(x.dtype), x.dim(), 0)
                 xs = x.detach() * f
         if observe:
-            self.observer(x if xs is None else xs)
+            obs(x if xs is None else xs)
         if not quantize:
             return x
-        if not self.observer.initialized:
+        if not obs._initialized:
             if not self._warned_unobserved:
                 warnings.warn(
                     f"quantization site {self.observer_name()} has no statistics yet and is left in "
@@ -142,9 +150,9 @@ class QuantSite(nn.Module):
         scale, zp = self._training_qparams(x.dim())
         s = self.scheme
         # The host-side mirror of λ = 1 lets eager skip the lerp; compiled graphs keep it (no guard on λ).
-        one = control.is_one and not compiling
+        one = control._is_one and not compiling
         if f is None:
-            return BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one)
+            return BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip)
         return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
 
     def observer_name(self) -> str:
@@ -163,4 +171,7 @@ def _stats_key(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, eps: flo
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
-    return a[0] is b[0] and a[2] is b[2] and a[1] == b[1] and a[3] == b[3] and a[4:] == b[4:]
+    # The scheme by identity first (a frozen dataclass's == compares every field): equal schemes that
+    # are other objects still match through ==.
+    return (a[0] is b[0] and a[2] is b[2] and a[1] == b[1] and a[3] == b[3] and a[5] == b[5] and a[6] == b[6]
+            and (a[4] is b[4] or a[4] == b[4]))

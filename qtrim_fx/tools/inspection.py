@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qtrim_fx.core.profiles import TargetProfile, get_profile
+from qtrim_fx.passes.prepare.coverage import float_weights
 from qtrim_fx.runtime.ops import bn_fold_factor, channel_shape
 from qtrim_fx.runtime.prepared import INFO_ATTR, iter_sites, require_prepared
 from qtrim_fx.tools.sanitize import printable
@@ -35,6 +36,7 @@ class InspectReport:
     blend: float
     rows: tuple[SiteRow, ...]
     fallbacks: tuple[tuple[str, str], ...]
+    float_weights: tuple[tuple[str, str, str], ...] = ()  # (parameter, op, why) left in float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +68,10 @@ class InspectReport:
         lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)).rstrip() for b in body]
         for mod, why in self.fallbacks:
             lines.append(printable(f"leaf (not traced, not quantized inside): {mod}: {why}"))
+        if self.float_weights:
+            lines.append(f"float (not quantized): {len(self.float_weights)} weight(s) of parameter-holding ops")
+        for param, op, why in self.float_weights:
+            lines.append(printable(f"  {param} ({op}): {why}"))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -140,7 +146,9 @@ def inspect(model: nn.Module, target: str | TargetProfile | None = None) -> Insp
             as weight statistics re-derived for the target's channel axis). The model is not changed.
 
     Returns:
-        :class:`InspectReport` (``print(report)`` shows the table; ``to_dict()`` for JSON).
+        :class:`InspectReport` (``print(report)`` shows the table; ``to_dict()`` for JSON). Its
+        ``float_weights`` lists every weight of a parameter-holding op left in float, with the reason
+        (leaf module, unsupported op, wrapped function, excluded by config).
 
     Raises:
         UncalibratedSitesError: ``target`` is given and some site has no statistics yet (planning a
@@ -152,9 +160,11 @@ def inspect(model: nn.Module, target: str | TargetProfile | None = None) -> Insp
     rows = [_site_row(model, spec, site, extra.get(spec.name)) for spec, site, _node in iter_sites(model)]
     info = model.__dict__.get(INFO_ATTR)
     fallbacks = tuple((f.module, f.reason) for f in info.fallbacks) if info else ()
+    floats = float_weights(model, info.config if info else None, dict(fallbacks))
     return InspectReport(
         frontend=info.frontend if info else "?",
         blend=float(model.qtrim_blend.value),
         rows=tuple(rows),
         fallbacks=fallbacks,
+        float_weights=tuple((f.param, f.op, f.reason) for f in floats),
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -234,17 +233,9 @@ def _export_torch_reference(module: torch.nn.Module, batches: Sequence[Batch], m
     was_training = module.training
     module.eval()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                example,
-                path,
-                dynamo=False,
-                input_names=names,
-                opset_version=max(13, min(opset, 20)),
-                dynamic_axes={n: {0: "batch"} for n in names},
-            )
+        from qtrim_fx.onnx.dynamo_export import export_float
+
+        export_float(module, example, path, names, opset=max(13, min(opset, 20)))  # torch.export + onnxscript
     finally:
         module.train(was_training)
     return path
@@ -277,7 +268,7 @@ def per_layer_report(model_path: str, reference, batches: Sequence[Batch], tmp: 
             )
             return report
         report.message = (
-            "torch reference exported with torch.onnx.export(dynamo=False); matched by tensor/node names"
+            "torch reference exported with torch.onnx.export(dynamo=True); matched by tensor/node names"
         )
     else:
         ref_path = os.fspath(reference)

@@ -233,6 +233,7 @@ def _run(path: Path, backend: str, batches: list[np.ndarray]) -> np.ndarray:
 
 def _float_graph(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """FP32 ONNX of the checkpoint's float graph (a prepared model runs at λ = 0)."""
+    from qtrim_fx.onnx.dynamo_export import export_float
     from qtrim_fx.runtime.prepared import is_prepared
 
     saved = None
@@ -242,15 +243,25 @@ def _float_graph(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     was = model.training
     try:
         model.eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+        if saved is None:
+            export_float(model, (example,), str(path), ["x"], ["y"], opset=17)  # torch.export + onnxscript
+        else:
+            _float_graph_legacy(model, example, path)
     finally:
         model.train(was)
         if saved is not None:
             model.qtrim_blend.set(saved)
+
+
+def _float_graph_legacy(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """A prepared model at λ = 0 through the TorchScript exporter: its trace drops the blend arithmetic
+    (λ = 0 is a constant there), where ``torch.export`` keeps every site's fake-quant ops, multiplied by 0,
+    in the graph a vendor tool would then quantize."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
 
 
 def vendor_sweep(

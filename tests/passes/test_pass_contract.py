@@ -36,10 +36,13 @@ from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, LOWER_PLAN, OP_KIND, OWNER, SITE_NODE, WEIGHT_SITE
 from qtrim_fx.frontend.trace import capture
 from qtrim_fx.passes.base import GraphPass, PassResult
+from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
 from qtrim_fx.passes.lower.pipeline import lower_passes
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
+from qtrim_fx.passes.lower.quantize_norm_affine import QuantizeNormAffinePass
+from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
@@ -115,6 +118,41 @@ def calibrated_tanh_mlp() -> fx.GraphModule:
     return calibrated(TanhMLP().eval(), [x])
 
 
+class ScaledBy(nn.Module):
+    """A forward flag with a Python scalar default (BindScalarInputsPass binds its uses)."""
+
+    def forward(self, x, scale: float = 2.0):
+        return x * scale
+
+
+class ViewNormNet(nn.Module):
+    """conv -> relu -> flatten (a view) -> linear -> LayerNorm -> linear: the integer-only lowering's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.ln, self.out = nn.Conv2d(3, 4, 3), nn.Linear(64, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.ln(self.fc(torch.flatten(F.relu(self.conv(x)), 1))))
+
+
+@pytest.fixture(scope="module")
+def calibrated_integer_net() -> fx.GraphModule:
+    """ViewNormNet prepared for the integer-only ``qnn`` target (its LayerNorm and view sites)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    return calibrated(ViewNormNet().eval(), [x, 0.5 * x], config=qtrim_fx.QuantConfig(target="qnn"))
+
+
+def _integer_stage(passes: int) -> Callable[..., fx.GraphModule]:
+    def build(calibrated_integer_net, **_):
+        gm = copy.deepcopy(calibrated_integer_net).eval()
+        for p in lower_passes(INT32_BIAS, prepared_for=INT32_BIAS)[:passes]:
+            gm = p(gm).graph_module
+        return gm
+    return build
+
+
 def _lower_stage(qm: fx.GraphModule, passes: int, profile=INT32_BIAS) -> fx.GraphModule:
     """A copy of ``qm`` (eval) run through the first ``passes`` passes of ``lower_passes(profile)``."""
     gm = copy.deepcopy(qm).eval()
@@ -182,23 +220,30 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
 
 
 # prepare_passes: Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu
-# lower_passes:   RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias
+# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
         FunctionalizeWeightedModulesPass, _convnet_prepare(1), _normalized(FunctionalLinear)),
     "AnnotateSitesPass": Case(AnnotateSitesPass, _convnet_prepare(3), _normalized(Plain)),
     "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 4)),
     "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 5)),
+    "BindScalarInputsPass": Case(
+        BindScalarInputsPass, lambda **_: fx.symbolic_trace(ScaledBy()), lambda **_: fx.symbolic_trace(TanhMLP())),
+    "RequantizeViewsPass": Case(
+        RequantizeViewsPass, _integer_stage(6),
+        lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 6)),  # no view of a quantized tensor
+    "QuantizeNormAffinePass": Case(
+        QuantizeNormAffinePass, _integer_stage(7), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 6)),
     "RestoreReluPass": Case(
-        RestoreReluPass, _convnet_lower(0), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 0)),
+        RestoreReluPass, _convnet_lower(2), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 2)),
     "FoldBatchNormPass": Case(
-        FoldBatchNormPass, _convnet_lower(1), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 1)),
+        FoldBatchNormPass, _convnet_lower(3), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 3)),
     "PlanLoweringPass": Case(
-        lambda: PlanLoweringPass(INT32_BIAS), _convnet_lower(2),
-        lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 5)),  # fully lowered: no site modules
-    "LowerSitesPass": Case(LowerSitesPass, _convnet_lower(3), lambda **_: fx.symbolic_trace(TanhMLP())),
+        lambda: PlanLoweringPass(INT32_BIAS), _convnet_lower(4),
+        lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 7)),  # fully lowered: no site modules
+    "LowerSitesPass": Case(LowerSitesPass, _convnet_lower(5), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RoundBiasPass": Case(
-        lambda: RoundBiasPass(INT32_BIAS), _convnet_lower(4),
+        lambda: RoundBiasPass(INT32_BIAS), _convnet_lower(6),
         lambda **_: fx.symbolic_trace(TanhMLP())),  # biases, but no quantized input or weight
 }
 
@@ -246,11 +291,11 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
         "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
-        "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass"]
+        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 6)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)
-    lowered = _lower_stage(calibrated_convnet, 5)
+    lowered = _lower_stage(calibrated_convnet, 7)
     assert any(n.target is quant_dequant for n in lowered.graph.nodes) and hasattr(lowered, "qtrim_bias")
 
 
@@ -263,7 +308,7 @@ def test_every_fx_pass_is_covered():
             if inspect.isclass(cls) and issubclass(cls, GraphPass) and cls is not GraphPass
             and cls.__module__ == module.__name__
         }
-    assert found == {*CASES, "NormalizeOpsPass"}
+    assert found == {*CASES, "NormalizeOpsPass", "RequireOpsetPass"}  # analysis only: tags or refuses
 
 
 # -- NormalizeOpsPass: analysis only ------------------------------------------------------------

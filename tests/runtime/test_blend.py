@@ -76,15 +76,31 @@ def test_lambda_one_is_fake_quantize_bit_for_bit(case, lam_kind):
 
 @pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_gradient_is_identity_for_every_lambda(lam, per_channel):
+def test_gradient_is_the_clipped_straight_through_estimate(lam, per_channel):
+    # ∂x̃/∂x = (1 − λ) + λ·1[lo < x̃ < hi]: rounding passes the gradient, saturation blocks the
+    # quantized share of it (issue 19). Values sit off the grid edges and off the half steps.
     torch.manual_seed(0)
-    x = (torch.randn(4, 3, 5) * 10).requires_grad_()
-    scale = torch.full((3,), 0.5) if per_channel else torch.tensor(0.5)
-    zp = torch.zeros_like(scale)
+    x = ((torch.rand(4, 3, 50) - 0.5) * 40).requires_grad_()
+    scale = torch.tensor([0.5, 0.25, 1.0]) if per_channel else torch.tensor(0.5)
+    zp = torch.tensor([0.0, 2.0, -3.0]) if per_channel else torch.tensor(1.0)
     y = blend_quant(x, scale, zp, torch.tensor(lam), -8, 7, 1 if per_channel else None)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    s, z = (scale.view(1, 3, 1), zp.view(1, 3, 1)) if per_channel else (scale, zp)
+    codes = x.detach() / s + z
+    inside = (codes > -8) & (codes < 7)
+    if lam == 1.0:  # x̃ = x̂: the two end levels carry the values within half a step of them
+        inside = (codes > -7.5) & (codes < 6.5)
+    expected = torch.where(inside, upstream, upstream * (1.0 - torch.tensor(lam)))
+    assert 0 < int(inside.sum()) < inside.numel()
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
+def test_saturated_gradient_is_blocked_in_half_precision_too():
+    x = torch.tensor([-100.0, -0.3, 0.2, 100.0], dtype=torch.bfloat16, requires_grad=True)
+    y = blend_quant(x, torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1.0), -128, 127)
     y.sum().backward()
-    # Straight-through: saturated and rounded elements alike get gradient 1.
-    assert torch.equal(x.grad, torch.ones_like(x))
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
 def test_intermediate_lambda_is_the_design_formula():

@@ -104,7 +104,7 @@ def _scenario_calibrate(rank: int) -> dict:
 
 def _scenario_nonfinite(rank: int) -> dict:
     model, (_x,) = get_model("tiny_mlp")
-    qm = qtrim_fx.prepare(model.train())
+    qm = qtrim_fx.prepare(model.train(), config=qtrim_fx.QuantConfig(update_every=1))  # every call observes
     ddp = DDP(qm)
     trim = qtrim_fx.QuantTrim(ddp, qtrim_fx.Curriculum(warmup=0, ramp_end=1, horizon=1))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
@@ -231,8 +231,8 @@ def test_ddp_training_keeps_every_rank_identical(ranks):
     _assert_same(a["pinned"], b["pinned"], "pinned epochs")
     _assert_same(a["state"], b["state"], "state_dict (weights, BatchNorm, statistics)")
     assert a["pinned"].tolist() == [1, 2, 3] and float(a["lam"][0]) > 0.5
-    steps = EPOCHS * STEPS_PER_EPOCH
-    assert all(int(s[-1]) == steps for s in a["sites"].values())
+    steps, every = EPOCHS * STEPS_PER_EPOCH, qtrim_fx.QuantConfig().update_every
+    assert all(int(s[-1]) == -(-steps // every) for s in a["sites"].values())  # calls 1, N+1, 2N+1, ...
     # The statistics are those of both ranks' data (rank 1's inputs are 3x larger).
     hi = float(a["sites"]["input.x"][1])
     assert float(a["local_input_hi"]) < hi < float(b["local_input_hi"])

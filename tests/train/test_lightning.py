@@ -23,7 +23,8 @@ BATCHES = 3
 class _Lit(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = qtrim_fx.prepare(get_model("tiny_mlp")[0].train())
+        self.net = qtrim_fx.prepare(get_model("tiny_mlp")[0].train(),
+                                   config=qtrim_fx.QuantConfig(update_every=1))  # one update per step
         self.blends: list[float] = []
 
     def training_step(self, batch, batch_idx):

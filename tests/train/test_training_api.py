@@ -79,7 +79,7 @@ def test_calibrate_has_no_training_side_effects():
 
 def test_calibrate_is_the_mean_of_per_batch_quantiles():
     model, (x,) = get_model("tiny_mlp")
-    qm = qtrim_fx.prepare(model)
+    qm = qtrim_fx.prepare(model, config=qtrim_fx.QuantConfig.paper())  # the paper's quantile range rule
     site = next(site for s, site, _ in qtrim_fx.iter_sites(qm) if s.name == "input.x")
     qtrim_fx.calibrate(qm, [x, 3 * x])
     qs = [torch.quantile(b.flatten(), 0.999) for b in (x, 3 * x)]

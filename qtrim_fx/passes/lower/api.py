@@ -10,7 +10,7 @@ from torch import nn
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.passes.base import run_passes
 from qtrim_fx.passes.lower.pipeline import lower_passes
-from qtrim_fx.runtime.prepared import require_prepared
+from qtrim_fx.runtime.prepared import INFO_ATTR, require_prepared, unwrap
 
 __all__ = ["lower"]
 
@@ -33,5 +33,7 @@ def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: 
     profile = get_profile(target)
     if opset is not None:
         profile = profile.replace(opset=int(opset))
+    info = getattr(unwrap(model), INFO_ATTR, None)
+    prepared_for = getattr(getattr(info, "config", None), "target", None)
     gm = copy.deepcopy(model).eval()
-    return run_passes(gm, lower_passes(profile))
+    return run_passes(gm, lower_passes(profile, get_profile(prepared_for) if prepared_for else None))

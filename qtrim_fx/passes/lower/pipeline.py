@@ -3,10 +3,14 @@
 ::
 
     prepared GraphModule (a deep copy, eval mode)
+      ─RequireOpsetPass─▶ every op exportable at the target's opset (sdpa: 14), else ProfileError
+      ─BindScalarInputsPass▶ uses of scalar-default arguments (is_causal=False) -> the constant
       ─RestoreReluPass──▶ lean ReLUs back to torch.relu
       ─FoldBatchNormPass▶ conv + BatchNorm -> one conv with folded weight and bias
       ─PlanLoweringPass─▶ a frozen LoweredSite per site for the target (decide, no edits)
       ─LowerSitesPass───▶ sites -> quant_dequant with the planned qparams, or removed (edit)
+      ─RequantizeViewsPass▶ (integer-only target, model prepared for one) a Q/DQ copy after each view
+      ─QuantizeNormAffinePass▶ (same) LayerNorm γ on an 8-bit grid, β on the int32 grid
       ─RoundBiasPass────▶ biases rounded to the int32 grid the target stores them on
 """
 
@@ -14,21 +18,36 @@ from __future__ import annotations
 
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.passes.base import GraphPass
+from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
+from qtrim_fx.passes.lower.quantize_norm_affine import QuantizeNormAffinePass
+from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
+from qtrim_fx.passes.lower.require_opset import RequireOpsetPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 
 __all__ = ["lower_passes"]
 
 
-def lower_passes(profile: TargetProfile) -> list[GraphPass]:
-    """The passes that turn (a copy of) a prepared GraphModule into a deployable one for ``profile``."""
+def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = None) -> list[GraphPass]:
+    """The passes that turn (a copy of) a prepared GraphModule into a deployable one for ``profile``.
+
+    Args:
+        profile: the target lowered for.
+        prepared_for: the target the model was prepared for (``QuantConfig.target``), if any. When
+            both are integer-only, views of quantized tensors are re-quantized (exact) so that the
+            back end finds every op in a DQ -> op -> Q group.
+    """
+    integer = profile.integer_only and prepared_for is not None and prepared_for.integer_only
     return [
+        RequireOpsetPass(profile),
+        BindScalarInputsPass(),
         RestoreReluPass(),
         FoldBatchNormPass(),
         PlanLoweringPass(profile),
         LowerSitesPass(),
+        *([RequantizeViewsPass(), QuantizeNormAffinePass()] if integer else []),
         RoundBiasPass(profile),
     ]

@@ -10,7 +10,7 @@ Reads ``node.meta[OP_KIND]`` (``NormalizeOpsPass``) and writes frozen
 
 Rules (DESIGN.md):
 * weight sites: the parameter operand of every conv / conv_transpose / linear, and of
-  matmul / bmm / einsum when one operand is a parameter; found through views, chunks
+  matmul / bmm / addmm / baddbmm / einsum when one operand is a parameter; found through views, chunks
   and transposes of the parameter (``in_proj_weight.chunk(3)``, ``W.t()``);
 * activation sites (one per tensor, shared by all consumers): the data input of
   weighted ops, both inputs of residual adds, the inputs of concats, outputs of
@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.modules import is_plain_batchnorm
+from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import (
     ACT_SITE,
     FLOAT_REGION,
@@ -52,6 +53,7 @@ from qtrim_fx.passes.prepare.graph_walks import (
     param_source,
     through_views,
 )
+from qtrim_fx.passes.prepare.integer_sites import add_integer_sites, site_rules
 from qtrim_fx.passes.prepare.normalize import arg, is_tensor_node
 
 __all__ = ["AnnotateSitesPass"]
@@ -83,6 +85,9 @@ class _Analysis:
         self.candidates: dict[fx.Node, _Candidate] = {}
         self.weights: dict[fx.Node, tuple[fx.Node, str, int | None, set[fx.Node]]] = {}
         self.folds: dict[fx.Node, str] = {}
+        # config.target: that profile's extra activation sites (and integer attention scores, if it says so)
+        self.profile = get_profile(config.target) if config.target is not None else None
+        self.integer_scores = self.profile is not None and self.profile.integer_attention_scores
 
     # -- helpers -------------------------------------------------------------------------
     def is_tensor(self, n: object) -> bool:
@@ -103,7 +108,7 @@ class _Analysis:
         return data_source(n, self.kind, self.is_tensor)
 
     def add_candidate(self, n: object, role: str, consumer: str, owner: str | None) -> None:
-        if not isinstance(n, fx.Node) or n in self.region or self.kind[n] == "softmax":
+        if not isinstance(n, fx.Node) or n in self.region or (self.kind[n] == "softmax" and not self.integer_scores):
             return
         if n not in self.dynamic or not self.is_tensor(n) or n.op == "get_attr":
             return
@@ -127,6 +132,14 @@ class _Analysis:
                     self._weight(n, b, k, -1, data=a)
                 elif self.param_source(a):
                     self._weight(n, a, k, -2, data=b)
+            elif k in ("addmm", "baddbmm"):  # bias + m1 @ m2: the parameter is m2 (x @ W) or m1 (W @ x)
+                names = ("mat1", "mat2") if k == "addmm" else ("batch1", "batch2")
+                m1, m2 = arg(n, 1, names[0]), arg(n, 2, names[1])
+                as_kind = "matmul" if k == "addmm" else "bmm"  # lowered and exported like the matmul it computes
+                if self.param_source(m2):
+                    self._weight(n, m2, as_kind, -1, data=m1)
+                elif self.param_source(m1):
+                    self._weight(n, m1, as_kind, -2, data=m2)
             elif k == "einsum":
                 ops = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
                 params = [o for o in ops if self.param_source(o)]
@@ -156,8 +169,12 @@ class _Analysis:
         return bool(n.args) and n.args[0] in self.folds and next(iter(n.args[0].users)) is n
 
     def find_float_regions(self) -> None:
-        """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V."""
-        self.region = attention_float_region(self.gm.graph, self.kind, self.weight_ops())
+        """Softmax, the score ops before it back to QKᵀ, and the probabilities after it up to P·V.
+
+        None when the target's profile quantizes attention scores (``integer_attention_scores``).
+        """
+        if not self.integer_scores:
+            self.region = attention_float_region(self.gm.graph, self.kind, self.weight_ops())
 
     def weight_ops(self) -> set[fx.Node]:
         if not hasattr(self, "_wops"):
@@ -258,6 +275,7 @@ class AnnotateSitesPass(GraphPass):
         a.find_folds()
         a.find_float_regions()
         a.find_activations()
+        add_integer_sites(a, site_rules(a.profile))
         a.share_grid_preserving()
         a.find_outputs()
         specs = self._weight_specs(a) | self._act_specs(a)

@@ -15,6 +15,7 @@ and re-attached on first use. Loading another model's ``state_dict`` raises a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -25,8 +26,15 @@ import torch.fx as fx
 from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
-from qtrim_fx.core.errors import ConfigError, NoSitesError
+from qtrim_fx.core.errors import (
+    ConfigError,
+    CoverageError,
+    CoverageWarning,
+    NoSitesError,
+    TracedBranchWarning,
+)
 from qtrim_fx.frontend.trace import Fallback, capture
+from qtrim_fx.passes.prepare.coverage import FloatWeight, float_weights, summarize
 from qtrim_fx.passes.prepare.pipeline import prepare_passes, run_passes
 from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, is_prepared, iter_sites, unwrap
 from qtrim_fx.runtime.state_check import check_checkpoint
@@ -42,9 +50,12 @@ class PrepareInfo:
     frontend: str
     fallbacks: tuple[Fallback, ...]
     config: QuantConfig
+    float_weights: tuple[FloatWeight, ...] = ()  # parameter-holding ops left in float, with the reason
 
 
-def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | None = None) -> fx.GraphModule:
+def prepare(
+    model: nn.Module, example_inputs: Any = None, config: QuantConfig | None = None, *, target: str | None = None
+) -> fx.GraphModule:
     """Capture ``model`` and insert observer + blend-quant sites (λ starts at 0: exact FP32).
 
     Args:
@@ -52,6 +63,10 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
         example_inputs: tuple of positional inputs or dict of keyword inputs; needed only when
             symbolic tracing fails and ``torch.export`` takes over (batch dimension dynamic).
         config: :class:`~qtrim_fx.QuantConfig` (default: INT8 per-channel weights, UINT8 activations).
+        target: train for one deployment target as well (``"qnn"``, ``"npu"``: integer-only back ends):
+            the sites its profile's ``activation_sites`` ask for are added, so every op the back end
+            runs sits in a DQ -> op -> Q group (no float islands); same as ``QuantConfig(target=...)``.
+            ``None`` (default): the hardware-neutral sites, exported to any target.
 
     Returns:
         The prepared ``GraphModule``; train it with your own loop.
@@ -59,11 +74,15 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
     Raises:
         CaptureError: neither symbolic tracing nor ``torch.export`` could capture the model.
         NoSitesError: the model has no conv / linear / matmul-with-weight op to quantize.
-        ConfigError: ``model`` is already prepared (or wraps or contains a prepared model).
+        CoverageError: ``config.coverage == "error"`` and parameter-holding ops stay in float (listed);
+            with ``"warn"`` (default) one :class:`~qtrim_fx.core.errors.CoverageWarning` lists them.
+        ConfigError: ``model`` is already prepared (or wraps or contains a prepared model), ``target``
+            is unknown or contradicts ``config.target``.
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a qtrim_fx.QuantConfig, got {type(config).__name__}")
+    config = _with_target(config, target)
     if isinstance(model, nn.Module):
         _refuse_prepared(model)
     if isinstance(model, nn.Module) and any(c in name for name, _ in model.named_modules() for c in _UNPRINTABLE):
@@ -73,12 +92,7 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
     except SyntaxError as e:
         raise _unprintable_names(model) from e
     gm = result.gm
-    for fb in result.fallbacks:
-        warnings.warn(
-            f"qtrim_fx: submodule '{fb.module}' could not be traced and is kept as a leaf "
-            f"(its internals are not quantized): {fb.reason}",
-            stacklevel=2,
-        )
+    _warn_fallbacks(result.fallbacks)
     try:
         gm = run_passes(gm, prepare_passes(config))
     except SyntaxError as e:
@@ -89,8 +103,9 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
             "with a weight was found, or every one was excluded by the config); check the model and the "
             "config's exclude overrides"
         )
+    floats = _check_coverage(gm, config, result.fallbacks, model)
     blend_control(gm)
-    gm.__dict__[INFO_ATTR] = PrepareInfo(result.frontend, result.fallbacks, config)
+    gm.__dict__[INFO_ATTR] = PrepareInfo(result.frontend, result.fallbacks, config, floats)
     # Only the new modules take the model's mode: shared submodules keep their own flags
     # (a BatchNorm frozen in eval inside a training model stays frozen).
     gm.training = model.training
@@ -98,6 +113,57 @@ def prepare(model: nn.Module, example_inputs: Any = None, config: QuantConfig | 
         m.training = model.training
     _make_saveable(gm)
     return gm
+
+
+def _with_target(config: QuantConfig, target: str | None) -> QuantConfig:
+    """``config`` with ``target`` set (validated by QuantConfig); a different ``config.target`` is refused."""
+    if target is None:
+        return config
+    resolved = dataclasses.replace(config, target=target)
+    if config.target is not None and config.target != resolved.target:
+        raise ConfigError(f"prepare(target={target!r}) contradicts QuantConfig(target={config.target!r}); "
+                          "give the target once")
+    return resolved
+
+
+def _warn_fallbacks(fallbacks: tuple[Fallback, ...]) -> None:
+    """One warning per leaf capture made; a :class:`TracedBranchWarning` for those branching on values."""
+    for fb in fallbacks:
+        if fb.data_dependent:
+            warnings.warn(TracedBranchWarning(
+                f"qtrim_fx: submodule '{fb.module}' branches on tensor values and is kept as a leaf (its internals "
+                f"are not quantized): {fb.reason}. Training runs its Python as written, but an ONNX export would "
+                "trace only the branch its example inputs take, so export_onnx refuses it. Make the branch "
+                "traceable (torch.where on both results), or move the decision out of the model"
+            ), stacklevel=3)
+            continue
+        warnings.warn(
+            f"qtrim_fx: submodule '{fb.module}' could not be traced and is kept as a leaf "
+            f"(its internals are not quantized): {fb.reason}",
+            stacklevel=3,
+        )
+
+
+def _check_coverage(
+    gm: fx.GraphModule, config: QuantConfig, fallbacks: tuple[Fallback, ...], model: nn.Module
+) -> tuple[FloatWeight, ...]:
+    """The weights left in float; one warning listing them, or a :class:`CoverageError` (``config.coverage``).
+
+    An error is raised only for weights left in float against the config's will: those its own
+    ``exclude`` overrides leave out are listed in the warning, never refused.
+    """
+    floats = float_weights(gm, config, {f.module: f.reason for f in fallbacks})
+    if not floats or config.coverage == "ignore":
+        return floats
+    what = (f"{len(floats)} weight(s) of parameter-holding ops in {model.__class__.__name__} stay in float "
+            f"(not quantized, exported as float):\n  {summarize(floats)}")
+    deliberate = "excluded by config"
+    if config.coverage == "error" and any(not f.reason.startswith(deliberate) for f in floats):
+        raise CoverageError(f"{what}\nQuantConfig(coverage='error') refuses this; make those ops quantizable, "
+                            "exclude them explicitly, or pass coverage='warn'")
+    warnings.warn(CoverageWarning(f"qtrim_fx: {what}\n(qtrim_fx.inspect lists them all; "
+                                  "QuantConfig(coverage='ignore') silences this)"), stacklevel=3)
+    return floats
 
 
 def _refuse_prepared(model: nn.Module) -> None:

@@ -94,7 +94,8 @@ def param_source(
             if str(n.target) in params:
                 return n, (path[-1] if path else None), path  # type: ignore[return-value]
             return None
-        if kind[n] != "reshape" or n in dynamic:
+        # a view whose only input-dependent arguments are sizes (``W.expand(x.shape[0], -1, -1)``) still views W
+        if kind[n] != "reshape" or (n in dynamic and (not n.args or n.args[0] in dynamic)):
             return None
         path.append(n)
         n = n.args[0] if n.args else None

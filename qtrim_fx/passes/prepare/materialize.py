@@ -22,9 +22,11 @@ materialized sites are skipped, so the pass is idempotent.
 
 from __future__ import annotations
 
+import operator
 import zlib
 
 import torch.fx as fx
+from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.spec import ACT_SITE, SITE_NODE, WEIGHT_SITE, SiteSpec
@@ -37,10 +39,12 @@ from qtrim_fx.runtime.site import QuantSite
 
 __all__ = ["InsertSitesPass"]
 
-def _make_site(spec: SiteSpec, config: QuantConfig, control: BlendControl) -> QuantSite:
+def _make_site(spec: SiteSpec, config: QuantConfig, control: BlendControl, graph_output: bool = False) -> QuantSite:
     seed = (config.seed * 7919 + zlib.crc32(spec.name.encode())) % (2**31)
     mode = "abs" if spec.kind == "weight" else "range"
-    obs = EmaQuantileObserver(mode=mode, axis=spec.scheme.axis, seed=seed, **config.observer_kwargs())
+    # An activation's range rule works for its own grid; a model output is never clipped.
+    obs = EmaQuantileObserver(mode=mode, axis=spec.scheme.axis, seed=seed, grid=spec.scheme, clip=not graph_output,
+                              **config.observer_kwargs())
     site = QuantSite(spec.scheme, obs, control, kind=spec.kind, eps=config.eps)
     site._qtrim_name = spec.name
     return site
@@ -62,7 +66,8 @@ class InsertSitesPass(GraphPass):
                 # Created with the first site only: a graph with nothing to insert is left as it was.
                 control, sites = blend_control(gm), site_modules(gm)
                 if spec.key not in sites:
-                    sites[spec.key] = _make_site(spec, self.config, control)
+                    out = key == ACT_SITE and any(u.op == "output" for u in node.users)
+                    sites[spec.key] = _make_site(spec, self.config, control, graph_output=out)
                 if key == WEIGHT_SITE:
                     self._insert_weight(gm, node, spec)
                 else:
@@ -76,6 +81,8 @@ class InsertSitesPass(GraphPass):
         site.meta[SITE_NODE] = spec
         _copy_val(node, site)
         node.replace_all_uses_with(site, delete_user_cb=lambda u: u is not site)
+        # The blend's backward reads its saved output unless a reader may overwrite it.
+        gm.get_submodule(str(site.target)).keep_output = not any(_may_write_in_place(gm, u) for u in site.users)
 
     def _insert_weight(self, gm: fx.GraphModule, node: fx.Node, spec: SiteSpec) -> None:
         graph = gm.graph
@@ -95,6 +102,40 @@ class InsertSitesPass(GraphPass):
         _copy_val(node, site)
         for u in users:
             u.replace_input_with(node, site)
+
+
+#: readers that may return their input itself or a view of it (an in-place op further on writes through it)
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout, nn.FeatureAlphaDropout)
+_ALIAS_NAMES = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+    "permute", "movedim", "expand", "expand_as", "contiguous", "getitem", "narrow", "select", "t", "detach",
+    "chunk", "split", "unbind", "tensor_split", "as_strided", "dropout", "identity", "to", "type_as", "float",
+})
+
+
+def _may_write_in_place(gm: fx.GraphModule, user: fx.Node, depth: int = 0) -> bool:
+    """Whether ``user``, or a reader of an alias it returns, may modify the tensor in place.
+
+    In place: ``inplace=True``, ``x.add_()``, ``+=``. Aliases: views, identities, dropout, and any leaf
+    module outside torch.nn (timm's ``norm_head = Identity`` before an in-place Hardswish writes into the
+    site's output itself).
+    """
+    if user.kwargs.get("inplace", False):
+        return True
+    if user.op == "call_module":
+        mod = gm.get_submodule(str(user.target))
+        if getattr(mod, "inplace", False):
+            return True
+        aliases = isinstance(mod, _ALIAS_MODULES) or not type(mod).__module__.startswith("torch.nn")
+    else:
+        name = getattr(user.target, "__name__", str(user.target))
+        if user.op == "call_function" and name.startswith("i") and getattr(operator, name, None) is user.target:
+            return True  # operator.iadd and friends
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+        aliases = name in _ALIAS_NAMES
+    return aliases and depth < 16 and any(_may_write_in_place(gm, u, depth + 1) for u in user.users)
 
 
 def _position(node: fx.Node) -> int:

@@ -67,6 +67,7 @@ for _kind, _names in {
     "matmul": "matmul mm __matmul__",
     "bmm": "bmm",
     "baddbmm": "baddbmm",
+    "addmm": "addmm",  # bias + x @ W (Hugging Face GPT-2's Conv1D)
     "einsum": "einsum",
     "sdpa": "scaled_dot_product_attention",
     "softmax": "softmax _softmax log_softmax _log_softmax _safe_softmax",

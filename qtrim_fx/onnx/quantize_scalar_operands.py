@@ -1,0 +1,89 @@
+"""Scalar float constants of quantized elementwise ops -> an exact uint8/int8 DequantizeLinear (integer-only targets).
+
+On an integer-only back end (``TargetProfile.integer_only``: the QNN HTP) an elementwise op runs on
+integers only when *every* input is dequantized; a float constant operand (the attention score scale
+``* d^-0.5``, a ``/ sqrt(2)``) makes it a float op, and the HTP converts around it (measured: the four
+score ``Mul`` of vit_tiny and their conversions took ~3/4 of its HTP time). The constant is written as one
+code on a grid that holds it exactly::
+
+    DQ(x) -> Mul(·, 0.1767767) -> Q          =>  DQ(x) -> Mul(·, DQ(1, s=0.1767767, z=0)) -> Q
+    DQ(x) -> Add(·, -2.0) -> Q               =>  DQ(x) -> Add(·, DQ(0, s=2.0, z=1)) -> Q
+
+``(1 - 0) · c`` and ``(0 - 1) · |c|`` are ``c`` bit for bit, so the file computes what it computed before.
+Only ops already in a group (their other input dequantized, their output read by QuantizeLinear only)
+are touched: a file whose op is a float island anyway is left as it is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from qtrim_fx.core.profiles import TargetProfile
+from qtrim_fx.onnx._graph import NameScope, add_initializer, const_array, is_op, source_value
+
+__all__ = ["QuantizeScalarOperandsPass"]
+
+_ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    # shape and dtype first: reading a large initializer's data would re-encode it in the written file
+    tensor = ir.convenience.get_const_tensor(source_value(value)) if value is not None else None
+    if tensor is None or tensor.dtype != ir.DataType.FLOAT or math.prod(int(d) for d in tensor.shape) != 1:
+        return None
+    arr = const_array(value)
+    if arr is None:
+        return None
+    c = float(arr.reshape(()))
+    return c if np.isfinite(c) and c != 0.0 else None
+
+
+def _in_group(node: ir.Node, const_index: int) -> bool:
+    other = node.inputs[1 - const_index]
+    uses = node.outputs[0].uses()
+    return (other is not None and is_op(other.producer(), "DequantizeLinear") and bool(uses)
+            and all(is_op(u, "QuantizeLinear") for u, _ in uses) and not node.outputs[0].is_graph_output())
+
+
+class QuantizeScalarOperandsPass(ir.passes.InPlacePass):
+    """``op(DQ(x), c) -> Q``  =>  ``op(DQ(x), DQ(code; s, z)) -> Q`` with ``DQ(code) == c`` (see module doc)."""
+
+    def __init__(self, profile: TargetProfile) -> None:
+        super().__init__()
+        self.profile = profile
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.profile.integer_only:
+            return ir.passes.PassResult(model, False)
+        graph = model.graph
+        names = NameScope(graph)
+        modified = False
+        for node in list(graph):
+            if not is_op(node, *_ELEMENTWISE) or len(node.inputs) != 2:
+                continue
+            for index in (0, 1):
+                if not _in_group(node, index):
+                    continue
+                c = _scalar(node.inputs[index])
+                if c is None:
+                    continue
+                dq = self._dequantized(graph, node, c, names)
+                graph.insert_before(node, dq)
+                node.replace_input_with(index, dq.outputs[0])
+                modified = True
+                break
+        return ir.passes.PassResult(model, modified)
+
+    def _dequantized(self, graph: ir.Graph, node: ir.Node, c: float, names: NameScope) -> ir.Node:
+        signed = self.profile.activation_signed
+        dtype = np.int8 if signed else np.uint8
+        code, zero = (1, 0) if c > 0 else (0, 1)  # (code - zero) * |c| == c exactly
+        base = f"{node.name or node.op_type}.constant"
+        q = add_initializer(graph, names.value(f"{base}_quantized"), np.array(code, dtype))
+        s = add_initializer(graph, names.value(f"{base}_scale"), np.array(abs(c), np.float32))
+        z = add_initializer(graph, names.value(f"{base}_zero_point"), np.array(zero, dtype))
+        out = ir.val(names.value(f"{base}_dequantized"), ir.DataType.FLOAT, ir.Shape([]))
+        return ir.node("DequantizeLinear", [q, s, z], outputs=[out], name=names.node(f"{base}/DequantizeLinear"))

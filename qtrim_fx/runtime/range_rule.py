@@ -1,0 +1,191 @@
+"""The minimum-MSE activation range: pick ``[lo, hi]`` from EMA'd tail order statistics.
+
+The default activation statistics (``act_range="mse"``) keep, per tail, the quantile
+function between the paper's level and the extreme at :data:`TAIL_FRACTIONS` (tail
+probabilities ``t_j = (1 − p_hi)·g_j`` above, ``p_lo·g_j`` below, ``g`` from 1 down to 0, the
+last node being the max / min). Between nodes the quantile function is taken as linear in
+``t`` (except the last piece, from the node next to the extreme out to it: that mass is about one
+sample, the extreme itself, so it is taken at the extreme's value; linear interpolation there made a
+single outlier look spread out and cheap to clip). That makes the two error terms of a grid with clip
+points ``[lo, hi]`` closed-form:
+
+    clipping:  C_hi(c) = ∫_{q(t) > c} (q(t) − c)² dt      (and C_lo alike on the lower tail)
+    rounding:  R(lo, hi) = s²/12 · (1 − T_hi(hi) − T_lo(lo)),   s = (hi' − lo') / (q_max − q_min)
+
+(``hi' = max(hi, 0)``, ``lo' = min(lo, 0)``: the grid always holds 0; ``T`` the tail mass beyond the clip
+point; symmetric grids use ``s = max(|lo'|, |hi'|) / (2^(b−1) − 1)``). The chosen range minimises
+``R + C_lo + C_hi`` over the nodes (the paper's quantile pair and the min/max included), so it never
+does worse than either on the modelled distribution. Pure
+functions of the statistics: deterministic, identical on every rank that holds the same EMAs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from qtrim_fx.core.scheme import QuantScheme
+
+__all__ = ["TAIL_FRACTIONS", "mse_range", "tail_clip_error", "tail_levels"]
+
+#: g_j: tail probabilities of the stored nodes as fractions of the paper's tail mass (1 − p_hi or p_lo);
+#: 2^(−j/3) for j = 0..20 (down to ~1 % of it), then 0 (the extreme itself).
+TAIL_FRACTIONS: tuple[float, ...] = (*(2.0 ** (-j / 3) for j in range(21)), 0.0)
+_FRACTIONS = np.asarray(TAIL_FRACTIONS)
+_INNER = (0.25, 0.5, 0.75)  # extra candidates inside the last piece, as fractions of its width
+
+
+def tail_levels(p: float, upper: bool) -> tuple[float, ...]:
+    """Quantile levels of the tail nodes (ascending distance into the tail; the last is 1 or 0)."""
+    t = (1.0 - p) if upper else p
+    return tuple((1.0 - t * g) if upper else (t * g) for g in TAIL_FRACTIONS)
+
+
+class _Torch:
+    where = staticmethod(torch.where)
+
+    @staticmethod
+    def maximum(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+        return torch.clamp(a, min=b) if isinstance(b, float) else torch.maximum(a, b)
+
+    @staticmethod
+    def cat(xs: list, axis: int) -> torch.Tensor:
+        return torch.cat(xs, axis)
+
+    @staticmethod
+    def take(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return x.gather(-1, i[..., None])[..., 0]
+
+    @staticmethod
+    def const(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+class _NumPy:
+    where = staticmethod(np.where)
+    maximum = staticmethod(np.maximum)
+
+    @staticmethod
+    def cat(xs: list, axis: int) -> np.ndarray:
+        return np.concatenate(xs, axis)
+
+    @staticmethod
+    def take(x: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, i[..., None], -1)[..., 0]
+
+    @staticmethod
+    def const(values: tuple[float, ...], like: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=like.dtype)
+
+
+def tail_clip_error(nodes: Any, mass: float, points: Any, xp: Any = _Torch) -> tuple[Any, Any]:
+    """Clipping error and tail mass beyond each point of an upper tail.
+
+    Args:
+        nodes: (C, K) upper-tail nodes, ascending (the first at tail mass ``mass``, the last the max).
+        mass: the tail mass of the first node (1 − p_hi).
+        points: (C, M) clip points, each at or above the first node.
+        xp: the array namespace (torch tensors by default; ``_NumPy`` for arrays).
+
+    Returns:
+        ``(∫ (q − c)₊² dt, ∫ [q > c] dt)``, both (C, M).
+    """
+    g = xp.const(TAIL_FRACTIONS, nodes) * mass
+    dt = g[:-1] - g[1:]
+    starts = xp.cat([nodes[..., :-2], nodes[..., -1:]], -1)
+    a = starts[..., None, :] - points[..., None]  # (C, M, K-1): piece values relative to the point
+    b = nodes[..., None, 1:] - points[..., None]
+    width = b - a
+    safe = xp.where(width > 0, width, 1.0)
+    bp = xp.maximum(b, 0.0)
+    crossing = (a < 0) & (b > 0)
+    inside = (a >= 0) * 1.0
+    # Whole piece above the point: ∫ of a linear function squared; a crossing piece: its part above.
+    sq = xp.where(crossing, bp * bp * bp / (3.0 * safe), (a * a + a * b + b * b) / 3.0 * inside)
+    above = xp.where(crossing, bp / safe, inside)
+    return (sq * dt).sum(-1), (above * dt).sum(-1)
+
+
+def _node_errors(nodes: np.ndarray, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tail_clip_error` at the nodes themselves, in closed form (NumPy, any leading shape).
+
+    Above a node every piece lies wholly above it, and ∫ (q − c)² over a linear piece is a
+    quadratic in c: suffix sums of its three coefficients give the error at every node at once.
+    """
+    t = mass * _FRACTIONS
+    dt = t[..., :-1] - t[..., 1:]
+    a, b = np.concatenate([nodes[..., :-2], nodes[..., -1:]], -1), nodes[..., 1:]
+    coef = np.stack([np.broadcast_to(dt, a.shape), dt * (a + b), dt * (a * a + a * b + b * b) / 3.0])
+    s0, s1, s2 = np.cumsum(coef[..., ::-1], -1)[..., ::-1]
+    pad = np.zeros((*a.shape[:-1], 1))
+    # Inside the last (step) piece: its mass at the extreme's squared distance.
+    dt_last = dt[..., -1:]
+    inner = dt_last * ((1.0 - np.asarray(_INNER)) * (b[..., -1:] - nodes[..., -2:-1])) ** 2
+    c = nodes[..., :-1]  # the points: each node below the extreme
+    e = np.concatenate([s2 - c * s1 + c * c * s0, pad, inner], -1)
+    return e, np.concatenate([s0, pad, np.broadcast_to(dt_last, inner.shape)], -1)
+
+
+def _candidates(nodes: Any, xp: Any) -> Any:
+    """The nodes, then points inside the last piece (a lone extreme may be worth half-covering)."""
+    return xp.cat([nodes, nodes[..., -2:-1] + xp.const(_INNER, nodes) * (nodes[..., -1:] - nodes[..., -2:-1])], -1)
+
+
+def mse_range(
+    tail_lo: torch.Tensor, tail_hi: torch.Tensor, p_lo: float, p_hi: float, grid: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[lo, hi]`` of minimum expected squared quantization error for ``grid`` (see module doc).
+
+    On the CPU the arithmetic runs in NumPy (float64; ~40 tiny ops cost a tenth of what they
+    cost as torch kernels); elsewhere in torch (float64), with nothing read back to the host.
+
+    Args:
+        tail_lo: (C, K) lower-tail nodes (descending: the ``p_lo`` quantile first, the min last).
+        tail_hi: (C, K) upper-tail nodes (ascending: the ``p_hi`` quantile first, the max last).
+        p_lo, p_hi: the levels of the first nodes.
+        grid: the integer grid the range is for.
+
+    Returns:
+        ``(lo, hi)``, each (C,), float32 on the device of the nodes.
+    """
+    if tail_hi.device.type == "cpu" and type(tail_hi) is torch.Tensor and not torch.compiler.is_compiling():
+        lo, hi = _select(tail_lo.detach().double().numpy(), tail_hi.detach().double().numpy(), p_lo, p_hi, grid,
+                         _NumPy)
+        return torch.from_numpy(np.asarray(lo, np.float32)), torch.from_numpy(np.asarray(hi, np.float32))
+    lo, hi = _select(tail_lo.double(), tail_hi.double(), p_lo, p_hi, grid, _Torch)
+    return lo.float(), hi.float()
+
+
+def _select(tail_lo: Any, tail_hi: Any, p_lo: float, p_hi: float, grid: QuantScheme, xp: Any) -> tuple[Any, Any]:
+    up, down = tail_hi, -tail_lo  # the lower tail mirrored into an upper one
+    if xp is _NumPy and not grid.symmetric and bool((up[..., 0] >= 0).all() and (down[..., 0] >= 0).all()):
+        # Every node is at or beyond 0 (the grid's zero-widening moves no candidate): closed form.
+        e, t = _node_errors(np.stack([up, down]), np.array([1.0 - p_hi, p_lo]).reshape(2, *(1,) * up.ndim))
+        cu, cd = _candidates(up, xp), _candidates(down, xp)
+        return _pick_pair(cu, cd, cu, cd, e[0], t[0], e[1], t[1], grid, xp)
+    cu, cd = _candidates(up, xp), _candidates(down, xp)
+    if grid.symmetric:
+        amp = xp.maximum(xp.cat([cu, cd], -1), xp.maximum(xp.maximum(up[..., :1], down[..., :1]), 0.0))
+        e_hi, t_hi = tail_clip_error(up, 1.0 - p_hi, amp, xp)
+        e_lo, t_lo = tail_clip_error(down, p_lo, amp, xp)
+        step = amp / float(2 ** (grid.bits - 1) - 1)
+        cost = step * step / 12.0 * (1.0 - t_hi - t_lo) + e_hi + e_lo
+        a = xp.take(amp, cost.argmin(-1))
+        return -a, a
+    hi_eff, lo_eff = xp.maximum(cu, 0.0), xp.maximum(cd, 0.0)  # lo_eff: −lo', the zero-widened distance
+    e_hi, t_hi = tail_clip_error(up, 1.0 - p_hi, xp.maximum(hi_eff, up[..., :1]), xp)
+    e_lo, t_lo = tail_clip_error(down, p_lo, xp.maximum(lo_eff, down[..., :1]), xp)
+    return _pick_pair(cu, cd, hi_eff, lo_eff, e_hi, t_hi, e_lo, t_lo, grid, xp)
+
+
+def _pick_pair(cu: Any, cd: Any, hi_eff: Any, lo_eff: Any, e_hi: Any, t_hi: Any, e_lo: Any, t_lo: Any,
+               grid: QuantScheme, xp: Any) -> tuple[Any, Any]:
+    """The (lo, hi) candidate pair of least rounding + clipping error on an asymmetric grid."""
+    step = (hi_eff[..., :, None] + lo_eff[..., None, :]) / float(grid.qmax - grid.qmin)  # (C, M_hi, M_lo)
+    kept = 1.0 - t_hi[..., :, None] - t_lo[..., None, :]
+    cost = step * step / 12.0 * kept + e_hi[..., :, None] + e_lo[..., None, :]
+    flat = cost.reshape(*cost.shape[:-2], -1).argmin(-1)
+    m = cd.shape[-1]
+    return -xp.take(cd, flat % m), xp.take(cu, flat // m)
