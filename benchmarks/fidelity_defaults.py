@@ -6,8 +6,10 @@
 Side by side in one run, with the same calibration batches for every method, each deployed QDQ file is run
 on ONNX Runtime and compared with its own float model's ONNX file (also on ONNX Runtime) on held-out data:
 
-* ``qtrim defaults``: ``QuantConfig()`` (MSE-optimal activation ranges from EMA'd tails, outputs unclipped);
-* ``qtrim paper``: ``QuantConfig.paper()`` (fixed p_lo / p_hi = 0.001 / 0.999 quantiles);
+* ``qtrim defaults``: ``QuantConfig()`` (weights at their EMA'd max |w| per channel; MSE-optimal activation
+  ranges from EMA'd tails, one-signed ones such as ReLU outputs unclipped; model outputs unclipped);
+* ``qtrim paper``: ``QuantConfig.paper()`` (fixed p_lo / p_hi = 0.001 / 0.999 quantiles, the 0.999 |w|
+  quantile for weights);
 * ``ORT MinMax / Percentile / Entropy``: ``onnxruntime.quantization.quantize_static`` on the float ONNX
   file (after ``quant_pre_process``), QDQ format, per-channel S8 symmetric weights, U8 asymmetric
   activations (the same grids as qtrim_fx's defaults), Percentile at its default 99.999.

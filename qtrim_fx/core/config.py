@@ -1,17 +1,20 @@
 """What to quantize and how: :class:`QuantConfig` with per-layer overrides.
 
 Grids follow the paper: INT8 symmetric per-channel weights, UINT8 asymmetric per-tensor
-activations. Statistics: weights keep the paper's EMA'd |w| quantile (p_hi = 0.999); by default
-each activation site's range is the one of least expected quantization error for its grid,
+activations. Statistics: by default a weight's range is its EMA'd exact max |w| per channel
+(``weight_range="max"``: 8-bit grids lose more to clipping the largest weights than they gain in
+resolution; reverse pruning clips the weights themselves, so after a pin max |w| is the pruning
+level); each activation site's range is the one of least expected quantization error for its grid,
 chosen from EMA'd tail order statistics (``act_range="mse"``: rounding noise s²/12 against the
-clipping error of the tails, :mod:`qtrim_fx.runtime.range_rule`), model outputs are never
-clipped (their range is the EMA'd min/max), and statistics update every
+clipping error of the tails, :mod:`qtrim_fx.runtime.range_rule`; one-signed tensors such as ReLU
+outputs keep their max), model outputs are never
+clipped (their range is the EMA'd min/max; ``calibrate`` takes the calibration set's), and statistics update every
 :data:`DEFAULT_UPDATE_EVERY` training steps with the momentum compensated (μ_N = 1 − (1 − μ)^N,
 the paper's horizon of 1/μ steps). μ = 1e-3, subsamples of at most 1e5 elements.
 
 The paper's exact recipe is :meth:`QuantConfig.paper` (fixed p_lo = 0.001 / p_hi = 0.999 quantiles
-for every activation, updated every step); giving ``p_lo``/``p_hi`` explicitly also selects the
-quantile rule (``act_range="quantile"``).
+for every activation, the p_hi |w| quantile for weights, updated every step); giving ``p_lo``/``p_hi``
+explicitly also selects the quantile rules (``act_range="quantile"``, ``weight_range="quantile"``).
 
 Overrides are matched in order, the last match winning, against a site's owning
 module name (regex, ``re.fullmatch``), its module type and its op kind::
@@ -41,6 +44,7 @@ DEFAULT_UPDATE_EVERY = 4
 PAPER_P_LO = 0.001
 PAPER_P_HI = 0.999
 ACT_RANGES = ("mse", "quantile")
+WEIGHT_RANGES = ("max", "quantile")
 
 #: Bounds of :attr:`QuantConfig.eps`, the floor of a statistic's range (``scale = max(range, eps) / levels``,
 #: in float32). Above 1e-2 the floor reaches real ranges (|w| quantiles of wide layers are ~1e-2) and
@@ -121,6 +125,9 @@ class QuantConfig:
             quantization error for its grid, from EMA'd tail nodes between the p_lo/p_hi quantiles and
             the min/max; graph outputs take the EMA'd min/max) or ``"quantile"`` (the paper:
             ``[lo, hi]`` = the EMA'd p_lo/p_hi quantiles).
+        weight_range: how a weight site's range is derived: ``"max"`` (default: the EMA'd exact max |w|,
+            per channel or per tensor) or ``"quantile"`` (the paper: the EMA'd ``p_hi`` quantile of |w|;
+            the default when ``p_lo``/``p_hi`` are given or ``act_range="quantile"``).
         momentum: EMA momentum μ of the statistics, per training step (an update every N steps uses
             1 − (1 − μ)^N, so the horizon in steps does not depend on ``update_every``).
         max_samples: subsample bound S_max of each quantile.
@@ -157,6 +164,7 @@ class QuantConfig:
     coverage: str = "warn"
     act_range: str | None = None
     target: str | None = None
+    weight_range: str | None = None
 
     @classmethod
     def paper(cls, **changes: object) -> QuantConfig:
@@ -167,18 +175,26 @@ class QuantConfig:
             changes: other fields (grids, overrides, ...), as for ``QuantConfig(...)``.
         """
         base: dict[str, object] = {"p_lo": PAPER_P_LO, "p_hi": PAPER_P_HI, "act_range": "quantile",
-                                   "update_every": 1, "momentum": 1e-3}
+                                   "weight_range": "quantile", "update_every": 1, "momentum": 1e-3}
         return cls(**{**base, **changes})
 
     def _resolve_range_rule(self) -> None:
-        """Fill in ``act_range`` (explicit quantiles mean the paper's rule) and the quantile levels."""
+        """Fill in ``act_range``/``weight_range`` (explicit quantiles mean the paper's rules) and the levels."""
+        explicit = self.p_lo is not None or self.p_hi is not None
         rule = self.act_range
         if rule is None:
-            rule = "quantile" if (self.p_lo is not None or self.p_hi is not None) else "mse"
+            rule = "quantile" if explicit else "mse"
         if rule not in ACT_RANGES:
             raise SchemeError(f"QuantConfig act_range={rule!r} must be 'mse' (default: least quantization error "
                               "per activation) or 'quantile' (the paper's fixed p_lo/p_hi quantiles)")
+        w_rule = self.weight_range
+        if w_rule is None:
+            w_rule = "quantile" if explicit or self.act_range == "quantile" else "max"
+        if w_rule not in WEIGHT_RANGES:
+            raise SchemeError(f"QuantConfig weight_range={w_rule!r} must be 'max' (default: the exact max |w| per "
+                              "channel) or 'quantile' (the paper's p_hi quantile of |w|)")
         object.__setattr__(self, "act_range", rule)
+        object.__setattr__(self, "weight_range", w_rule)
         if self.p_lo is None:
             object.__setattr__(self, "p_lo", PAPER_P_LO)
         if self.p_hi is None:
@@ -263,7 +279,7 @@ class QuantConfig:
                 s = self._apply(o, s)
         return s
 
-    def observer_kwargs(self) -> dict[str, float | int]:
+    def observer_kwargs(self) -> dict[str, float | int | str]:
         return {
             "p_lo": self.p_lo,
             "p_hi": self.p_hi,
@@ -271,6 +287,7 @@ class QuantConfig:
             "max_samples": self.max_samples,
             "update_every": self.update_every,
             "act_range": self.act_range,
+            "weight_range": self.weight_range,
         }
 
     def to_dict(self) -> dict[str, object]:

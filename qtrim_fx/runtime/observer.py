@@ -1,29 +1,25 @@
 """Robust EMA-quantile statistics (DESIGN.md "Semantics").
 
 Per update, on a seeded random subsample of at most ``max_samples`` elements
-(non-finite values excluded):
+(non-finite values excluded; the step statistics are :mod:`qtrim_fx.runtime.observer_stats`):
 
-    activations ("range"):  a_t = quantile(x, p_lo),  b_t = quantile(x, p_hi)
-    weights     ("abs"):    m_t = quantile(|w|, p_hi)          (stored as lo = -m, hi = m)
+    activations ("range"):  a_t = quantile(x, p_lo),  b_t = quantile(x, p_hi)  (or the tail nodes of
+                            the minimum-MSE rule, :mod:`qtrim_fx.runtime.range_rule`)
+    weights     ("abs"):    m_t = quantile(|w|, p_hi), or max |w| over every element (stored as lo = -m, hi = m)
     EMA:        s̃_t = (1 − μ) s̃_(t−1) + μ s_t,   the first observation initializes it
 
 The subsample (:mod:`qtrim_fx.runtime.subsample`) is made of random runs of consecutive
 elements (one random draw per run), so an update costs the same for 1e5 and 1e7 elements.
 Quantiles use linear interpolation between order statistics (``numpy.quantile``'s
-default). Only the tail order statistics are needed, so they come from
-``torch.topk`` on the subsample rather than a full sort, and only on the runs
-whose extreme values can hold them (exact, see :func:`qtrim_fx.runtime.quantiles.top_values`). Where CPU ``topk``
-would sort whole rows (it does when ``64·k > n``: the per-tensor tails, short
-per-channel rows), ``numpy.partition`` selects the same values 3-5x faster
-(see :func:`qtrim_fx.runtime.quantiles.host_selects`). On accelerators
-nothing here reads a tensor back to the host; first-observation and all-non-finite
+default), from ``torch.topk`` / ``numpy.partition`` on the tails only (:mod:`qtrim_fx.runtime.quantiles`).
+On accelerators nothing here reads a tensor back to the host; first-observation and all-non-finite
 cases are handled with ``torch.where``. On the CPU, where a host read costs no
 device synchronization, an update reads one number (the subsample's sum): when it
 is finite the ranks are host constants and the EMA needs no masks (about 20 fewer
 small ops, bit-identical results; see ``_observe_into``).
 
 Under ``torch.compile`` an update is one opaque custom op (``qtrim_fx::observe``,
-declared as mutating the four buffers): its host-side call counter (``update_every``),
+:mod:`qtrim_fx.runtime.observer_support`): its host-side call counter (``update_every``),
 seeded generator and optional all-reduce run eagerly at every call, and the graph
 around it has no break.
 
@@ -34,21 +30,21 @@ derive qparams for any scheme later (``qtrim_fx.core.fakequant.derive_qparams``)
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from qtrim_fx.core.scheme import QuantScheme, SchemeError
-from qtrim_fx.runtime.quantiles import (
-    fill_nonfinite,
-    filled_quantile,
-    finite_quantile,
-    refill,
-    tail_nodes,
-    two_tail_quantiles,
+from qtrim_fx.runtime.observer_stats import empty_stats, finite_step_stats, step_stats
+from qtrim_fx.runtime.observer_support import (
+    LIVE,
+    all_reduce_extremes,
+    all_reduce_mean,
+    is_distributed,
+    load_state_pre_hook,
+    save_calls,
+    train_call_outside_graph,
 )
 from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS, mse_range, tail_levels
 from qtrim_fx.runtime.subsample import subsample_rows
@@ -57,6 +53,7 @@ __all__ = ["EmaQuantileObserver", "is_distributed"]
 
 Mode = Literal["range", "abs"]
 ActRange = Literal["quantile", "mse"]
+WeightRange = Literal["quantile", "max"]
 _UINT8 = QuantScheme(bits=8, signed=False, symmetric=False)
 
 
@@ -73,64 +70,6 @@ def _versions(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int] | None:
         return lo._version, hi._version
     except RuntimeError:
         return None
-
-
-# Observers reachable from compiled graphs, by id (the graph holds the id as a constant).
-_LIVE: weakref.WeakValueDictionary[int, EmaQuantileObserver] = weakref.WeakValueDictionary()
-
-
-@torch.library.custom_op("qtrim_fx::observe", mutates_args=("lo", "hi", "num_updates", "nonfinite"))
-def _observe_op(
-    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor,
-    observer_id: int,
-) -> None:
-    """One training call of an :class:`EmaQuantileObserver` inside a compiled graph."""
-    observer = _LIVE.get(observer_id)
-    if observer is None:
-        raise RuntimeError("qtrim_fx: a compiled graph called an observer that no longer exists")
-    observer._train_call(x, lo, hi, num_updates, nonfinite)
-
-
-@_observe_op.register_fake
-def _(x, lo, hi, num_updates, nonfinite, observer_id) -> None:
-    return None
-
-
-@torch.compiler.disable
-def _train_call_outside_graph(observer: EmaQuantileObserver, x: torch.Tensor) -> None:
-    observer._train_call(x, observer.lo, observer.hi, observer.num_updates, observer.nonfinite)
-
-
-def is_distributed() -> bool:
-    """Whether ``torch.distributed`` runs with more than one rank (so statistics are all-reduced)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-
-
-def _all_reduce_mean(
-    lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean of each rank's step statistics over the ranks where they are valid (one all-reduce)."""
-    wide = valid.unsqueeze(-1).expand_as(lo) if lo.dim() > valid.dim() else valid  # tail nodes: (C, K)
-    buf = torch.stack([torch.where(wide, lo, 0.0), torch.where(wide, hi, 0.0), wide.to(lo.dtype)])
-    dist.all_reduce(buf)
-    count = buf[2]
-    denom = count.clamp(min=1.0)
-    ok = count > 0
-    return buf[0] / denom, buf[1] / denom, ok[..., 0] if ok.dim() > valid.dim() else ok
-
-
-CALLS_KEY = "calls"
-
-
-def _save_calls(module: EmaQuantileObserver, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` post-hook: the host call counter (the ``update_every`` phase) as a 0-D int64.
-
-    It is kept on the host during training (no device write per step) and written only here,
-    so a resumed run observes on exactly the calls an uninterrupted one would.
-    """
-    state_dict[prefix + CALLS_KEY] = torch.tensor(module._calls, dtype=torch.int64)
 
 
 class EmaQuantileObserver(nn.Module):
@@ -153,7 +92,11 @@ class EmaQuantileObserver(nn.Module):
             ``[lo, hi]`` = the range of least expected quantization error on ``grid``, see
             :mod:`qtrim_fx.runtime.range_rule`).
         grid: the integer grid an ``"mse"`` range is chosen for (default UINT8 asymmetric).
-        clip: ``False``: an ``"mse"`` range is the EMA'd min/max (never clips; model outputs).
+        clip: ``False``: an ``"mse"`` range is the EMA'd min/max widened to each update's own (never clips
+            the latest batch; model outputs). With ``running_extremes`` set (``qtrim_fx.calibrate`` does) the
+            min/max of every update so far. Under DDP these extremes are taken over all ranks.
+        weight_range: ``"abs"`` mode only: ``"quantile"`` (the paper: the EMA'd ``p_hi`` quantile of |w|) or
+            ``"max"`` (the EMA'd exact max |w|, every element read: nothing clipped).
 
     Buffers: ``lo``, ``hi`` (the range; 0-D or (C,), NaN until first observed), ``num_updates``,
     ``nonfinite``; with ``act_range="mse"`` also ``tail_lo``, ``tail_hi`` (the EMA'd tail nodes,
@@ -177,6 +120,7 @@ class EmaQuantileObserver(nn.Module):
         act_range: ActRange = "quantile",
         grid: QuantScheme | None = None,
         clip: bool = True,
+        weight_range: WeightRange = "quantile",
     ) -> None:
         super().__init__()
         if mode not in ("range", "abs"):
@@ -204,6 +148,14 @@ class EmaQuantileObserver(nn.Module):
         self.grid = grid or _UINT8
         self.clip = bool(clip)
         self._mse = mode == "range" and act_range == "mse"
+        if weight_range not in ("quantile", "max"):
+            raise SchemeError(f"weight_range must be 'quantile' (the paper's |w| quantile p_hi) or 'max', got "
+                              f"{weight_range!r}")
+        self.weight_range = weight_range
+        self._absmax = mode == "abs" and weight_range == "max"
+        # Set by calibrate: unclipped sites take the min / max of the calibration set, not an envelope
+        # of per-batch extremes (host-side, never saved: it is a mode of one call, not a statistic).
+        self.running_extremes = False
         self.enabled = True
         # NaN marks "never observed" (per channel): the first finite observation initializes the EMA.
         self.register_buffer("lo", torch.full((), math.nan))
@@ -225,12 +177,12 @@ class EmaQuantileObserver(nn.Module):
         self._nan_free: tuple | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._register_load_state_dict_pre_hook(self._on_load)
-        self.register_state_dict_post_hook(_save_calls)
-        _LIVE[id(self)] = self
+        self.register_state_dict_post_hook(save_calls)
+        LIVE[id(self)] = self
 
     def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: reachable from graphs too
         super().__setstate__(state)
-        _LIVE[id(self)] = self
+        LIVE[id(self)] = self
 
     # -- state ---------------------------------------------------------------
     @property
@@ -245,26 +197,7 @@ class EmaQuantileObserver(nn.Module):
         return mu if n == 1 else 1.0 - (1.0 - mu) ** n
 
     def _on_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        if self._mse:
-            for name, src in (("tail_lo", "lo"), ("tail_hi", "hi")):
-                if prefix + name not in state_dict and prefix + src in state_dict:
-                    # A file from the quantile rule: its range as flat tails (the same range selected).
-                    state_dict[prefix + name] = state_dict[prefix + src].unsqueeze(-1).repeat_interleave(
-                        len(TAIL_FRACTIONS), -1)
-        for name in ("lo", "hi", "tail_lo", "tail_hi"):
-            if name in ("tail_lo", "tail_hi") and not self._mse:
-                continue
-            t = state_dict.get(prefix + name)
-            if t is not None and t.shape != getattr(self, name).shape:
-                # Per-channel buffers are sized lazily on the first observation.
-                setattr(self, name, torch.full_like(t, math.nan, device=getattr(self, name).device))
-        calls = state_dict.pop(prefix + CALLS_KEY, None)  # not a buffer: popped so strict loading accepts it
-        n = state_dict.get(prefix + "num_updates")
-        if n is not None:
-            self._updates = int(n)
-            self._initialized = self._updates > 0
-            # Files without the call count (older ones) put the next update N calls on.
-            self._calls = int(calls) if calls is not None else self._updates * self.update_every
+        load_state_pre_hook(self, state_dict, prefix)
 
     # -- sampling ------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -276,65 +209,11 @@ class EmaQuantileObserver(nn.Module):
         return g
 
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(C, n) float subsample of ``x`` and whether it is a copy (see :func:`subsample_rows`)."""
-        return subsample_rows(x, self.axis, self.max_samples, self._generator)
+        """(C, n) float rows of ``x`` and whether they are a copy (see :func:`subsample_rows`): a seeded
+        subsample, or every element for the ``"max"`` weight rule (an exact max, one pass)."""
+        return subsample_rows(x, self.axis, max(x.numel(), 1) if self._absmax else self.max_samples, self._generator)
 
     # -- update --------------------------------------------------------------
-    def _empty_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        shape = () if self.axis is None else (x.shape[self.axis],)
-        nodes = (len(TAIL_FRACTIONS),) if self._mse else ()
-        z = torch.zeros(shape + nodes, device=x.device)
-        return z, z.clone(), torch.zeros(shape, dtype=torch.bool, device=x.device)
-
-    def _step_stats(
-        self, x: torch.Tensor, nonfinite: torch.Tensor, rows: tuple[torch.Tensor, bool] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This step's (lo, hi, valid) quantiles of ``x`` (0-D per tensor, (C,) per channel).
-
-        One finiteness mask and count serve both quantiles and the ``nonfinite`` counter.
-        ``rows``: the subsample, when the caller already drew it.
-        """
-        rows, owned = self._rows(x) if rows is None else rows
-        numel = rows.numel()
-        if self.mode == "abs":
-            a = rows.abs_() if owned else rows.abs()
-            a, nf = fill_nonfinite(a, self.p_hi, inplace=True)
-            m = filled_quantile(a, nf, self.p_hi)
-            lo_t, hi_t = -m, m
-        elif self._mse:
-            lo_fill, nf = fill_nonfinite(rows, self.p_lo)
-            lo_t = tail_nodes(lo_fill, nf, self._levels[0])
-            hi_t = tail_nodes(refill(lo_fill, self.p_hi), nf, self._levels[1])
-        else:
-            lo_fill, nf = fill_nonfinite(rows, self.p_lo)
-            if self.p_lo < 0.5 <= self.p_hi:
-                lo_t, hi_t = two_tail_quantiles(lo_fill, refill(lo_fill, self.p_hi), nf, self.p_lo, self.p_hi)
-            else:  # both levels on the same side of the median read the same filled copy
-                lo_t = filled_quantile(lo_fill, nf, self.p_lo)
-                hi_t = filled_quantile(lo_fill, nf, self.p_hi)
-        nonfinite += numel - nf.sum()
-        valid = nf > 0
-        if self.axis is None:
-            lo_t, hi_t, valid = lo_t[0], hi_t[0], valid[0]
-        if lo_t.dtype != torch.float32:
-            lo_t, hi_t = lo_t.float(), hi_t.float()
-        return lo_t, hi_t, valid
-
-    def _finite_step_stats(self, rows: torch.Tensor, owned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's (lo, hi) of a subsample known to be all finite (see :meth:`_observe_into`)."""
-        if self.mode == "abs":
-            m = finite_quantile(rows.abs_() if owned else rows.abs(), self.p_hi)
-            lo_t, hi_t = -m, m
-        elif self._mse:
-            lo_t, hi_t = tail_nodes(rows, None, self._levels[0]), tail_nodes(rows, None, self._levels[1])
-        else:
-            lo_t, hi_t = finite_quantile(rows, self.p_lo), finite_quantile(rows, self.p_hi)
-        if self.axis is None:
-            lo_t, hi_t = lo_t[0], hi_t[0]
-        if lo_t.dtype != torch.float32:
-            lo_t, hi_t = lo_t.float(), hi_t.float()
-        return lo_t, hi_t
-
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Record one observation unconditionally (ignores train/eval and update_every).
@@ -348,7 +227,7 @@ class EmaQuantileObserver(nn.Module):
         self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor
     ) -> None:
         """:meth:`observe` writing into the given state tensors (the buffers, or their stand-ins in a
-        compiled graph, see :func:`_observe_op`); only the buffers themselves may be resized."""
+        compiled graph, see :mod:`qtrim_fx.runtime.observer_support`); only the buffers themselves may be resized."""
         sync = self.sync_ranks and is_distributed()
         if x.numel() == 0 and not sync:
             return
@@ -360,16 +239,25 @@ class EmaQuantileObserver(nn.Module):
             rows, owned = self._rows(x)
             # A finite sum means every value is finite (one pass, no mask); an overflowing sum of
             # finite values only sends the step down the general path, which gives the same result.
-            if math.isfinite(float(rows.sum())):
-                lo_t, hi_t = self._finite_step_stats(rows, owned)
+            # The max |w| rule reads every element anyway: its own result tells (no extra pass).
+            stats = finite_step_stats(self, rows, owned, self.axis is None) if self._absmax else None
+            if math.isfinite(float(rows.sum() if stats is None else stats[1].sum())):
+                lo_t, hi_t = stats or finite_step_stats(self, rows, owned, self.axis is None)
+                prev = self._extremes(ema_lo, ema_hi)
                 self._finite_ema(ema_lo, ema_hi, lo_t, hi_t)
+                self._keep_extremes(ema_lo, ema_hi, prev, lo_t, hi_t, None)
                 self._finish_update(lo, hi, num_updates)
                 return
-            lo_t, hi_t, valid = self._step_stats(x, nonfinite, (rows, owned))
+            lo_t, hi_t, valid = step_stats(self, rows, owned, nonfinite, self.axis is None)
+        elif x.numel() == 0:
+            lo_t, hi_t, valid = empty_stats(self, x)
         else:
-            lo_t, hi_t, valid = self._empty_stats(x) if x.numel() == 0 else self._step_stats(x, nonfinite)
+            lo_t, hi_t, valid = step_stats(self, *self._rows(x), nonfinite, self.axis is None)
+        prev = self._extremes(ema_lo, ema_hi)
         if sync:
-            lo_t, hi_t, valid = _all_reduce_mean(lo_t, hi_t, valid)
+            if self._mse and not self.clip:  # unclipped: the min / max over every rank, not the ranks' mean
+                lo_t, hi_t = all_reduce_extremes(lo_t, hi_t, valid)
+            lo_t, hi_t, valid = all_reduce_mean(lo_t, hi_t, valid)
         if ema_lo.shape != lo_t.shape:
             if self._updates or lo is not self.lo:
                 raise SchemeError(
@@ -378,6 +266,7 @@ class EmaQuantileObserver(nn.Module):
                 )
             ema_lo, ema_hi = self._resize(lo_t, hi_t)
             lo, hi = self.lo, self.hi
+        row_valid = valid
         if ema_lo.dim() > valid.dim():
             valid = valid.unsqueeze(-1)
         first = torch.isnan(ema_lo)
@@ -387,7 +276,32 @@ class EmaQuantileObserver(nn.Module):
         # Rows with no finite value keep their previous statistics.
         ema_lo.copy_(torch.where(valid, new_lo, ema_lo))
         ema_hi.copy_(torch.where(valid, new_hi, ema_hi))
+        self._keep_extremes(ema_lo, ema_hi, prev, lo_t, hi_t, row_valid)
         self._finish_update(lo, hi, num_updates)
+
+    def _extremes(self, ema_lo: torch.Tensor, ema_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An unclipped site's min / max before this update (``None`` for every other site)."""
+        if not (self._mse and not self.clip) or self.update_momentum >= 1.0:
+            return None  # clipped, or an update that replaces every earlier statistic
+        return ema_lo[..., -1].clone(), ema_hi[..., -1].clone()
+
+    def _keep_extremes(self, ema_lo: torch.Tensor, ema_hi: torch.Tensor, prev: tuple | None,
+                       lo_t: torch.Tensor, hi_t: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """An unclipped site's range always holds this update's min / max.
+
+        Training: the EMA'd extreme, widened to this update's (an envelope: it follows a growing
+        signal at once and decays with the EMA; an EMA of per-batch maxima alone sits below them and
+        clips the next batch). ``running_extremes`` (calibrate): the extreme of every update so far.
+        """
+        if prev is None or prev[0].shape != ema_lo[..., -1].shape:
+            return  # not an unclipped site, or the first observation sized the buffers
+        base_lo, base_hi = prev if self.running_extremes else (ema_lo[..., -1], ema_hi[..., -1])
+        # fmin / fmax: a never-observed (NaN) entry takes this update's value.
+        new_lo, new_hi = torch.fmin(base_lo, lo_t[..., -1]), torch.fmax(base_hi, hi_t[..., -1])
+        if valid is not None:
+            new_lo, new_hi = torch.where(valid, new_lo, prev[0]), torch.where(valid, new_hi, prev[1])
+        ema_lo[..., -1] = new_lo
+        ema_hi[..., -1] = new_hi
 
     def _resize(self, lo_t: torch.Tensor, hi_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Size the (lazily per-channel) buffers for the first observation; returns the EMA'd ones."""
@@ -409,7 +323,8 @@ class EmaQuantileObserver(nn.Module):
         self._initialized = True
 
     def _select_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """``[lo, hi]`` from the EMA'd tail nodes: least expected error on ``grid``, or min/max (no clip)."""
+        """``[lo, hi]`` from the EMA'd tail nodes: least expected error on ``grid`` (one-signed tensors
+        unclipped, see :func:`mse_range`), or min/max (no clip)."""
         tl, th = self.tail_lo, self.tail_hi
         if not self.clip:
             lo.copy_(tl[..., -1])
@@ -417,7 +332,7 @@ class EmaQuantileObserver(nn.Module):
             return
         per_tensor = tl.dim() == 1
         lo_c, hi_c = mse_range(tl.unsqueeze(0) if per_tensor else tl, th.unsqueeze(0) if per_tensor else th,
-                         self.p_lo, self.p_hi, self.grid)
+                               self.p_lo, self.p_hi, self.grid, one_signed_unclipped=True)
         lo.copy_(lo_c.view(lo.shape))
         hi.copy_(hi_c.view(hi.shape))
 
@@ -466,7 +381,7 @@ class EmaQuantileObserver(nn.Module):
             self._train_call(x, self.lo, self.hi, self.num_updates, self.nonfinite)
         elif self.axis is not None and self.lo.dim() == 0:
             # Per-channel buffers are sized by the first observation, which a graph cannot do.
-            _train_call_outside_graph(self, x)
+            train_call_outside_graph(self, x)
         else:
             # An opaque op in the graph: host-side counters, the seeded generator and the optional
             # all-reduce run eagerly each step, and the compiler sees exactly which buffers change.
@@ -480,6 +395,6 @@ class EmaQuantileObserver(nn.Module):
         gran = "per-tensor" if self.axis is None else f"axis={self.axis}"
         return (
             f"mode={self.mode}, {gran}, p=({self.p_lo}, {self.p_hi}), μ={self.momentum}, "
-            f"{'range=' + self.act_range + ('' if self.clip else ' (no clip)') + ', ' if self.mode == 'range' else ''}"
+            f"{'range=' + self.act_range + ('' if self.clip else ' (no clip)') if self.mode == 'range' else 'weight_range=' + self.weight_range}, "
             f"S_max={self.max_samples}"
         )

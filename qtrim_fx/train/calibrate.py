@@ -20,6 +20,7 @@ from torch import nn
 
 from qtrim_fx.runtime.nonfinite import nonfinite_counts, warn_nonfinite
 from qtrim_fx.runtime.prepared import iter_sites, require_prepared, unwrap
+from qtrim_fx.train.bn_check import watch_batchnorm
 
 __all__ = ["calibrate", "call_model"]
 
@@ -51,23 +52,26 @@ def _is_empty(batch: Any) -> bool:
 
 @contextlib.contextmanager
 def _calibration_mode(model: nn.Module, sync_ranks: bool) -> Iterator[list]:
-    """Model in eval (dropout off, BN running stats frozen), sites observing with running means."""
+    """Model in eval (dropout off, BN running stats frozen), sites observing with running means (and
+    unclipped sites with running extremes)."""
     modes = {m: m.training for m in model.modules()}
     sites = [site for _, site, _ in iter_sites(model)]
-    saved = [(s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks) for s in sites]
+    saved = [(s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks,
+              s.observer.running_extremes) for s in sites]
     model.eval()
     for s in sites:
         s.train()
         s.observer.update_every = 1
         s.observer.sync_ranks = sync_ranks
+        s.observer.running_extremes = True  # only unclipped (model output) sites keep extremes
     try:
         yield sites
     finally:
         for m, t in modes.items():
             m.training = t
-        for s, (mu, every, calls, sync) in zip(sites, saved, strict=True):
-            s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks = (
-                mu, every, calls, sync)
+        for s, (mu, every, calls, sync, ext) in zip(sites, saved, strict=True):
+            (s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks,
+             s.observer.running_extremes) = (mu, every, calls, sync, ext)
 
 
 def _world_size(distributed: bool) -> int:
@@ -105,8 +109,14 @@ def calibrate(
     """Set every site's statistics from ``batches`` (post-training quantization, or before training).
 
     The k-th batch enters each EMA with momentum 1/k, so the statistics are the plain mean
-    of the per-batch quantiles over the calibration set (earlier statistics are replaced).
+    of the per-batch quantiles over the calibration set (earlier statistics are replaced); sites that
+    are never clipped (model outputs) take the min/max of the whole calibration set (of every rank's
+    batches under DDP), not the mean of per-batch extremes.
     Dropout is off and BatchNorm running statistics are left untouched; gradients are not computed.
+    A BatchNorm whose running variance does not describe the calibration data (off by more than 4×,
+    channel median: a stale warm-up) is reported with a
+    :class:`~qtrim_fx.train.bn_check.StaleBatchNormWarning`: ranges calibrated in eval mode through it
+    will not fit train-mode activations.
     Empty batches are skipped. NaN/Inf values are left out of the statistics and reported
     (:class:`~qtrim_fx.runtime.nonfinite.NonFiniteWarning`, naming the sites).
 
@@ -135,7 +145,8 @@ def calibrate(
     device = _device(model) if world > 1 else torch.device("cpu")
     before = nonfinite_counts(model)
     used = 0
-    with _calibration_mode(model, sync_ranks=world > 1) as sites, torch.no_grad():
+    with (_calibration_mode(model, sync_ranks=world > 1) as sites, watch_batchnorm(model, stacklevel=3),
+          torch.no_grad()):
         it = iter(tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False))
         while True:
             batch = _END if num_batches is not None and used >= num_batches else next(it, _END)

@@ -117,16 +117,18 @@ def test_observer_range_is_the_rule_on_its_ema_tails():
     assert obs.tail_hi[-1] >= obs.hi and obs.tail_lo[-1] <= obs.lo  # inside the EMA'd min / max
 
 
-def test_unclipped_range_is_the_ema_min_max():
+def test_unclipped_range_is_the_ema_min_max_widened_to_each_update():
     obs = _obs(clip=False)
-    xs = [torch.randn(5000) * (i + 1) for i in range(3)]
-    for x in xs:
-        obs(x)
+    xs = [torch.randn(5000) * s for s in (1, 3, 1, 1)]
     lo = hi = None
     for x in xs:
-        lo = float(x.min()) if lo is None else 0.9 * lo + 0.1 * float(x.min())
-        hi = float(x.max()) if hi is None else 0.9 * hi + 0.1 * float(x.max())
-    np.testing.assert_allclose([float(obs.lo), float(obs.hi)], [lo, hi], rtol=1e-5)
+        obs(x)
+        # An envelope: the EMA of the extremes, never inside this update's own extremes.
+        lo = float(x.min()) if lo is None else min(0.9 * lo + 0.1 * float(x.min()), float(x.min()))
+        hi = float(x.max()) if hi is None else max(0.9 * hi + 0.1 * float(x.max()), float(x.max()))
+        np.testing.assert_allclose([float(obs.lo), float(obs.hi)], [lo, hi], rtol=1e-5)
+        assert float(obs.lo) <= float(x.min()) and float(obs.hi) >= float(x.max())
+    assert float(obs.hi) > float(xs[-1].max())  # decaying from the large batch, not reset by the small ones
 
 
 def test_per_channel_mse_range_and_nonfinite_values():

@@ -327,7 +327,7 @@ def test_calibrating_collapsed_activations_warns_with_the_sites_and_the_fix():
     x = torch.randn(4, 3, 8, 8)
     with pytest.warns(qtrim_fx.CollapsedRangeWarning, match=r"bn\.out|relu") as rec:
         qtrim_fx.calibrate(qm, [x])
-    text = str(rec[0].message)
+    text = next(str(r.message) for r in rec if issubclass(r.category, qtrim_fx.CollapsedRangeWarning))
     assert "initial running statistics" in text and "warm-up" in text and "bn" in text
     healthy = qtrim_fx.prepare(Net())
     with warnings.catch_warnings():

@@ -6,7 +6,8 @@ scenario returns plain tensors that the tests below compare across ranks:
 * ``train``: QuantTrim (Curriculum + ReversePruner, per-step λ) drives a DDP-wrapped prepared
   model; site statistics, λ, τ, weights and the exported ONNX bytes agree on both ranks.
 * ``calibrate``: ranks with different numbers of batches, one of them empty, calibrate
-  without waiting on each other and end with the same statistics.
+  without waiting on each other and end with the same statistics (unclipped output sites: the
+  min / max over both ranks' batches).
 * ``nonfinite``: NaN on rank 1 only: statistics stay finite and identical, rank 1 warns naming
   the site (its count is not overwritten by DDP's broadcast of rank 0's buffers).
 * ``rank0_load``: a checkpoint (model and QuantTrim state) loaded on rank 0 only: DDP broadcasts
@@ -99,7 +100,12 @@ def _scenario_calibrate(rank: int) -> dict:
     else:  # five batches, larger values
         batches = [3 * torch.randn(4, 64, generator=g) for _ in range(5)]
     used = qtrim_fx.calibrate(qm, batches)
-    return {"used": torch.tensor(used), "sites": _site_stats(qm)}
+    with torch.no_grad():  # λ = 0: the float outputs of the batches this rank calibrated on (3 on both)
+        ys = torch.cat([qm.eval()(b) for b in batches[:3] if len(b)])
+    return {"used": torch.tensor(used), "sites": _site_stats(qm),
+            "outputs": {s.name: torch.stack([site.observer.lo, site.observer.hi])
+                        for s, site, _ in qtrim_fx.iter_sites(qm) if not site.observer.clip},
+            "extremes": torch.stack([ys.min(), ys.max()])}
 
 
 def _scenario_nonfinite(rank: int) -> dict:
@@ -247,6 +253,9 @@ def test_ddp_calibrate_with_uneven_and_empty_batches(ranks):
     assert int(a["used"]) == int(b["used"]) == 3  # rank 0 runs out after 3; its empty one still joins
     _assert_same(a["sites"], b["sites"], "calibrated statistics")
     assert all(torch.isfinite(s).all() for s in a["sites"].values())
+    # Unclipped (output) sites: the min / max over every rank's batches, not a mean of the ranks'.
+    lo, hi = min(a["extremes"][0], b["extremes"][0]), max(a["extremes"][1], b["extremes"][1])
+    assert a["outputs"] and all(float(v[0]) == float(lo) and float(v[1]) == float(hi) for v in a["outputs"].values())
 
 
 @pytest.mark.timeout(150)

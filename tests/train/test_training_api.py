@@ -86,6 +86,23 @@ def test_calibrate_is_the_mean_of_per_batch_quantiles():
     assert float(site.observer.hi) == pytest.approx(float(sum(qs) / 2), rel=1e-5)
 
 
+def test_calibrate_gives_unclipped_sites_the_global_min_max():
+    model, (x,) = get_model("tiny_mlp")
+    qm = qtrim_fx.prepare(model)
+    outs = [site for s, site, _ in qtrim_fx.iter_sites(qm) if not site.observer.clip]
+    assert outs  # the model output
+    qtrim_fx.calibrate(qm, [x])  # statistics from an earlier call are replaced, extremes included
+    batches = [x, 3 * x, -x / 2]
+    qtrim_fx.calibrate(qm, batches)
+    with torch.no_grad():  # λ = 0: the prepared model computes in float
+        ys = torch.cat([qm.eval()(b) for b in batches])
+    o = outs[0].observer
+    assert float(o.lo) == float(ys.min()) and float(o.hi) == float(ys.max())
+    assert not o.running_extremes  # a mode of calibrate only
+    inner = next(site for s, site, _ in qtrim_fx.iter_sites(qm) if s.name == "input.x")
+    assert float(inner.observer.tail_hi[-1]) == pytest.approx(float(sum(b.max() for b in batches) / 3), rel=1e-5)
+
+
 def test_calibrate_input_fn_and_bad_batches():
     model, (x,) = get_model("tiny_mlp")
     qm = qtrim_fx.prepare(model)
