@@ -131,6 +131,13 @@ class TargetProfile:
         integer_attention_scores: the attention scores (QKᵀ, its scaling and mask, softmax, the
             probabilities entering P·V) are quantized too when a model is prepared for this target;
             otherwise they stay float (DESIGN.md), as for every target by default.
+        matmul_weights_per_tensor: the weights of ops the file writes as ONNX ``MatMul`` (a Linear whose
+            input has 3 or more dims, ``x @ W`` with a parameter ``W``) get one scale per tensor when a
+            model is prepared for this target (a Linear on 2-D input, a ``Gemm``, keeps
+            ``weight_per_channel``). ``qnn``: the HTP runs per-channel MatMul weights 8-10x slower than
+            per-tensor ones (QNN profile of vit_tiny; the file as a whole ~2x, see benchmarks/RESULTS.md).
+            Needs the example inputs at ``prepare`` (the input rank decides MatMul vs Gemm); an
+            ``Override(..., weight_per_channel=...)`` matching the layer wins.
     """
 
     name: str
@@ -156,6 +163,7 @@ class TargetProfile:
     integer_only: bool = False
     activation_sites: tuple[tuple[str, str], ...] = ()
     integer_attention_scores: bool = False
+    matmul_weights_per_tensor: bool = False
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -218,7 +226,7 @@ def _check_types(p: TargetProfile) -> None:
             raise ProfileError(f"profile {p.name!r}: {f} must be an int, got {v!r}")
     for f in ("activation_signed", "activation_symmetric", "weight_per_channel", "weight_narrow",
               "quantize_op_outputs", "enforce_op_outputs", "allow_int4", "quantize_gather_tables",
-              "integer_only", "integer_attention_scores"):
+              "integer_only", "integer_attention_scores", "matmul_weights_per_tensor"):
         if not isinstance(getattr(p, f), bool):
             raise ProfileError(f"profile {p.name!r}: {f} must be True or False, got {getattr(p, f)!r}")
     if not isinstance(p.weight_axes, WeightAxes):
@@ -308,9 +316,10 @@ _BUILTIN = (
         quantize_op_outputs=False, max_opset=20),
     TargetProfile(
         "qnn", "ONNX Runtime QNN (Qualcomm HTP): uint8 asym activations (uint16 accepted), full QDQ "
-        "groups with int32 bias, GELU as one Gelu op (opset 20)",
+        "groups with int32 bias, GELU as one Gelu op (opset 20), per-tensor MatMul weights when prepared for it",
         extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True, opset=20, fused_ops=("Gelu",),
-        integer_only=True, activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True),
+        integer_only=True, activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True,
+        matmul_weights_per_tensor=True),
     TargetProfile(
         "openvino", "OpenVINO CPU: uint8 asym activations, per-channel weights; Q/DQ on inputs is "
         "enough, outputs may be quantized",

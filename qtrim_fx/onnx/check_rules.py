@@ -150,14 +150,13 @@ def _gather_table(node: ir.Node) -> bool:
 
 
 def _norm_scale(node: ir.Node) -> bool:
-    """A DQ of a constant read only as a LayerNormalization's scale (γ), or a scalar read by Add/Mul/Sub/Div:
-    stored on the activation grid (what QNN takes), not a weight."""
+    """A DQ of a constant read only as a LayerNormalization's scale (γ), or as an operand of Add/Mul/Sub/Div
+    or Concat (a scalar: one exact code; a parameter such as a position embedding, ``x + DQ(pos_embed)``): stored on
+    the activation grid (what QNN takes), not a weight."""
     if not is_op(node, "DequantizeLinear") or not dequantizes_constant(node):
         return False
     uses = node.outputs[0].uses()
-    codes = const_array(node.inputs[0])
-    scalar = codes is not None and codes.size == 1  # an elementwise op's constant operand (QNN: one exact code)
-    return bool(uses) and all((is_op(user, *_NORMS) and index == 1) or (scalar and is_op(user, *_ELEMENTWISE_OPS))
+    return bool(uses) and all((is_op(user, *_NORMS) and index == 1) or is_op(user, *_ELEMENTWISE_OPS, "Concat")
                               for user, index in uses)
 
 

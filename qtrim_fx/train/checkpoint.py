@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,31 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         "version": VERSION,
         "model": f"{type(model).__name__}",
         "frontend": None if info is None else info.frontend,
-        "config": None if info is None else config_to_plain(info.config),
+        "config": None if info is None else config_to_plain(_resolved(model, info.config)),
         "sites": [spec.name for spec, _, _ in iter_sites(model)],
         "state_dict": model.state_dict(),
     }
     _write_atomically(payload, Path(path))
+
+
+def _resolved(model: nn.Module, config: QuantConfig) -> QuantConfig:
+    """``config`` plus the weight granularity a profile chose per layer, pinned as overrides.
+
+    A profile with ``matmul_weights_per_tensor`` (``qnn``) makes a Linear per-tensor when its input has
+    3+ dims, which ``prepare`` learns from the example inputs. The saved config records each weight
+    site's resolved granularity (an ``Override`` per owning module), so :func:`load` rebuilds the same
+    grids whether or not it is given example inputs.
+    """
+    from qtrim_fx.core.profiles import get_profile
+
+    if config.target is None or not get_profile(config.target).matmul_weights_per_tensor:
+        return config
+    pinned = tuple(
+        Override(name=re.escape(spec.module), op=spec.op, weight_per_channel=spec.scheme.axis is not None)
+        for spec, _, _ in iter_sites(model)
+        if spec.kind == "weight" and spec.module and spec.op in ("linear", "matmul")
+    )
+    return dataclasses.replace(config, overrides=config.overrides + pinned) if pinned else config
 
 
 def load(

@@ -37,7 +37,7 @@ _COMPUTE = ("LayerNormalization", "Softmax", "Gelu", "Concat", "GlobalAveragePoo
 #: what check(path, "qnn") still names on each model prepared for qnn (issue 20 allows <= 3).
 FLOAT_OPS_LEFT = {
     "tiny_convnet": [], "cifar_resnet18": [],
-    "vit_tiny": ["/Add: operand 'pos_embed' is a float constant tensor [1, 65, 64], not dequantized"],
+    "vit_tiny": [],  # the position embedding is a trained site (DQ of uint8 codes) since issue 20
 }
 
 
@@ -98,7 +98,7 @@ def test_qnn_file_of_a_model_prepared_for_qnn_is_fully_integer_and_matches_lower
         warnings.simplefilter("ignore", FloatOpsWarning)
         qtrim_fx.export_onnx(qm, x, path, target="qnn")
     assert [v for v in check(path, "qnn") if v.severity == "error"] == []
-    # acceptance: <= 3 float ops. Left: vit_tiny's position-embedding Add (a float parameter tensor, a warning)
+    # acceptance: <= 3 float ops (none left: parameter operands such as the position embedding are sites)
     assert _float_ops(path) == FLOAT_OPS_LEFT[name]
     assert _groups_complete(path) == []
     # numerics: ONNX Runtime (reference kernels) vs the lowered torch model, on inputs not calibrated on

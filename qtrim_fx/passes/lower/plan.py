@@ -35,11 +35,16 @@ __all__ = ["PlanLoweringPass", "target_scheme"]
 
 
 def target_scheme(spec: SiteSpec, profile: TargetProfile) -> QuantScheme:
-    """The integer grid ``profile`` deploys for the site ``spec`` (weights by op kind, activations alike)."""
+    """The integer grid ``profile`` deploys for the site ``spec`` (weights by op kind, activations alike).
+
+    A weight trained per-tensor (a config or override, or the profile's ``matmul_weights_per_tensor``)
+    is deployed per-tensor on every target: what is deployed is what was trained.
+    """
     if spec.kind == "weight":
         op = spec.op if spec.op in ("conv", "conv_transpose", "linear") else (
             "matmul" if spec.op in ("matmul", "bmm") and spec.channel_axis is not None else spec.op)
-        return profile.weight_scheme(op, bits=spec.scheme.bits)
+        scheme = profile.weight_scheme(op, bits=spec.scheme.bits)
+        return scheme.with_axis(None) if spec.scheme.axis is None and scheme.axis is not None else scheme
     return profile.activation_scheme(bits=spec.scheme.bits)
 
 
@@ -56,7 +61,10 @@ def _weight_stats(site: QuantSite, scheme: QuantScheme, w: torch.Tensor) -> tupl
     if want is None:  # per-tensor from per-channel statistics: the widest channel
         return lo.min(), hi.max()
     rows = w.detach().float().abs().movedim(want, 0).reshape(w.shape[want], -1)
-    m, _ = tail_quantiles(rows, site.observer.p_hi)
+    if getattr(site.observer, "weight_range", "quantile") == "max":  # the site's own weight rule
+        m = rows.amax(1)
+    else:
+        m, _ = tail_quantiles(rows, site.observer.p_hi)
     return -m, m
 
 

@@ -55,6 +55,7 @@ from qtrim_fx.passes.prepare.graph_walks import (
 )
 from qtrim_fx.passes.prepare.integer_sites import add_integer_sites, site_rules
 from qtrim_fx.passes.prepare.normalize import arg, is_tensor_node
+from qtrim_fx.passes.prepare.ranks import rank
 
 __all__ = ["AnnotateSitesPass"]
 
@@ -107,10 +108,11 @@ class _Analysis:
         """Walk back from an attention operand through views and scalar scaling to its producer."""
         return data_source(n, self.kind, self.is_tensor)
 
-    def add_candidate(self, n: object, role: str, consumer: str, owner: str | None) -> None:
+    def add_candidate(self, n: object, role: str, consumer: str, owner: str | None, static: bool = False) -> None:
+        """A site on tensor ``n``; ``static``: ``n`` may be a parameter/buffer operand (integer-only targets)."""
         if not isinstance(n, fx.Node) or n in self.region or (self.kind[n] == "softmax" and not self.integer_scores):
             return
-        if n not in self.dynamic or not self.is_tensor(n) or n.op == "get_attr":
+        if not self.is_tensor(n) or (not static and (n not in self.dynamic or n.op == "get_attr")):
             return
         if n.op == "placeholder" and not self.config.quantize_inputs:
             return
@@ -159,6 +161,19 @@ class _Analysis:
         users = (entry[3] if entry else set()) | {reader}
         self.weights[g] = (op, kind, axis, users)
         self.add_candidate(data, "input", kind, self.owner(op))
+
+    def matmul_form(self, op: fx.Node, kind: str) -> bool:
+        """The target's profile wants per-tensor weights for ops written as ONNX MatMul, and ``op`` is one.
+
+        ``x @ W`` always is; ``F.linear`` is when its input has 3+ dims (2-D: ``Gemm``); an unknown rank
+        (no example inputs at ``prepare``) counts as not (the weight keeps the config's granularity).
+        """
+        if self.profile is None or not self.profile.matmul_weights_per_tensor:
+            return False
+        if kind == "linear":
+            r = rank(arg(op, 0, "input"))
+            return r is not None and r >= 3
+        return self.kind[op] == "matmul"
 
     def is_weighted_output(self, n: object) -> bool:
         """``n`` is the output of a conv/linear/matmul-with-weight (or of the BatchNorm folded into one)."""
@@ -305,14 +320,16 @@ class AnnotateSitesPass(GraphPass):
         out = {}
         for g, (op, kind, axis, users) in a.weights.items():
             owner = a.owner(op) or str(g.target).rpartition(".")[0] or None
-            s = self.config.settings_for(owner, type(a.modules.get(owner or "", None)), kind)
+            mtype = type(a.modules.get(owner or "", None))
+            s = self.config.settings_for(owner, mtype, kind)
             if s.exclude:
                 continue
             folded = a.folds.get(op)
+            per_tensor = a.matmul_form(op, kind) and not _granularity_overridden(self.config, owner, mtype, kind)
             out[g] = SiteSpec(
                 name=str(g.target),
                 kind="weight",
-                scheme=s.weight_scheme(axis),
+                scheme=s.weight_scheme(None if per_tensor else axis),
                 op=kind,
                 consumers=(kind,),
                 module=owner,
@@ -347,6 +364,11 @@ class AnnotateSitesPass(GraphPass):
                 role=c.role,  # type: ignore[arg-type]
             )
         return out
+
+
+def _granularity_overridden(config: QuantConfig, owner: str | None, mtype: type, kind: str) -> bool:
+    """An ``Override`` matching this weight sets ``weight_per_channel``: the user's choice beats the profile's."""
+    return any(o.weight_per_channel is not None and o.matches(owner, mtype, kind) for o in config.overrides)
 
 
 def _act_name(n: fx.Node, owner: str | None) -> str:

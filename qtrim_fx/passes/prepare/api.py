@@ -33,9 +33,11 @@ from qtrim_fx.core.errors import (
     NoSitesError,
     TracedBranchWarning,
 )
+from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.frontend.trace import Fallback, capture
 from qtrim_fx.passes.prepare.coverage import FloatWeight, float_weights, summarize
 from qtrim_fx.passes.prepare.pipeline import prepare_passes, run_passes
+from qtrim_fx.passes.prepare.ranks import record_ranks
 from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, is_prepared, iter_sites, unwrap
 from qtrim_fx.runtime.state_check import check_checkpoint
 
@@ -65,7 +67,10 @@ def prepare(
         config: :class:`~qtrim_fx.QuantConfig` (default: INT8 per-channel weights, UINT8 activations).
         target: train for one deployment target as well (``"qnn"``, ``"npu"``: integer-only back ends):
             the sites its profile's ``activation_sites`` ask for are added, so every op the back end
-            runs sits in a DQ -> op -> Q group (no float islands); same as ``QuantConfig(target=...)``.
+            runs sits in a DQ -> op -> Q group (no float islands), parameter operands of those ops
+            (``x + self.pos_embed``) included; same as ``QuantConfig(target=...)``. ``qnn`` also trains
+            per-tensor weights for Linear layers on 3+-D inputs (ONNX MatMul; the profile's
+            ``matmul_weights_per_tensor``), which needs ``example_inputs`` (without them they stay per-channel).
             ``None`` (default): the hardware-neutral sites, exported to any target.
 
     Returns:
@@ -93,6 +98,8 @@ def prepare(
         raise _unprintable_names(model) from e
     gm = result.gm
     _warn_fallbacks(result.fallbacks)
+    if example_inputs is not None and config.target is not None and get_profile(config.target).matmul_weights_per_tensor:
+        record_ranks(gm, example_inputs)  # MatMul vs Gemm form of each Linear (the profile's weight grid)
     try:
         gm = run_passes(gm, prepare_passes(config))
     except SyntaxError as e:

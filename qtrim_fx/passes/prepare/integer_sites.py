@@ -14,6 +14,11 @@ DQ -> op -> Q group instead of running it in FLOAT_32 (or on its CPU)::
 
 With ``integer_attention_scores`` the attention-score region is not kept float (the analysis then
 finds no region) and QKᵀ, its scaling, the softmax and P·V get sites like any other op of their kind.
+A parameter or buffer operand of such an op (``x + self.pos_embed``) gets a site too, whatever the place::
+
+    default:          x + pos_embed                               Add reads a float initializer
+    target="qnn":     x + Q(pos_embed)                            DQ(uint8 codes) -> Add: integer
+
 The rest — one site per tensor, shared by its readers; views of a quantized tensor share its grid —
 is the analysis' own business (``add_candidate``, ``share_grid_preserving``).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 import torch.fx as fx
 
 from qtrim_fx.core.profiles import TargetProfile
@@ -37,8 +43,11 @@ class _Analysis(Protocol):  # the part of annotate's analysis this step uses
     kind: dict[fx.Node, str]
     region: set[fx.Node]
     candidates: dict[fx.Node, object]
+    weights: dict[fx.Node, object]
+    dynamic: set[fx.Node]
 
-    def add_candidate(self, n: object, role: str, consumer: str, owner: str | None) -> None: ...
+    def add_candidate(self, n: object, role: str, consumer: str, owner: str | None,
+                      static: bool = False) -> None: ...
 
     def weight_ops(self) -> set[fx.Node]: ...
 
@@ -69,11 +78,41 @@ def _fused_into_relu(a: _Analysis, n: fx.Node) -> bool:
     return bool(n.users) and all(a.kind[u] == "relu" and u in a.candidates for u in n.users)
 
 
+def _static_operand(a: _Analysis, x: object, weights: set[fx.Node]) -> bool:
+    """``x`` is a parameter or buffer (or a view of one computed without the inputs) of more than one value.
+
+    One-value constants are left to the ONNX pass that writes them as one exact code
+    (:mod:`qtrim_fx.onnx.quantize_scalar_operands`); parameters that are weight sites have their own.
+    """
+    if not isinstance(x, fx.Node) or x in a.dynamic or x in weights:
+        return False
+    root = x
+    while root.op != "get_attr" and a.kind[root] == "reshape" and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    if root.op != "get_attr" or root in weights:
+        return False
+    value = _attr(a.gm, str(root.target))
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1
+            and bool(torch.isfinite(value).all()))  # a -inf mask is not a grid's business
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def add_integer_sites(a: _Analysis, rules: dict[str, tuple[bool, bool]]) -> None:
-    """Add the candidates ``rules`` ask for (see the module doc); weighted ops are left to their own rules."""
+    """Add the candidates ``rules`` ask for (see the module doc); weighted ops are left to their own rules.
+
+    A parameter or buffer operand of an op ``rules`` names (``x + self.pos_embed``) gets a site whatever the
+    place: the op is integer only when every input is dequantized, and the deployed codes are the trained ones.
+    """
     if not rules:
         return
     weighted = a.weight_ops()
+    weights = set(a.weights)
     for n in list(a.gm.graph.nodes):
         k = a.kind[n]
         if k not in rules or n in weighted or n in a.region or n.op not in ("call_function", "call_method",
@@ -81,8 +120,10 @@ def add_integer_sites(a: _Analysis, rules: dict[str, tuple[bool, bool]]) -> None
             continue
         inputs, output = rules[k]
         owner = a.owner(n)
-        if inputs:
-            for x in _data_inputs(n, k):
+        for x in _data_inputs(n, k):
+            if _static_operand(a, x, weights):
+                a.add_candidate(x, "input", k, owner, static=True)
+            elif inputs:
                 a.add_candidate(x, "input", k, owner)
         if output and not _fused_into_relu(a, n):
             a.add_candidate(n, "input", k, owner)

@@ -54,9 +54,11 @@ def test_vit_for_qnn_quantizes_norms_softmax_and_attention_matmuls():
     added = {k: v for k, v in _acts(qm).items() if k not in _acts(default)}
     depth = 4
     ops = sorted(v[0] for v in added.values())
-    # per block: QKᵀ output, its scaling, the softmax (P, read by P·V); once: the class-token Concat and the
-    # last residual Add (read by the final LayerNorm; the other residual sums were sites already)
-    assert ops == sorted(["matmul", "mul", "softmax"] * depth + ["cat", "add"])
+    # per block: QKᵀ output, its scaling, the softmax (P, read by P·V); once: the class-token Concat, the
+    # last residual Add (read by the final LayerNorm; the other residual sums were sites already) and the
+    # position-embedding parameter (the Add's other operand)
+    assert ops == sorted(["matmul", "mul", "softmax"] * depth + ["cat", "add", "get_attr"])
+    assert added["pos_embed"] == ("get_attr", ("add",))
     assert all(v[1] == ("matmul", "softmax") for v in added.values() if v[0] == "softmax")
     assert [v[1] for v in added.values() if v[0] == "add"] == [("add", "layernorm")]
     # every LayerNorm reads and writes a quantized tensor
