@@ -296,6 +296,24 @@ def _export_target(row: dict, qm, inputs, make_inputs, target: str, folder: str,
     row.setdefault("targets", {})[target] = res
 
 
+def _for_target(row: dict, qm, model, inputs, make_inputs, target: str):
+    """The prepared model to export for ``target``: ``qm`` itself, or, for an integer-only profile (one with
+    ``activation_sites``: qnn, npu), ``prepare(model, target=target)`` of the trained float model (its
+    parameters are the ones ``qm`` trained) calibrated on the same batches, so ``check`` of its own target
+    judges the file a user of that target gets (README: "prepare(..., target=...)")."""
+    import qtrim_fx
+    from qtrim_fx.core.profiles import get_profile
+
+    if not get_profile(target).activation_sites:
+        return qm
+    tq = _step(row, f"prepare:{target}", lambda: qtrim_fx.prepare(model, inputs, target=target))
+    if tq is None or _step(row, f"calibrate:{target}",
+                           lambda: qtrim_fx.calibrate(tq, [make_inputs(2), make_inputs(2)])) is None:
+        return None
+    qtrim_fx.set_blend(tq, 1.0)
+    return tq.eval()
+
+
 def run_one(name: str, targets: tuple[str, ...], all_torchvision: bool, exporter: str = "") -> dict:
     """Every stage for one architecture; failures are recorded in the row, never raised."""
     import warnings
@@ -328,13 +346,18 @@ def run_one(name: str, targets: tuple[str, ...], all_torchvision: bool, exporter
     qm.eval()
     with tempfile.TemporaryDirectory() as folder:
         for target in targets:
-            _export_target(row, qm, inputs, make_inputs, target, folder, name.startswith("hf_"), exporter)
+            tq = _for_target(row, qm, model, inputs, make_inputs, target)
+            if tq is not None:
+                _export_target(row, tq, inputs, make_inputs, target, folder, name.startswith("hf_"), exporter)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def status(row: dict) -> str:
-    """One word for the row (worst first): TIMEOUT, CRASH, MISMATCH, NaN, QtrimError, ok."""
+    """One word for the row (worst first): TIMEOUT, CRASH, MISMATCH, NaN, QtrimError, check, ok.
+
+    ``check``: every stage ran, but ``check`` of some target's own file reports errors (named in the file's
+    violations: e.g. ops a model's modules keep in float on an integer-only target)."""
     if row.get("not_run"):
         return "not run"
     if row.get("timeout"):
@@ -348,6 +371,8 @@ def status(row: dict) -> str:
         return "NaN"
     if row.get("errors"):
         return "QtrimError"
+    if any(t.get("check_errors") for t in row.get("targets", {}).values()):
+        return "check"
     return "ok"
 
 

@@ -24,4 +24,5 @@ def test_quick_grad_stability_prints_the_table(capsys):
     assert "| model | BN warm-up | STE | λ=0 | λ=0.2 | λ=1 | λ=1 / λ=0 |" in out
     assert "| tiny_depthwise | momentum 0.1 | identity STE |" in out
     assert "| tiny_depthwise | momentum 0.1 | clipped STE |" in out
+    assert "| tiny_depthwise | train-mode stats | clipped STE |" in out
     assert (results.read_text() if results.exists() else None) == before  # --no-write

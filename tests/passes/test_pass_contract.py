@@ -51,6 +51,7 @@ from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
 from qtrim_fx.passes.prepare.pipeline import prepare_passes
+from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 from qtrim_fx.runtime.ops import relu_keep_mask
 from qtrim_fx.runtime.qdq import quant_dequant
 from tests.helpers.qmodels import calibrated
@@ -88,6 +89,28 @@ class FunctionalLinear(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.w)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm then its own ``act`` child (timm's BatchNormAct2d shape)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class NormActNet(nn.Module):
+    """conv -> BatchNorm+act module: SplitNormActPass's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), _BatchNormAct(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
 
 
 class ScoresOnly(nn.Module):
@@ -208,7 +231,7 @@ class Case:
 
 
 def _convnet_prepare(passes: int) -> Callable[..., fx.GraphModule]:
-    return lambda **_: _prepare_stage(get_model("tiny_convnet")[0], passes)
+    return lambda **_: _prepare_stage(get_model("tiny_convnet")[0], passes + 1)  # + SplitNormActPass
 
 
 def _convnet_lower(passes: int) -> Callable[..., fx.GraphModule]:
@@ -216,17 +239,20 @@ def _convnet_lower(passes: int) -> Callable[..., fx.GraphModule]:
 
 
 def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
-    return lambda **_: _prepare_stage(model(), 1)
+    return lambda **_: _prepare_stage(model(), 2)
 
 
-# prepare_passes: Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu
+# prepare_passes: SplitNormAct, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu
+# (_convnet_prepare(k) runs SplitNormAct and then k of the others)
 # lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
         FunctionalizeWeightedModulesPass, _convnet_prepare(1), _normalized(FunctionalLinear)),
     "AnnotateSitesPass": Case(AnnotateSitesPass, _convnet_prepare(3), _normalized(Plain)),
-    "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 4)),
-    "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 5)),
+    "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 5)),
+    "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 6)),
+    "SplitNormActPass": Case(
+        SplitNormActPass, lambda **_: capture(NormActNet().eval()).gm, lambda **_: capture(TanhMLP()).gm),
     "BindScalarInputsPass": Case(
         BindScalarInputsPass, lambda **_: fx.symbolic_trace(ScaledBy()), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RequantizeViewsPass": Case(
@@ -288,12 +314,12 @@ def test_pass_leaves_a_graph_it_does_not_match_alone(name, request):
 def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
     """The ``applies`` stages above index the pipelines; keep them aligned with the pipelines' order."""
     assert [type(p).__name__ for p in prepare_passes(qtrim_fx.QuantConfig())] == [
-        "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
+        "SplitNormActPass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
         "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass"]
     # what each stage holds that the next pass needs
-    prepared = _prepare_stage(get_model("tiny_convnet")[0], 6)
+    prepared = _prepare_stage(get_model("tiny_convnet")[0], 7)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)
     lowered = _lower_stage(calibrated_convnet, 7)
     assert any(n.target is quant_dequant for n in lowered.graph.nodes) and hasattr(lowered, "qtrim_bias")
@@ -312,7 +338,7 @@ def test_every_fx_pass_is_covered():
 
 
 # -- NormalizeOpsPass: analysis only ------------------------------------------------------------
-@pytest.mark.parametrize("passes", [0, 2], ids=["captured", "functionalized"])
+@pytest.mark.parametrize("passes", [0, 3], ids=["captured", "functionalized"])
 def test_normalize_ops_only_tags_nodes_and_says_so(passes):
     """Documented as analysis only: ``modified`` is always False; it writes ``node.meta[OP_KIND]``."""
     gm = _prepare_stage(get_model("tiny_convnet")[0], passes)
@@ -329,7 +355,7 @@ def test_normalize_ops_only_tags_nodes_and_says_so(passes):
 # -- what the snapshot misses on purpose is still reported --------------------------------------
 def test_annotate_reports_float_region_it_writes():
     cfg = qtrim_fx.QuantConfig(overrides=(qtrim_fx.Override(op="matmul", exclude=True),))
-    gm = _prepare_stage(ScoresOnly(), 3, cfg)
+    gm = _prepare_stage(ScoresOnly(), 4, cfg)
     result, changed = _run(lambda: AnnotateSitesPass(cfg), gm)
     assert any(n.meta.get(FLOAT_REGION) for n in gm.graph.nodes)  # it did write the region
     assert not any(ACT_SITE in n.meta or WEIGHT_SITE in n.meta for n in gm.graph.nodes)
@@ -339,7 +365,7 @@ def test_annotate_reports_float_region_it_writes():
 
 def test_annotate_removes_a_stale_float_region_and_says_so():
     cfg = qtrim_fx.QuantConfig(overrides=(qtrim_fx.Override(op="matmul", exclude=True),))
-    gm = _prepare_stage(ScoresOnly(), 3, cfg)
+    gm = _prepare_stage(ScoresOnly(), 4, cfg)
     AnnotateSitesPass(cfg)(gm)
     stale = next(n for n in gm.graph.nodes if n.op == "placeholder")
     stale.meta[FLOAT_REGION] = True  # a mark no analysis would make

@@ -37,6 +37,15 @@ def test_depthwise_net_gradients_stay_within_3x_of_fp32_at_every_lambda():
     assert ident[2] / ident[0] > 10.0  # the failure the clipped gradient removes is present here
 
 
+def test_depthwise_net_gradients_with_train_mode_statistics_match_fp32():
+    """The acceptance protocol: BatchNorm and the sites warm together in train mode at λ = 0 (what the
+    curriculum's first phase does), so the ranges fit train-mode activations and λ = 1 stays near λ = 0."""
+    norms = _bench().grad_norms("tiny_depthwise", converged="train", size=32, batch=16)
+    clipped = norms["clipped STE"]
+    assert all(math.isfinite(v) and v > 0 for v in clipped)
+    assert clipped[2] / clipped[0] < 3.0 and clipped[1] / clipped[0] < 1.5
+
+
 def test_a_site_read_in_place_keeps_a_mask_and_the_same_gradient():
     import torch
     from torch import nn

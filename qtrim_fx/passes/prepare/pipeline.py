@@ -3,6 +3,7 @@
 ::
 
     captured GraphModule
+      ─SplitNormActPass──────────────▶ verified BatchNorm+act modules as plain BatchNorm + child calls
       ─NormalizeOpsPass──────────────▶ every op tagged with its kind (conv, linear, matmul, sdpa ...)
       ─FunctionalizeWeightedModulesPass▶ weighted modules as get_attr weight -> F.conv2d / F.linear
       ─NormalizeOpsPass──────────────▶ the new functional nodes tagged too
@@ -20,6 +21,7 @@ from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPa
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
+from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 
 __all__ = ["prepare_passes", "run_passes"]
 
@@ -27,6 +29,7 @@ __all__ = ["prepare_passes", "run_passes"]
 def prepare_passes(config: QuantConfig) -> list[GraphPass]:
     """The passes that turn a captured GraphModule into a prepared one for ``config``."""
     return [
+        SplitNormActPass(),
         NormalizeOpsPass(),
         FunctionalizeWeightedModulesPass(),
         NormalizeOpsPass(),
