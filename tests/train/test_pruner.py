@@ -28,7 +28,8 @@ def _weights(seed: int = 0) -> list[torch.Tensor]:
 def _quantile_rows(w: torch.Tensor, p: float, per_channel: bool) -> np.ndarray:
     a = np.abs(w.detach().numpy().astype(np.float64))
     rows = a.reshape(a.shape[0], -1) if per_channel else a.reshape(1, -1)
-    q = np.quantile(rows, p, axis=1)
+    # a row with fewer than one expected element beyond the quantile has no tail: τ = its max
+    q = np.quantile(rows, p, axis=1) if rows.shape[1] * (1 - p) >= 1 else rows.max(axis=1)
     return q if per_channel else q[0]
 
 
@@ -60,6 +61,22 @@ def test_thresholds_are_quantiles_of_abs_weights(per_channel):
     for w, tau in zip(ws, taus, strict=True):
         np.testing.assert_allclose(tau.numpy(), _quantile_rows(w, 0.95, per_channel), rtol=1e-6)
         assert tau.shape == ((w.shape[0],) if per_channel else ())
+
+
+@pytest.mark.parametrize("p_clip", [0.95, 0.99])
+def test_depthwise_filters_have_no_tail_to_clip(p_clip):
+    """3×3 depthwise filters (9 weights per channel) have no p_clip tail: per-channel pinning leaves them
+    alone instead of cutting each filter's largest taps; a dense conv of the same net is clipped."""
+    g = torch.Generator().manual_seed(3)
+    depthwise = nn.Parameter(torch.randn(16, 1, 3, 3, generator=g))
+    dense = nn.Parameter(torch.randn(16, 64, 3, 3, generator=g))
+    before = depthwise.detach().clone()
+    pr = ReversePruner(p_clip=p_clip, per_channel=True)
+    taus = pr.update_thresholds([depthwise, dense])
+    pr.pin([depthwise, dense])
+    assert torch.equal(depthwise.detach(), before)
+    assert torch.equal(taus[0], before.abs().reshape(16, -1).amax(1))
+    assert (dense.detach().abs().reshape(16, -1).amax(1) == taus[1]).all()  # clipped to τ in every channel
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
