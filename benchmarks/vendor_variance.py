@@ -1,6 +1,14 @@
 """Vendor variance: does the checkpoint's low-bit accuracy depend on how a vendor tool quantizes it?
 
     python benchmarks/vendor_variance.py [--quick] [--seeds 0,1,2] [--bits 8,4] [--no-write]
+    python benchmarks/vendor_variance.py --task mnist [--quick] [--seeds 0,1,2] [--no-write]
+    python benchmarks/vendor_variance.py --task mobilenetv2 [--quick] [--seeds 0,1,2] [--no-write]
+
+``--task mnist`` / ``--task mobilenetv2`` (issue 23; benchmarks/_vv_*.py): a MobileNetV2-style net
+trained from scratch on full MNIST, or the pretrained torchvision MobileNetV2 fine-tuned by
+self-distillation on natural-photo crops; FP32, plain-QAT and Quant-Trim checkpoints, each
+re-quantized by 14 ORT recipes + our export on ONNX Runtime, OpenVINO and the QNN HTP simulator;
+per-tensor and per-channel recipes reported separately. The default task is digits:
 
 Trains the paper-ablation checkpoints (FP32, QAT only, Quant-Trim = QAT + RP 0.95) on digits
 with benchmarks/paper_ablation.py's recipe and public-API loop, then runs
@@ -73,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--act-quantiles", default=None, metavar="LO,HI",
                     help="observer quantile levels p_lo,p_hi of the recipe (default 0.001,0.999); own sections")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--task", choices=("digits", "mnist", "mobilenetv2"), default="digits")
     args = ap.parse_args(argv)
+    if args.task != "digits":
+        from _vv_tasks import main_task
+
+        warnings.simplefilter("ignore")
+        seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+        cmd = "python benchmarks/vendor_variance.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        return main_task(args.task, args.quick, seeds, not args.no_write, cmd.strip())
     warnings.simplefilter("ignore")
     torch.set_num_threads(2)
     recipe = QUICK if args.quick else FULL

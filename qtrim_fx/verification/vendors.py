@@ -6,7 +6,8 @@ ONNX Runtime's ``quantize_static`` with MinMax / Percentile / Entropy calibratio
 or per-channel weights, uint8 asymmetric or int8 symmetric activations, small or large
 calibration sets — applied to the checkpoint's FP32 graph (the prepared model at λ = 0), plus
 our own embedded-scale QDQ export (one file per runtime, exported with that runtime's target profile),
-and runs every variant on ONNX Runtime and OpenVINO.
+and runs every variant on ONNX Runtime and OpenVINO (and, with ``backends=(..., "qnn")``, the QNN HTP
+simulator of ``onnxruntime-qnn``, CPU fallback disabled: a file the HTP cannot run is an ``error`` row).
 
 The report gives top-1 and logit MSE vs the FP32 model per variant and backend, and the spread
 across variants (max − min top-1, std of logit MSE, the worst variant): a hardware-neutral
@@ -228,7 +229,11 @@ def _run(path: Path, backend: str, batches: list[np.ndarray]) -> np.ndarray:
         core = ov.Core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return np.concatenate([compiled(b)[0] for b in batches])
-    raise ValueError(f"unknown backend {backend!r}; use onnxruntime or openvino")
+    if backend == "qnn":  # the QNN HTP simulator (onnxruntime-qnn), strict: no CPU fallback
+        from qtrim_fx.verification.backend_worker import run_backend
+
+        return np.concatenate([o[0] for o in run_backend("qnn", str(path), [[b] for b in batches]).outputs])
+    raise ValueError(f"unknown backend {backend!r}; use onnxruntime, openvino or qnn")
 
 
 def _float_graph(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -285,7 +290,7 @@ def vendor_sweep(
         labels: labels of the concatenated evaluation inputs (taken from the pairs when given there);
             without labels, "top-1" is the agreement with the FP32 model's argmax.
         variants: the :class:`VendorVariant` matrix (default :data:`DEFAULT_VARIANTS`).
-        backends: runtimes to run every variant on.
+        backends: runtimes to run every variant on: "onnxruntime", "openvino", "qnn" (HTP simulator).
         weight_bits: 8, or 4 (ORT int4 weights; our export at opset 21).
         workdir: keep the ONNX files there (default: a temporary directory).
         progress: show a progress bar.

