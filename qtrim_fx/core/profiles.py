@@ -26,6 +26,7 @@ from qtrim_fx.core.errors import ProfileError
 from qtrim_fx.core.scheme import QuantScheme
 
 __all__ = [
+    "GATED_ACTIVATIONS",
     "INTEGER_ACTIVATION_SITES",
     "TargetProfile",
     "WeightAxes",
@@ -53,6 +54,13 @@ INTEGER_ACTIVATION_SITES: tuple[tuple[str, str], ...] = (
     ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("cat", "out"),
     ("pool", "out"), ("maxpool", "out"), ("matmul", "in+out"), ("bmm", "in+out"),
 )
+
+#: Activations the torch exporters write as ``Mul(x, gate(x))``: activation -> (the gate's ONNX op, the first
+#: opset at which the activation is written as one op, ``None``: never). On a profile that runs both in
+#: integer (``("activation", "out")`` and ``("mul", "out")`` sites) the gate needs its own Q/DQ, so a model
+#: prepared for it computes ``x · Q(gate(x))`` (:meth:`TargetProfile.gated_activations`); ``check`` names
+#: the same pattern when a file leaves the gate float.
+GATED_ACTIVATIONS: dict[str, tuple[str, int | None]] = {"silu": ("Sigmoid", None), "hardswish": ("HardSigmoid", 14)}
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,18 @@ class TargetProfile:
         _require_storage_opset(self, b, "weight")
         axis = self.weight_axes.for_op(op) if self.weight_per_channel else None
         return QuantScheme(bits=b, signed=True, symmetric=True, axis=axis, narrow=self.weight_narrow)
+
+    def gated_activations(self, opset: int | None = None) -> tuple[str, ...]:
+        """The :data:`GATED_ACTIVATIONS` this profile runs as ``x · Q(gate(x))`` at ``opset`` (default: its own).
+
+        Those the exporters write as two ops at that opset, when the profile puts integer sites on
+        activation and Mul outputs (``qnn``: ``silu``; ``npu`` at opset 13: ``silu``, ``hardswish``).
+        """
+        opset = self.opset if opset is None else opset
+        outs = {kind for kind, place in self.activation_sites if "out" in place.split("+")}
+        if not {"activation", "mul"} <= outs:
+            return ()
+        return tuple(a for a, (_, since) in GATED_ACTIVATIONS.items() if since is None or opset < since)
 
     # -- what check asks ---------------------------------------------------------------------
     @property

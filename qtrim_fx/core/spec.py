@@ -25,6 +25,7 @@ from qtrim_fx.core.scheme import QuantScheme
 __all__ = [
     "ACT_SITE",
     "FLOAT_REGION",
+    "GATE",
     "LOWER_PLAN",
     "OP_KIND",
     "OUTPUT_CHANNEL_AXIS",
@@ -47,6 +48,9 @@ WEIGHT_SITE = "qtrim_weight_site"
 SITE_NODE = "qtrim_site"
 #: node.meta key: qualified name of the module a functional call was rewritten from.
 OWNER = "qtrim_owner"
+#: node.meta key on the gate of a decomposed activation (``sigmoid`` of a SiLU): the name its site is named
+#: after (``<module>.gate``).
+GATE = "qtrim_gate"
 #: node.meta key on a site node of a model being lowered: its :class:`LoweredSite` for the target.
 LOWER_PLAN = "qtrim_lower_plan"
 #: node.meta key: True on nodes of an attention-score region (QKᵀ ... softmax ... P), kept in float.

@@ -27,9 +27,11 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from qtrim_fx.core.errors import QtrimWarning
+from qtrim_fx.core.profiles import GATED_ACTIVATIONS
 from qtrim_fx.onnx._graph import const_array, is_op, source_value
 
-__all__ = ["ONNX_OPS_OF_KIND", "FloatOpsWarning", "float_islands", "float_ops_summary", "island_severity"]
+__all__ = ["ONNX_OPS_OF_KIND", "FloatOpsWarning", "float_islands", "float_ops_summary", "gate_hint",
+           "gated_activation", "island_severity"]
 
 _FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -56,6 +58,28 @@ def island_severity(node: ir.Node, activation_sites: tuple[tuple[str, str], ...]
     kinds = {kind for kind, _ in activation_sites}
     return "error" if any(node.op_type in ONNX_OPS_OF_KIND.get(k, ()) for k in kinds) else "warning"
 
+
+def gated_activation(node: ir.Node) -> str | None:
+    """The :data:`~qtrim_fx.core.profiles.GATED_ACTIVATIONS` entry ``node`` is part of (``"silu"`` for the
+    ``Sigmoid`` or the ``Mul`` of ``Mul(x, Sigmoid(x))``), else None: the same table ``prepare`` decomposes by."""
+    gates = {op: name for name, (op, _) in GATED_ACTIVATIONS.items()}
+    if is_op(node, "Mul") and len(node.inputs) == 2:
+        for gate, x in (node.inputs, node.inputs[::-1]):
+            src = gate.producer() if gate is not None else None
+            if src is not None and src.op_type in gates and src.inputs and src.inputs[0] is x:
+                return gates[src.op_type]
+        return None
+    if node.op_type in gates and node.inputs and any(
+            gated_activation(user) == gates[node.op_type] for user, _ in node.outputs[0].uses()):
+        return gates[node.op_type]
+    return None
+
+
+def gate_hint(node: ir.Node) -> str:
+    """For ``check``'s fix: what a float gate is (``""`` for other ops)."""
+    gated = gated_activation(node)
+    return (f" (this is {gated} written as x * its gate: prepared for the target, the gate gets its own site)"
+            if gated else "")
 
 def _is_float(value: ir.Value | None, seen: set[ir.Value] | None = None) -> bool:
     """Float-typed; a value of unknown type is float when its producer computes on a float input."""

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from qtrim_fx.core.fakequant import channel_view
 
-__all__ = ["bn_fold_factor", "channel_shape", "relu_keep_mask"]
+__all__ = ["GATES", "bn_fold_factor", "channel_shape", "gate_product", "relu_keep_mask"]
 
 
 @torch.fx.wrap
@@ -60,13 +61,42 @@ class _ReluKeepMaskFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = torch.relu(x)
         ctx.save_for_backward(y.to(torch.bool))
+        ctx.reads = ctx.masked_reads = 0  # see relu_read
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if ctx.reads and ctx.reads == ctx.masked_reads:
+            return grad  # every reader already zeroed the gradient where y <= 0 (see relu_read)
         (passes,) = ctx.saved_tensors
         # bool -> uint8 is a free view; uint8 -> float is vectorized (bool -> float is not).
         return torch.ops.aten.threshold_backward(grad, passes.view(torch.uint8).to(grad.dtype), 0)
+
+
+_RELU_NODE = _ReluKeepMaskFn._backward_cls
+
+
+def relu_read(x: torch.Tensor) -> Any | None:
+    """Count a quantization site's read of ``x``; returns the :func:`relu_keep_mask` node behind ``x``, else None.
+
+    ``relu_keep_mask``'s output is read by quantization sites only (``LeanReluPass`` inserts it for
+    site-only ReLUs). A site whose own backward already zeroes the gradient wherever ``y <= 0`` (at
+    λ = 1 on a grid whose lower end is exactly 0: ``y = 0`` gives ``x̃ = 0``, which the clipped
+    straight-through mask ``lo < x̃`` blocks) reports it with :func:`relu_read_masked`. When every read
+    was such a read, the ReLU's backward passes the gradient on unchanged: the same bits (its mask
+    would only zero zeros) for two fewer passes. Any other read keeps the mask. Per forward call,
+    host-side and deterministic.
+    """
+    node = x.grad_fn
+    if type(node) is not _RELU_NODE:
+        return None
+    node.reads += 1
+    return node
+
+
+def relu_read_masked(node: Any) -> None:
+    """Report that the read counted by :func:`relu_read` (which returned ``node``) masks ``y <= 0`` itself."""
+    node.masked_reads += 1
 
 
 @torch.library.custom_op("qtrim_fx::relu_backward", mutates_args=())
@@ -118,3 +148,27 @@ def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
         return _ReluCompiledFn.apply(x) if torch.compiler.is_compiling() else _ReluKeepMaskFn.apply(x)
     return torch.relu(x)
+
+
+#: activation -> (the activation, its gate): ``activation(x) == x · gate(x)`` up to float rounding
+#: (the names of :data:`qtrim_fx.core.profiles.GATED_ACTIVATIONS`).
+GATES: dict[str, tuple[Any, Any]] = {"silu": (F.silu, torch.sigmoid), "hardswish": (F.hardswish, F.hardsigmoid)}
+
+
+@torch.fx.wrap
+def gate_product(x: torch.Tensor, gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """``x · gate``, where ``gate`` is the (quantized) gate of ``activation`` (silu: sigmoid(x)), bit for bit
+    ``activation(x)`` wherever the gate is the float one.
+
+    A gated activation prepared for an integer-only target is ``gate -> site -> gate_product``, so what is
+    trained is what the file computes (``x · DQ(Q(gate(x)))``). At λ = 0 the site returns the gate
+    untouched and this returns the activation's own value (``x · sigmoid(x)`` differs from ``silu(x)`` in
+    the last bit on ~20 % of elements), so the prepared model stays exact FP32. Lowering writes
+    ``torch.mul(x, gate)`` (``MultiplyGatesPass``).
+    """
+    if torch.jit.is_tracing():
+        return x * gate
+    act, gate_of = GATES[activation]
+    with torch.no_grad():  # only selects; the gradient follows the chosen branch
+        float_gate = gate == gate_of(x)
+    return torch.where(float_gate, act(x), x * gate)

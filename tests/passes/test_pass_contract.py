@@ -39,6 +39,7 @@ from qtrim_fx.passes.base import GraphPass, PassResult
 from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
+from qtrim_fx.passes.lower.multiply_gates import MultiplyGatesPass
 from qtrim_fx.passes.lower.pipeline import lower_passes
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
 from qtrim_fx.passes.lower.quantize_norm_affine import QuantizeNormAffinePass
@@ -46,6 +47,7 @@ from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
@@ -167,6 +169,35 @@ def calibrated_integer_net() -> fx.GraphModule:
     return calibrated(ViewNormNet().eval(), [x, 0.5 * x], config=qtrim_fx.QuantConfig(target="qnn"))
 
 
+class SiluNet(nn.Module):
+    """linear -> SiLU -> linear: DecomposeGatesPass's input on an integer-only target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(6, 5), nn.SiLU(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+NPU = qtrim_fx.QuantConfig(target="npu")
+
+
+@pytest.fixture(scope="module")
+def calibrated_gate_net() -> fx.GraphModule:
+    """SiluNet prepared for ``npu``: its SiLU as gate_product(x, site(sigmoid(x)))."""
+    torch.manual_seed(0)
+    return calibrated(SiluNet().eval(), [torch.randn(8, 6)], config=NPU)
+
+
+def _gate_stage(calibrated_gate_net, **_) -> fx.GraphModule:
+    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the last pass."""
+    gm = copy.deepcopy(calibrated_gate_net).eval()
+    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-1]:
+        gm = p(gm).graph_module
+    return gm
+
+
 def _integer_stage(passes: int) -> Callable[..., fx.GraphModule]:
     def build(calibrated_integer_net, **_):
         gm = copy.deepcopy(calibrated_integer_net).eval()
@@ -242,9 +273,11 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
     return lambda **_: _prepare_stage(model(), 2)
 
 
-# prepare_passes: SplitNormAct, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu
+# prepare_passes: SplitNormAct, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu (DecomposeGates after
+#                 SplitNormAct only for a target with gated activations: qnn, npu)
 # (_convnet_prepare(k) runs SplitNormAct and then k of the others)
-# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias
+# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
+#                 MultiplyGates
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
         FunctionalizeWeightedModulesPass, _convnet_prepare(1), _normalized(FunctionalLinear)),
@@ -260,6 +293,10 @@ CASES: dict[str, Case] = {
         lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 6)),  # no view of a quantized tensor
     "QuantizeNormAffinePass": Case(
         QuantizeNormAffinePass, _integer_stage(7), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 6)),
+    "DecomposeGatesPass": Case(
+        lambda: DecomposeGatesPass(NPU), lambda **_: capture(SiluNet()).gm, lambda **_: capture(TanhMLP()).gm),
+    "MultiplyGatesPass": Case(
+        MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
     "RestoreReluPass": Case(
         RestoreReluPass, _convnet_lower(2), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 2)),
     "FoldBatchNormPass": Case(
@@ -317,7 +354,8 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
         "SplitNormActPass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
-        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass"]
+        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
+        "MultiplyGatesPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 7)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)

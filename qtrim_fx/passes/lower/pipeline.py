@@ -10,8 +10,9 @@
       ─PlanLoweringPass─▶ a frozen LoweredSite per site for the target (decide, no edits)
       ─LowerSitesPass───▶ sites -> quant_dequant with the planned qparams, or removed (edit)
       ─RequantizeViewsPass▶ (integer-only target, model prepared for one) a Q/DQ copy after each view
-      ─QuantizeNormAffinePass▶ (same) LayerNorm γ on an 8-bit grid, β on the int32 grid
+      ─QuantizeNormAffinePass▶ (same) LayerNorm γ on the target's 8-bit activation grid, β on the int32 grid
       ─RoundBiasPass────▶ biases rounded to the int32 grid the target stores them on
+      ─MultiplyGatesPass▶ gate products of SiLU/HardSwish prepared for qnn/npu -> torch.mul
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from qtrim_fx.passes.base import GraphPass
 from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
+from qtrim_fx.passes.lower.multiply_gates import MultiplyGatesPass
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
 from qtrim_fx.passes.lower.quantize_norm_affine import QuantizeNormAffinePass
 from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
@@ -48,6 +50,7 @@ def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = No
         FoldBatchNormPass(),
         PlanLoweringPass(profile),
         LowerSitesPass(),
-        *([RequantizeViewsPass(), QuantizeNormAffinePass()] if integer else []),
+        *([RequantizeViewsPass(), QuantizeNormAffinePass(profile)] if integer else []),
         RoundBiasPass(profile),
+        MultiplyGatesPass(),
     ]

@@ -10,7 +10,8 @@ lowered model computes with the deployed values, so torch and the file agree::
                             quant_dequant(norm.weight, s_γ, z_γ, 0, 255, None, 8, False, "norm.weight"),
                             qtrim_bias.norm_weight, eps)        # k·(s_x·s_γ), k = round_half_even(β / (s_x·s_γ))
 
-γ's grid: unsigned 8 bit, asymmetric, per tensor, over [min(γ, 0), max(γ, 0)]. Only affine LayerNorms
+γ's grid: 8 bit in the target's activation storage (uint8 for ``qnn``, int8 for ``npu``: ``check`` reads a
+dequantized γ as an activation-grid tensor), asymmetric, per tensor, over [min(γ, 0), max(γ, 0)]. Only affine LayerNorms
 (``nn.LayerNorm``, or a ``layer_norm`` call on parameters) reading a per-tensor ``quant_dequant``. :func:`qtrim_fx.lower` runs the pass
 for a model prepared for an integer-only target and lowered for one (like ``RequantizeViewsPass``);
 ``QuantizeBiasPass`` then stores β as int32 in the ONNX file.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrim_fx.core.attrs import get_attr_tensor
+from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.core.spec import site_key
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.passes.lower.lower_sites import QPARAMS_ATTR
@@ -32,15 +34,17 @@ from qtrim_fx.runtime.qdq import is_quant_dequant, quant_dequant
 
 __all__ = ["QuantizeNormAffinePass", "gamma_qparams"]
 
-_QMIN, _QMAX = 0, 255
+def _grid(signed: bool) -> tuple[int, int]:
+    return (-128, 127) if signed else (0, 255)
 
 
-def gamma_qparams(gamma: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (0-D) of γ's unsigned 8-bit per-tensor grid (0 exactly representable)."""
+def gamma_qparams(gamma: torch.Tensor, eps: float = 1e-12, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (0-D) of γ's 8-bit per-tensor grid, unsigned or signed (0 exactly representable)."""
+    qmin, qmax = _grid(signed)
     g = gamma.detach().float()
     lo, hi = torch.clamp(g.min(), max=0.0), torch.clamp(g.max(), min=0.0)
-    scale = torch.clamp(hi - lo, min=eps) / (_QMAX - _QMIN)
-    zero = torch.clamp(torch.round(-lo / scale), _QMIN, _QMAX)  # float, as derive_qparams gives it
+    scale = torch.clamp(hi - lo, min=eps) / (qmax - qmin)
+    zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)  # float, as derive_qparams gives it
     return scale, zero
 
 
@@ -53,7 +57,15 @@ def _input_scale(gm: fx.GraphModule, x: object) -> torch.Tensor | None:
 
 
 class QuantizeNormAffinePass(GraphPass):
-    """``nn.LayerNorm`` after a per-tensor site -> ``F.layer_norm`` with quantized γ and int32-grid β."""
+    """``nn.LayerNorm`` after a per-tensor site -> ``F.layer_norm`` with quantized γ and int32-grid β.
+
+    Args:
+        profile: the target lowered for; γ takes its activation storage (default: uint8).
+    """
+
+    def __init__(self, profile: TargetProfile | None = None) -> None:
+        super().__init__()
+        self.signed = profile is not None and profile.activation_signed
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -64,7 +76,7 @@ class QuantizeNormAffinePass(GraphPass):
             s_x = _input_scale(gm, found[0])
             if s_x is None:
                 continue
-            _rewrite(gm, node, found, s_x)
+            _rewrite(gm, node, found, s_x, self.signed)
             modified = True
         return finish(gm, modified)
 
@@ -92,14 +104,14 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return (x, shape, str(w.target), bias, eps) if bias is not None else None
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, found: tuple, s_x: torch.Tensor) -> None:
+def _rewrite(gm: fx.GraphModule, node: fx.Node, found: tuple, s_x: torch.Tensor, signed: bool) -> None:
     x, shape, weight_name, bias, eps = found
     gamma = gm.get_parameter(weight_name)
     key = site_key(weight_name)
     for attr in (QPARAMS_ATTR, BIAS_ATTR):
         if not hasattr(gm, attr):
             gm.add_module(attr, nn.Module())
-    s_g, z_g = gamma_qparams(gamma)
+    s_g, z_g = gamma_qparams(gamma, signed=signed)
     getattr(gm, QPARAMS_ATTR).register_buffer(f"{key}_scale", s_g)
     getattr(gm, QPARAMS_ATTR).register_buffer(f"{key}_zero_point", z_g)
     getattr(gm, BIAS_ATTR).register_buffer(key, rounded_bias(bias, s_x, s_g))
@@ -108,7 +120,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, found: tuple, s_x: torch.Tensor)
         w = gm.graph.get_attr(weight_name)
         s = gm.graph.get_attr(f"{QPARAMS_ATTR}.{key}_scale")
         z = gm.graph.get_attr(f"{QPARAMS_ATTR}.{key}_zero_point")
-        wq = gm.graph.call_function(quant_dequant, (w, s, z, _QMIN, _QMAX, None, 8, False, f"{name}.weight"))
+        wq = gm.graph.call_function(quant_dequant, (w, s, z, *_grid(signed), None, 8, signed, f"{name}.weight"))
         b = gm.graph.get_attr(f"{BIAS_ATTR}.{key}")
         if node.op == "call_module":
             ln = gm.graph.call_function(F.layer_norm, (x, shape, wq, b, eps))

@@ -36,6 +36,7 @@ from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import (
     ACT_SITE,
     FLOAT_REGION,
+    GATE,
     OP_KIND,
     OUTPUT_CHANNEL_AXIS,
     OWNER,
@@ -376,6 +377,8 @@ def _act_name(n: fx.Node, owner: str | None) -> str:
         return f"input.{n.name}"
     if n.op == "call_module":
         return f"{n.target}.out"
+    if n.meta.get(GATE):
+        return f"{n.meta[GATE]}.gate"
     if n.meta.get(OWNER):
         return f"{n.meta[OWNER]}.out"
     return f"{owner}.{n.name}" if owner else n.name

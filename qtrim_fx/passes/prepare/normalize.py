@@ -73,7 +73,7 @@ for _kind, _names in {
     "softmax": "softmax _softmax log_softmax _log_softmax _safe_softmax",
     "add": "add iadd add_ __add__ __radd__ __iadd__",
     "sub": "sub isub rsub sub_ __sub__ __rsub__",
-    "mul": "mul imul mul_ __mul__ __rmul__",
+    "mul": "mul imul mul_ __mul__ __rmul__ gate_product",
     "div": "div truediv itruediv div_ __truediv__ floordiv",
     "cat": "cat concat concatenate",
     "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask",

@@ -4,6 +4,7 @@
 
     captured GraphModule
       ─SplitNormActPass──────────────▶ verified BatchNorm+act modules as plain BatchNorm + child calls
+      ─DecomposeGatesPass────────────▶ (target=qnn/npu) SiLU/HardSwish as gate_product(x, gate(x))
       ─NormalizeOpsPass──────────────▶ every op tagged with its kind (conv, linear, matmul, sdpa ...)
       ─FunctionalizeWeightedModulesPass▶ weighted modules as get_attr weight -> F.conv2d / F.linear
       ─NormalizeOpsPass──────────────▶ the new functional nodes tagged too
@@ -15,8 +16,10 @@
 from __future__ import annotations
 
 from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.passes.base import GraphPass, run_passes
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
@@ -26,10 +29,15 @@ from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 __all__ = ["prepare_passes", "run_passes"]
 
 
+def _gated(config: QuantConfig) -> bool:
+    return config.target is not None and bool(get_profile(config.target).gated_activations())
+
+
 def prepare_passes(config: QuantConfig) -> list[GraphPass]:
     """The passes that turn a captured GraphModule into a prepared one for ``config``."""
     return [
         SplitNormActPass(),
+        *([DecomposeGatesPass(config)] if _gated(config) else []),
         NormalizeOpsPass(),
         FunctionalizeWeightedModulesPass(),
         NormalizeOpsPass(),
