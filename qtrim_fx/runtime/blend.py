@@ -17,8 +17,11 @@ Hot path (eager): x̂ is computed in place on one fresh float32 tensor
 (``x / s`` → round → + z → clip → − z → · s: one allocation, at most six passes, five
 for a per-tensor zero point on the CPU, which moves into the clip bounds; the bits are those of
 :func:`~qtrim_fx.core.fakequant.fake_quantize`), the ``lerp`` is written into that tensor too, and it
-is skipped when the host-side mirror of λ says λ = 1. Under ``torch.compile`` the
-plain functional form is traced instead (the compiler fuses it into one kernel).
+is skipped when the host-side mirror of λ says λ = 1. The clipped-STE bounds of per-tensor CPU
+qparams are host floats the site caches with its qparams (:func:`host_bounds`). A BN-folded weight
+carries its identity gradient in an autograd ``clone`` (:func:`fold_product`), not in a Python
+``autograd.Function``. Under ``torch.compile`` the plain functional form is traced instead (the
+compiler fuses it into one kernel).
 
 One :class:`BlendControl` per prepared model owns λ as a buffer: it is saved in
 ``state_dict``, restored on load, and broadcast by DDP like any other buffer.
@@ -41,7 +44,7 @@ from qtrim_fx.core.fakequant import (
     round_clip_,
 )
 
-__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "saturation_gradient"]
+__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "fold_product", "host_bounds", "saturation_gradient"]
 
 
 class BlendQuantFn(torch.autograd.Function):
@@ -56,7 +59,9 @@ class BlendQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool,  # type: ignore[override]
-                keep_output: bool, clip: bool = True):
+                keep_output: bool, clip: bool = True, host_bounds: tuple[float, float] | None = None):
+        # ``host_bounds``: :func:`host_bounds` of these qparams, cached by the caller (a site derives them
+        # once per statistics update, not per call); None: computed here.
         bounds = None
         if torch.compiler.is_compiling():
             xf = x.float()
@@ -70,7 +75,7 @@ class BlendQuantFn(torch.autograd.Function):
                 torch.lerp(xf, t, lam if lam.dtype == torch.float32 else lam.float(), out=t)
             out = t if fp32 else t.to(x.dtype)
             if fp32 and keep_output:  # per-tensor CPU qparams: the mask's bounds now, backward is one kernel
-                bounds = _host_bounds(scale, zero_point, qmin, qmax)
+                bounds = host_bounds or _host_bounds(scale, zero_point, qmin, qmax)
         ctx.qrange = (qmin, qmax, lam_is_one, keep_output)
         ctx.bounds = bounds
         ctx.straight = not clip
@@ -106,8 +111,8 @@ class BlendQuantFn(torch.autograd.Function):
         return (g, *nones)
 
 
-def _host_bounds(scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
-                 qmax: int) -> tuple[float, float] | None:
+def host_bounds(scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
+                qmax: int) -> tuple[float, float] | None:
     """``(lo, hi)`` of :func:`saturation_gradient` as host floats for float32 per-tensor CPU qparams, else None.
 
     Bit for bit the float32 values that function computes (``(q − z)`` then ``· s``, each rounded to
@@ -122,6 +127,9 @@ def _host_bounds(scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int
     s = np.float32(scale.item())
     z = np.float32(0.0 if zero_point is None else zero_point.item())
     return float((np.float32(qmin) - z) * s), float((np.float32(qmax) - z) * s)
+
+
+_host_bounds = host_bounds  # the name used before it was public
 
 
 def saturation_gradient(grad: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -159,29 +167,36 @@ class _BlendFoldedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w, wf, f, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool):  # type: ignore[override]
-        ratio = scale / f
         if torch.compiler.is_compiling():
             z: Any = 0.0 if zero_point is None else zero_point
             q = quantize_codes(wf.float(), scale, z, qmin, qmax) - z
-            return torch.lerp(w, torch.where(f != 0, (q * ratio).to(w.dtype), w), lam.to(w.dtype))
-        t = wf if wf.dtype == torch.float32 else wf.float()
-        round_clip_(t.div_(scale), zero_point, qmin, qmax)  # a −0.0 it may leave is harmless here
-        t.mul_(ratio)
-        if t.dtype != w.dtype:
-            t = t.to(w.dtype)
-        # Channels with f = 0 (γ = 0) keep w. On the CPU a host read costs no synchronization,
-        # and skipping the weight-sized ``where`` when no channel has f = 0 saves a slow pass
-        # (the test on the C factors runs in NumPy: a tenth of two torch kernels and a read).
-        if (f.device.type != "cpu" or type(f) is not torch.Tensor or f.dtype != torch.float32
-                or not f.detach().numpy().all()):
-            t = torch.where(f != 0, t, w)
-        if not lam_is_one:
-            torch.lerp(w, t, lam.to(w.dtype), out=t)
-        return t
+            return torch.lerp(w, torch.where(f != 0, (q * (scale / f)).to(w.dtype), w), lam.to(w.dtype))
+        return _folded_values(w, wf, f, scale, zero_point, lam, qmin, qmax, lam_is_one)
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
         return grad, None, None, None, None, None, None, None, None
+
+
+def _folded_values(w: torch.Tensor, wf: torch.Tensor, f: torch.Tensor, scale: torch.Tensor,
+                   zero_point: torch.Tensor | None, lam: torch.Tensor, qmin: int, qmax: int,
+                   lam_is_one: bool) -> torch.Tensor:
+    """The eager value of :class:`_BlendFoldedFn`, computed in place in ``wf`` when it is float32."""
+    ratio = scale / f
+    t = wf if wf.dtype == torch.float32 else wf.float()
+    round_clip_(t.div_(scale), zero_point, qmin, qmax)  # a −0.0 it may leave is harmless here
+    t.mul_(ratio)
+    if t.dtype != w.dtype:
+        t = t.to(w.dtype)
+    # Channels with f = 0 (γ = 0) keep w. On the CPU a host read costs no synchronization,
+    # and skipping the weight-sized ``where`` when no channel has f = 0 saves a slow pass
+    # (the test on the C factors runs in NumPy: a tenth of two torch kernels and a read).
+    if (f.device.type != "cpu" or type(f) is not torch.Tensor or f.dtype != torch.float32
+            or not f.detach().numpy().all()):
+        t = torch.where(f != 0, t, w)
+    if not lam_is_one:
+        torch.lerp(w, t, lam.to(w.dtype), out=t)
+    return t
 
 
 class _BlendToFn(torch.autograd.Function):
@@ -245,12 +260,38 @@ def blend_quant_folded(
 
     Args:
         w: the FP32 master weight.
-        wf: ``w.detach() · f``, a tensor the caller owns (it is overwritten in eager mode).
+        wf: ``w · f`` from :func:`fold_product`, a tensor the caller owns (it is overwritten in eager
+            mode; one that requires grad carries w's identity gradient and is returned).
         f: per-output-channel fold factor shaped to broadcast against ``w``.
         scale, zero_point: qparams shaped to broadcast against ``w`` (``zero_point=None``: z = 0).
         lam: 0-D blend tensor; ``lam_is_one`` a host-side promise that it equals 1 (skips the lerp).
     """
-    return _BlendFoldedFn.apply(w, wf, f, scale, zero_point, lam, qmin, qmax, lam_is_one)
+    if not wf.requires_grad or torch.compiler.is_compiling():
+        return _BlendFoldedFn.apply(w, wf, f, scale, zero_point, lam, qmin, qmax, lam_is_one)
+    # ``wf`` from :func:`fold_product` in eager training: it carries w's identity gradient (a C++
+    # ``clone`` node), the value is written into it without autograd (no Python backward per step).
+    with torch.no_grad():
+        t = _folded_values(w.detach(), wf, f, scale, zero_point, lam, qmin, qmax, lam_is_one)
+        if t is not wf:
+            wf.copy_(t)
+    return wf
+
+
+def fold_product(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``w·f`` for :func:`blend_quant_folded` (``f`` shaped to broadcast against ``w``).
+
+    In eager training (``w`` requires grad) the product is written into ``w.clone()``: a fresh tensor
+    whose autograd node passes the gradient to ``w`` unchanged, which :func:`blend_quant_folded`
+    overwrites with the blended weight and returns (the identity gradient of the blend). Otherwise
+    (compiled, no grad) a plain product without gradient.
+    """
+    if torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling() and w.dtype == f.dtype:
+        out = w.clone()
+        with torch.no_grad():
+            torch.mul(w.detach(), f, out=out)
+        return out
+    with torch.no_grad():
+        return w.detach() * f
 
 
 class BlendControl(nn.Module):

@@ -8,8 +8,11 @@ value by the model's single global λ (:class:`qtrim_fx.runtime.blend.BlendContr
 Per training step a site costs, in eager mode: one observer update (on a subsample,
 every ``update_every`` calls), qparams derived only when the statistics changed
 (they are cached against the statistic tensors' identity and version counters, so
-frozen statistics cost no kernels), and one blend-quant (one allocation, in-place
-passes, no lerp at λ = 1). Nothing reads a tensor back to the host. Under
+frozen statistics cost no kernels; the clipped-STE bounds are cached with them), and one
+blend-quant (one allocation, in-place passes, no lerp at λ = 1). At λ = 1 on a grid whose lower
+end is 0, a site reading a ``relu_keep_mask`` output tells that ReLU its own mask already blocks
+``y <= 0`` (:func:`qtrim_fx.runtime.ops.relu_read`), and the ReLU's backward passes the gradient
+on unchanged (same bits, two passes fewer). Nothing reads a tensor back to the host. Under
 ``torch.compile`` the whole site is traced without graph breaks; the observer update
 is one opaque op in the graph (see ``qtrim_fx.runtime.observer``).
 """
@@ -24,9 +27,9 @@ from torch import nn
 
 from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.scheme import QuantScheme
-from qtrim_fx.runtime.blend import BlendControl, BlendQuantFn, blend_quant_folded
+from qtrim_fx.runtime.blend import BlendControl, BlendQuantFn, blend_quant_folded, fold_product, host_bounds
 from qtrim_fx.runtime.observer import EmaQuantileObserver
-from qtrim_fx.runtime.ops import channel_shape
+from qtrim_fx.runtime.ops import channel_shape, relu_read, relu_read_masked
 
 __all__ = ["QuantSite"]
 
@@ -80,11 +83,18 @@ class QuantSite(nn.Module):
         return derive_qparams(scheme or self.scheme, lo, hi, self.eps)
 
     def _training_qparams(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training-scheme (scale, zero point) shaped to broadcast against an ``ndim``-D tensor.
+        """Training-scheme (scale, zero point) shaped to broadcast against an ``ndim``-D tensor (see :meth:`_training_grid`)."""
+        scale, zp, _ = self._training_grid(ndim)
+        return scale, zp
 
-        ``None`` for the zero point of a symmetric signed grid (z = 0). Cached in eager mode
-        until the statistics tensors change (identity and in-place version counters: an observer
-        update, ``load_state_dict``, ``.to()``), so frozen statistics cost no kernels per step.
+    def _training_grid(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float] | None]:
+        """Training-scheme (scale, zero point, host bounds) shaped to broadcast against an ``ndim``-D tensor.
+
+        ``None`` for the zero point of a symmetric signed grid (z = 0). The host bounds are the
+        clipped-STE mask's ``(lo, hi)`` (:func:`~qtrim_fx.runtime.blend.host_bounds`; None unless
+        per-tensor float32 CPU qparams). Cached in eager mode until the statistics tensors change
+        (identity and in-place version counters: an observer update, ``load_state_dict``, ``.to()``),
+        so frozen statistics cost no kernels and no host reads per step.
         """
         obs = self.observer
         lo, hi = obs.lo, obs.hi
@@ -93,16 +103,18 @@ class QuantSite(nn.Module):
             key = _stats_key(lo, hi, self.scheme, self.eps, ndim)
             cached = self.__dict__.get("_qp_cache")
             if key is not None and cached is not None and _same_key(cached[0], key):
-                return cached[1], cached[2]
+                return cached[1], cached[2], cached[3]
         s = self.scheme
         with torch.no_grad():
             scale, zp = self.qparams()
             if s.axis is not None:
                 scale, zp = channel_shape(scale, ndim, s.axis), channel_shape(zp, ndim, s.axis)
         zp_or_none = None if (s.symmetric and s.signed) else zp
-        if key is not None:
-            self.__dict__["_qp_cache"] = (key, scale, zp_or_none)
-        return scale, zp_or_none
+        if key is None:
+            return scale, zp_or_none, None
+        bounds = host_bounds(scale, zp_or_none, s.qmin, s.qmax)
+        self.__dict__["_qp_cache"] = (key, scale, zp_or_none, bounds)
+        return scale, zp_or_none, bounds
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -121,6 +133,7 @@ class QuantSite(nn.Module):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
         compiling = torch.compiler.is_compiling()
+        relu = None if compiling or fold is not None else relu_read(x)  # every read counts, see relu_read
         control = self._control
         obs = self.observer  # one nn.Module attribute lookup (this runs for every site on every step)
         # λ = 0 in eager: FP32 exactly, no quantization work (the statistics still update).
@@ -133,7 +146,7 @@ class QuantSite(nn.Module):
             with torch.no_grad():
                 fd = fold.detach()
                 f = channel_shape(fd if fd.dtype == x.dtype else fd.to(x.dtype), x.dim(), 0)
-                xs = x.detach() * f
+            xs = fold_product(x if quantize else x.detach(), f)  # see fold_product: it may carry x's gradient
         if observe:
             obs(x if xs is None else xs)
         if not quantize:
@@ -147,12 +160,15 @@ class QuantSite(nn.Module):
                 )
                 self._warned_unobserved = True
             return x
-        scale, zp = self._training_qparams(x.dim())
+        scale, zp, bounds = self._training_grid(x.dim())
         s = self.scheme
         # The host-side mirror of λ = 1 lets eager skip the lerp; compiled graphs keep it (no guard on λ).
         one = control._is_one and not compiling
         if f is None:
-            return BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip)
+            if relu is not None and one and obs.clip and bounds is not None and bounds[0] == 0.0:
+                relu_read_masked(relu)  # this backward blocks x̃ <= lo = 0, which covers relu's y <= 0
+            return BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
+                                      bounds)
         return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
 
     def observer_name(self) -> str:
