@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from qtrim_fx.core.profiles import PER_CHANNEL_MIN_OPSET, TargetProfile
 from qtrim_fx.onnx._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
-from qtrim_fx.onnx.check_islands import float_islands, island_severity
+from qtrim_fx.onnx.check_islands import float_islands, gate_hint, island_severity
 
 __all__ = ["RULES", "RuleContext", "Violation", "quantized_ops"]
 
@@ -274,11 +274,14 @@ _VIEWS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "S
 
 
 def _readers(value: ir.Value, depth: int = 0) -> list[ir.Node]:
-    """The nodes that read ``value``, looking through view ops (a few levels)."""
+    """The nodes that read ``value``, looking through view ops and the Q → DQ pairs after them (a few levels)."""
     out = []
     for user, _ in value.uses():
         if is_op(user, *_VIEWS) and user.outputs and depth < 4:
             out += [r for o in user.outputs for r in _readers(o, depth + 1)]
+        elif depth and is_op(user, "QuantizeLinear") and depth < 4:  # a view's output re-quantized
+            out += [r for dq, _ in user.outputs[0].uses() if is_op(dq, "DequantizeLinear")
+                    for r in _readers(dq.outputs[0], depth + 1)]
         else:
             out.append(user)
     return out
@@ -377,7 +380,7 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
             severity, fix = "warning", "that constant needs a DequantizeLinear (quantize it on its own grid)"
         elif severity == "error":
             fix = (f"prepare the model with qtrim_fx.prepare(model, ..., target={prof.name!r}) so that tensor is "
-                   "quantized and trained")
+                   "quantized and trained" + gate_hint(node))
         else:
             fix = "it needs a Q/DQ on that tensor"
         yield Violation("float_op", _name(node), f"{node.op_type} runs in float on integer-only target "

@@ -194,3 +194,27 @@ def test_violation_reads_well():
 def test_unknown_target():
     with pytest.raises(ProfileError, match=r"unknown target"):
         check(_build(), "edgetpu")
+
+
+def test_tensorrt_view_requantized_is_an_input_q(tmp_path):
+    """Conv -> ReLU -> Q/DQ -> Flatten -> Q/DQ -> Gemm: the ReLU-output Q is the Gemm's input Q (seen through
+    the re-quantized view), not an op-output Q that blocks fusion (it was reported as one)."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import qtrim_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    x = torch.randn(16, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, (x[:1],))
+        qtrim_fx.calibrate(qm, [x])
+        path = tmp_path / "trt.onnx"
+        qtrim_fx.export_onnx(qm, (x[:1],), path, target="tensorrt")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and "Flatten" in ops  # the view is re-quantized
+    assert [str(v) for v in check(str(path), "tensorrt")] == []
