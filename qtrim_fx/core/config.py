@@ -7,8 +7,9 @@ resolution; reverse pruning clips the weights themselves, so after a pin max |w|
 level); each activation site's range is the one of least expected quantization error for its grid,
 chosen from EMA'd tail order statistics (``act_range="mse"``: rounding noise s²/12 against the
 clipping error of the tails, :mod:`qtrim_fx.runtime.range_rule`; one-signed tensors such as ReLU
-outputs keep their max), model outputs are never
-clipped (their range is the EMA'd min/max; ``calibrate`` takes the calibration set's), and statistics update every
+outputs keep their max), model outputs (sites that feed no other site and no weighted op) stay float
+unless the target is integer-only, and are never clipped there (their range is the EMA'd min/max;
+``calibrate`` takes the calibration set's), and statistics update every
 :data:`DEFAULT_UPDATE_EVERY` training steps with the momentum compensated (μ_N = 1 − (1 − μ)^N,
 the paper's horizon of 1/μ steps). μ = 1e-3, subsamples of at most 1e5 elements.
 
@@ -169,7 +170,8 @@ class QuantConfig:
     @classmethod
     def paper(cls, **changes: object) -> QuantConfig:
         """The paper's exact statistics recipe: fixed p_lo = 0.001 / p_hi = 0.999 quantiles for every
-        activation (model outputs included), updated every training step with μ = 1e-3.
+        activation (quantized model outputs included: on integer-only targets), updated every training
+        step with μ = 1e-3.
 
         Args:
             changes: other fields (grids, overrides, ...), as for ``QuantConfig(...)``.

@@ -128,6 +128,10 @@ class SiteSpec:
         users: names of the graph nodes rewired to read the site (weight sites: the ops that read
             the parameter on the way to a weighted op; other readers keep the float parameter).
         notes: free-form remarks shown by ``inspect`` (e.g. "BN folded at export").
+        model_output: activation sites whose value reaches no other site and no weighted op, only
+            the model's outputs (logits): no integer kernel reads it, so a model prepared for no
+            target or a float-capable one trains it in float and lowering leaves it float (an
+            integer-only target quantizes it; its range is never clipped).
     """
 
     name: str
@@ -142,6 +146,7 @@ class SiteSpec:
     role: Literal["input", "output"] = "input"
     users: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    model_output: bool = False
 
     @property
     def key(self) -> str:

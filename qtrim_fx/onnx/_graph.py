@@ -18,6 +18,7 @@ __all__ = [
     "dequantizes_constant",
     "is_op",
     "qdq_params",
+    "reaches_only_outputs",
     "source_value",
     "value_rank",
 ]
@@ -159,3 +160,22 @@ def qdq_params(node: ir.Node, rank: int | None = None) -> QDQParams | None:
         dtype = ir.tensor(zp).dtype
     extra = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items() if k != "axis"))
     return QDQParams(scale, zp, axis, storage_of(dtype), extra)
+
+
+def reaches_only_outputs(value: ir.Value) -> bool:
+    """No QuantizeLinear reads ``value`` or anything computed from it: it only reaches graph outputs.
+
+    Such a tensor is a model output that lowering leaves float on targets that run its op in float
+    (``SiteSpec.model_output``, the logits): nothing reads it as an integer.
+    """
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for user, _ in v.uses():
+            if is_op(user, "QuantizeLinear") or len(seen) > 64:
+                return False
+            todo.extend(o for o in user.outputs if o is not None)
+    return True

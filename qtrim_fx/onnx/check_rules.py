@@ -15,7 +15,15 @@ import numpy as np
 import onnx_ir as ir
 
 from qtrim_fx.core.profiles import PER_CHANNEL_MIN_OPSET, TargetProfile
-from qtrim_fx.onnx._graph import QDQParams, const_array, dequantizes_constant, is_op, qdq_params, value_rank
+from qtrim_fx.onnx._graph import (
+    QDQParams,
+    const_array,
+    dequantizes_constant,
+    is_op,
+    qdq_params,
+    reaches_only_outputs,
+    value_rank,
+)
 from qtrim_fx.onnx.check_islands import float_islands, gate_hint, island_severity
 
 __all__ = ["RULES", "RuleContext", "Violation", "quantized_ops"]
@@ -23,7 +31,7 @@ __all__ = ["RULES", "RuleContext", "Violation", "quantized_ops"]
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops whose inputs TensorRT-style placement quantizes (a Q feeding only these is an input Q).
-_INPUT_QUANTIZED = (*_WEIGHTED, "MaxPool", "AveragePool", "GlobalAveragePool")
+_INPUT_QUANTIZED = (*_WEIGHTED, "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean")
 #: ops ONNX Runtime fuses between a weighted op and its output Q.
 _FUSED_AFTER = ("Relu", "Clip")
 
@@ -310,7 +318,7 @@ def _op_outputs(ctx: RuleContext) -> Iterator[Violation]:
         if not _has_weight_dq(node):
             continue
         qs = _output_qs(node)
-        if prof.quantize_op_outputs and not qs:
+        if prof.quantize_op_outputs and not qs and not reaches_only_outputs(node.outputs[0]):
             yield Violation("op_output_not_quantized", _name(node), f"target {prof.name!r} needs a Q/DQ on "
                             f"the {node.op_type} output to run it as an integer kernel; it stays float",
                             "warning")

@@ -52,6 +52,9 @@ class QuantSite(nn.Module):
     #: reader saves it too). ``InsertSitesPass`` sets ``False`` where a reader modifies the output
     #: in place; the site then saves a 1-byte mask. Safe default for sites built by hand.
     keep_output: bool = False
+    #: A model output (``SiteSpec.model_output``) left float: observed (an integer-only export still
+    #: needs its range) but never quantized, in training and in the files of float-capable targets.
+    float_output: bool = False
 
     def __init__(
         self,
@@ -137,7 +140,7 @@ class QuantSite(nn.Module):
         control = self._control
         obs = self.observer  # one nn.Module attribute lookup (this runs for every site on every step)
         # λ = 0 in eager: FP32 exactly, no quantization work (the statistics still update).
-        quantize = self.enabled and (compiling or not control._is_zero)
+        quantize = self.enabled and not self.float_output and (compiling or not control._is_zero)
         observe = self.training and obs.training and obs.enabled
         if not (quantize or observe):
             return x

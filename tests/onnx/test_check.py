@@ -122,7 +122,10 @@ def test_hand_made_baseline_is_clean():
         ({"op": "Gemm", "w_axis": 0}, "onnxruntime", [("weight_axis", "error")]),  # transB=0: want axis 1
         ({"act_dtype": np.int8, "act_zp": 5}, "npu", [("weight_per_channel", "error")]),
         ({"w_axis": None, "act_dtype": np.int8, "act_zp": 5}, "npu", []),
-        ({"out_q": False}, "onnxruntime", [("op_output_not_quantized", "warning")]),
+        ({"out_q": False, "out_consumer": "MaxPool",
+          "extra_nodes": [helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"])]},
+         "onnxruntime", [("op_output_not_quantized", "warning")]),
+        ({"out_q": False}, "onnxruntime", []),  # read only as the model's output: left float on purpose
         ({"act_dtype": np.int8, "act_zp": 0, "out_consumer": "Add"}, "tensorrt", [("op_output_quantized", "warning")]),
         ({"act_dtype": np.int8, "act_zp": 0, "out_consumer": "MaxPool"}, "tensorrt", []),  # next op's input Q
         ({"out_q": False}, "openvino", []),  # openvino takes both placements

@@ -91,7 +91,10 @@ def test_resnet18_onnxruntime_structure_parity_and_integer_kernels(resnet18, tmp
     opt = tmp_path / "r18.opt.onnx"
     _session(path, optimize=True, opt_path=opt)
     ops = [n.op_type for n in onnx.load(opt).graph.node]
-    assert "Conv" not in ops and "Gemm" not in ops, sorted(set(ops))
+    # Every Conv on integers; the one float Gemm is the head, whose output (the logits) stays float.
+    assert "Conv" not in ops and ops.count("Gemm") == 1, sorted(set(ops))
+    head = next(n for n in onnx.load(opt).graph.node if n.op_type == "Gemm")
+    assert head.output[0] in {o.name for o in onnx.load(opt).graph.output}
     assert ops.count("QLinearConv") == 20
     assert ops.count("QLinearAdd") == 8 and "Add" not in ops  # the residual after MaxPool included
     assert "MaxPool" not in ops  # runs on uint8 (NhwcMaxPool) between its Q/DQ pair

@@ -136,7 +136,9 @@ def test_inspect_target_notes_the_sites_it_drops():
     for a, b in zip(plain.rows, report.rows, strict=True):
         assert b.notes[: len(a.notes)] == a.notes and (a.name, a.scale, a.clipped) == (b.name, b.scale, b.clipped)
     assert qtrim_fx.inspect(qm).table() == plain.table() and "dropped for" not in plain.table()
-    assert not any(n.startswith("dropped for") for r in qtrim_fx.inspect(qm, target="onnxruntime").rows for n in r.notes)
+    ort_dropped = {r.name: n for r in qtrim_fx.inspect(qm, target="onnxruntime").rows for n in r.notes
+                   if n.startswith("dropped for")}
+    assert set(ort_dropped) == {"fc.out"} and "model output" in ort_dropped["fc.out"]  # the logits stay float
 
 
 def test_inspect_target_option(capsys):

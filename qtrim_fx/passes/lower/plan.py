@@ -10,7 +10,9 @@ channel axis and qparams, derived from the site's stored raw statistics::
 
 Qparams come from the stored raw statistics, for the target profile's grid
 (symmetric targets use max(|ã|, |b̃|) of the same statistics). Sites with role
-``"output"`` are dropped for targets that want no Q on Conv/Gemm/MatMul outputs.
+``"output"`` are dropped for targets that want no Q on Conv/Gemm/MatMul outputs; sites trained in
+float as model outputs (``QuantSite.float_output``: logits) are dropped for every target that is not
+integer-only (an integer-only one quantizes them from their unclipped range).
 A weight whose target channel axis differs from the trained one gets its |w|
 quantile recomputed from the final weight along the target axis.
 ``LowerSitesPass`` applies these records; :func:`lowering_plan` returns them for ``inspect``.
@@ -84,6 +86,9 @@ def plan_site(gm: fx.GraphModule, node: fx.Node, profile: TargetProfile) -> Lowe
     if spec.kind == "activation" and spec.role == "output" and not profile.quantize_op_outputs:
         return LoweredSite(spec.name, kept=False, reason=(
             f"output of a weighted op only: target {profile.name!r} takes no Q on Conv/Gemm/MatMul outputs"))
+    if site.float_output and not profile.integer_only:
+        return LoweredSite(spec.name, kept=False, reason=(
+            "model output: read by no integer kernel, trained in float, left float"))
     scheme = target_scheme(spec, profile)
     w = _site_input(gm, node) if spec.kind == "weight" else None
     reason = ""

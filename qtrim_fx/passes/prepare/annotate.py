@@ -16,7 +16,8 @@ Rules (DESIGN.md):
   weighted ops, both inputs of residual adds, the inputs of concats, outputs of
   nonlinearities, the sources of Q, K, V of attention matmuls / SDPA (traced back
   through reshapes to the projection), and — with role ``"output"`` — outputs of
-  weighted ops (after a foldable BatchNorm) that no other site covers;
+  weighted ops (after a foldable BatchNorm) that no other site covers; a site whose value reaches
+  no other site and no weighted op (logits) is marked ``model_output`` (float on float targets);
 * never: attention scores (QKᵀ, its scaling, the mask add, softmax in/out, the
   probabilities entering P·V), non-tensors (shapes, Python scalars), constants.
 
@@ -25,7 +26,7 @@ The graph walks behind these rules are in :mod:`qtrim_fx.passes.prepare.graph_wa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -50,6 +51,7 @@ from qtrim_fx.passes.prepare.graph_walks import (
     data_source,
     dynamic_nodes,
     map_axis,
+    model_output_sites,
     node_owner,
     param_source,
     through_views,
@@ -364,6 +366,8 @@ class AnnotateSitesPass(GraphPass):
                 module=owner,
                 role=c.role,  # type: ignore[arg-type]
             )
+        for n in model_output_sites(out, {v[0] for v in a.weights.values()}):
+            out[n] = replace(out[n], model_output=True)
         return out
 
 

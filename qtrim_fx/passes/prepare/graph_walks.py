@@ -5,14 +5,15 @@ graph input (:func:`dynamic_nodes`), which module owns it (:func:`node_owner`), 
 view (:func:`param_source`, with the channel axis carried through by :func:`map_axis`), which tensor
 feeds an attention operand (:func:`data_source`), what a chain of reshapes views
 (:func:`through_views`), which nodes compute attention scores and stay float
-(:func:`attention_float_region`) and whether a value is quantized downstream anyway (:func:`covered`).
+(:func:`attention_float_region`), whether a value is quantized downstream anyway (:func:`covered`) and
+which sites only reach the model's outputs (:func:`model_output_sites`).
 ``kind`` arguments map each node to its ``node.meta[OP_KIND]``
 (see :class:`~qtrim_fx.passes.prepare.normalize.NormalizeOpsPass`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Collection, Container, Mapping
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,7 @@ __all__ = [
     "data_source",
     "dynamic_nodes",
     "map_axis",
+    "model_output_sites",
     "node_owner",
     "param_source",
     "through_views",
@@ -222,3 +224,30 @@ def covered(n: fx.Node, candidates: Container[fx.Node], kind: Mapping[fx.Node, s
         kind[u] in (*VIEW_KINDS, "relu", "maxpool") and u.op != "output" and covered(u, candidates, kind, depth + 1)
         for u in users
     )
+
+
+def model_output_sites(sites: Collection[fx.Node], weighted_ops: Collection[fx.Node]) -> set[fx.Node]:
+    """The activation sites whose value reaches no other site and no weighted op: only the model's outputs.
+
+    Such a tensor feeds no integer kernel (a logits tensor, a head output through a softmax or a
+    view): quantizing it only rounds (and may clip) what the user reads. Targets that run the last
+    op in float leave it float, in training and in the file (see ``SiteSpec.model_output``).
+    """
+    stop = set(sites) | set(weighted_ops)
+    out = set()
+    for site in sites:
+        seen: set[fx.Node] = set()
+        todo = list(site.users)
+        alone = bool(todo)
+        while todo and alone:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in stop:
+                alone = False
+            elif n.op != "output":
+                todo.extend(n.users)
+        if alone:
+            out.add(site)
+    return out

@@ -16,7 +16,8 @@ Reads the :class:`~qtrim_fx.core.spec.SiteSpec` records written by
 Sites live in ``gm.qtrim_sites`` (an ``nn.ModuleDict``) and share the model's
 single :class:`~qtrim_fx.runtime.blend.BlendControl` ``gm.qtrim_blend``. A weight site
 rewires only the readers on the path to its weighted op; an activation site
-replaces every use of its tensor (one quantizer per tensor). Already
+replaces every use of its tensor (one quantizer per tensor); a ``model_output`` site (logits) is
+built observe-only (``float_output``) unless the config's target runs only integers. Already
 materialized sites are skipped, so the pass is idempotent.
 """
 
@@ -29,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import ACT_SITE, SITE_NODE, WEIGHT_SITE, SiteSpec
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.runtime.blend import BlendControl
@@ -47,6 +49,8 @@ def _make_site(spec: SiteSpec, config: QuantConfig, control: BlendControl, graph
                               **config.observer_kwargs())
     site = QuantSite(spec.scheme, obs, control, kind=spec.kind, eps=config.eps)
     site._qtrim_name = spec.name
+    # Logits feed no integer kernel: float in training and in the file, unless the target runs only integers.
+    site.float_output = spec.model_output and not (config.target and get_profile(config.target).integer_only)
     return site
 
 

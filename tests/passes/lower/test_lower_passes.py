@@ -65,8 +65,11 @@ def test_fold_bn_exact_in_float():
 def test_lower_sites_structure_and_parity(convnet):
     qm, x = convnet
     n_sites = len(list(qtrim_fx.iter_sites(qm)))
+    logits = [s.name for s, site, _ in qtrim_fx.iter_sites(qm) if site.float_output]
+    assert logits == ["fc.out"]  # the model output: trained float, left float
     lg = lower(qm, "onnxruntime")
-    assert len(_qdq_nodes(lg)) == n_sites
+    assert len(_qdq_nodes(lg)) == n_sites - 1
+    assert "fc.out" not in {n.args[-1] for n in _qdq_nodes(lg)}
     assert not hasattr(lg, "qtrim_sites")
     assert not any(SITE_NODE in n.meta and n.op == "call_module" for n in lg.graph.nodes)
     lg.graph.lint()
@@ -152,7 +155,9 @@ def test_lowering_plan_says_why_a_site_is_dropped(convnet):
     assert dropped == outs
     assert all("tensorrt" in plan[name].reason and plan[name].scale is None for name in dropped)
     kept = lowering_plan(qm, "onnxruntime")
-    assert all(p.kept and p.scale is not None for p in kept.values())
+    assert all(p.kept and p.scale is not None for name, p in kept.items() if name != "fc.out")
+    assert not kept["fc.out"].kept and "model output" in kept["fc.out"].reason
+    assert lowering_plan(qm, "qnn")["fc.out"].kept  # integer-only: quantized from its unclipped range
     lg = lower(qm, "onnxruntime")  # the plan is what lowering applies
     for n in _qdq_nodes(lg):
         assert torch.equal(lg.get_buffer(str(n.args[1].target)), kept[n.args[-1]].scale)
