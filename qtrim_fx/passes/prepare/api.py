@@ -31,6 +31,7 @@ from qtrim_fx.core.errors import (
     CoverageError,
     CoverageWarning,
     NoSitesError,
+    QtrimWarning,
     TracedBranchWarning,
 )
 from qtrim_fx.core.profiles import get_profile
@@ -98,8 +99,10 @@ def prepare(
         raise _unprintable_names(model) from e
     gm = result.gm
     _warn_fallbacks(result.fallbacks)
+    ranks_known = result.frontend != "symbolic_trace"  # torch.export records every shape
     if example_inputs is not None and config.target is not None and get_profile(config.target).matmul_weights_per_tensor:
-        record_ranks(gm, example_inputs)  # MatMul vs Gemm form of each Linear (the profile's weight grid)
+        # MatMul vs Gemm form of each Linear (the profile's weight grid)
+        ranks_known = record_ranks(gm, example_inputs) or ranks_known
     try:
         gm = run_passes(gm, prepare_passes(config))
     except SyntaxError as e:
@@ -110,6 +113,7 @@ def prepare(
             "with a weight was found, or every one was excluded by the config); check the model and the "
             "config's exclude overrides"
         )
+    _warn_unknown_matmul_form(gm, config, ranks_known)
     floats = _check_coverage(gm, config, result.fallbacks, model)
     blend_control(gm)
     gm.__dict__[INFO_ATTR] = PrepareInfo(result.frontend, result.fallbacks, config, floats)
@@ -120,6 +124,21 @@ def prepare(
         m.training = model.training
     _make_saveable(gm)
     return gm
+
+
+def _warn_unknown_matmul_form(gm: fx.GraphModule, config: QuantConfig, ranks_known: bool) -> None:
+    """A target that trains per-tensor weights for Linear layers written as ONNX MatMul, without the ranks to tell."""
+    if ranks_known or config.target is None or not get_profile(config.target).matmul_weights_per_tensor:
+        return
+    linears = [spec.name for spec, _, _ in iter_sites(gm) if spec.kind == "weight" and spec.op == "linear"
+               and spec.scheme.axis is not None]
+    if linears:
+        warnings.warn(QtrimWarning(
+            f"prepare(target={config.target!r}) could not tell which of {len(linears)} Linear layer(s) "
+            f"({', '.join(linears[:3])}{', ...' if len(linears) > 3 else ''}) the file writes as ONNX MatMul "
+            "(input with 3+ dims): they keep per-channel weights, which the target runs several times slower "
+            "than per-tensor ones. Pass example_inputs to prepare(model, example_inputs, target=...)"),
+            stacklevel=3)
 
 
 def _with_target(config: QuantConfig, target: str | None) -> QuantConfig:

@@ -19,6 +19,11 @@ module has nothing else to affect) and whose every reader is a site module. The 
 edited in place, so its name, ``SiteSpec`` and shape meta stay. Values and gradients are
 bit-identical. ``RestoreReluPass`` (:mod:`qtrim_fx.passes.lower.restore_relu`, run by ``qtrim_fx.lower``) turns the nodes back into
 ``torch.relu`` so the deployable graph holds only standard ops.
+
+Invariant (other code relies on it): the output of a ``relu_keep_mask`` node is read by site modules
+only. :func:`qtrim_fx.runtime.ops.relu_read` counts those reads, and when every one masks ``y <= 0``
+itself (λ = 1, a grid whose lower end is exactly 0) the ReLU's backward skips its own mask. A pass that
+adds another reader of such a node must turn it back into ``torch.relu`` first.
 """
 
 from __future__ import annotations

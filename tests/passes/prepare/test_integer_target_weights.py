@@ -150,3 +150,13 @@ def test_rank_probe_leaves_model_state_and_rng_alone():
     assert torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert {s.scheme.axis for s, _, _ in iter_sites(qm) if s.kind == "weight"} == {None}
+
+
+def test_qnn_without_example_inputs_says_matmul_weights_stay_per_channel():
+    with pytest.warns(qtrim_fx.core.errors.QtrimWarning, match=r"fc1.*Pass example_inputs"):
+        qm = qtrim_fx.prepare(_Tokens(), target="qnn")
+    assert all(spec.scheme.axis is not None for spec, _, _ in iter_sites(qm) if spec.kind == "weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qtrim_fx.core.errors.QtrimWarning)
+        qtrim_fx.prepare(_Tokens(), (torch.randn(2, 5, 8),), target="qnn")  # ranks known: no warning
+        qtrim_fx.prepare(_Tokens(), target="onnxruntime")  # a per-channel target: nothing to say
