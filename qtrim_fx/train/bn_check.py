@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["StaleBatchNormWarning", "watch_batchnorm"]
+__all__ = ["StaleBatchNorm", "StaleBatchNormWarning", "watch_batchnorm"]
 
 #: A BatchNorm is off when the median over its channels of running / observed variance is off by more
 #: than this factor either way, and the network is reported when at least :data:`STALE_SHARE` of its
@@ -64,11 +64,24 @@ def _median_ratio(bn: nn.modules.batchnorm._BatchNorm, meter: _VarianceMeter) ->
     return float(ratio.median())
 
 
+class StaleBatchNorm:
+    """What :func:`watch_batchnorm` found: call :meth:`warn` to report it (nothing when the layers were fine)."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+
+    def warn(self, stacklevel: int) -> None:
+        if self.message is not None:
+            warnings.warn(self.message, StaleBatchNormWarning, stacklevel=stacklevel + 1)
+
+
 @contextlib.contextmanager
-def watch_batchnorm(model: nn.Module, stacklevel: int) -> Iterator[None]:
-    """Warn (:class:`StaleBatchNormWarning`) after the block when at least :data:`STALE_SHARE` of the
-    eval-mode BatchNorms run in it normalise by a running variance off from the variance of the inputs
-    they saw by more than :data:`STALE_FACTOR` (channel median)."""
+def watch_batchnorm(model: nn.Module) -> Iterator[StaleBatchNorm]:
+    """Measure, in the block, whether at least :data:`STALE_SHARE` of the eval-mode BatchNorms run in it
+    normalise by a running variance off from the variance of the inputs they saw by more than
+    :data:`STALE_FACTOR` (channel median); the yielded :class:`StaleBatchNorm` holds the warning text
+    after the block (the caller decides whether a more specific warning replaces it)."""
+    found = StaleBatchNorm()
     meters: dict[str, tuple[nn.Module, _VarianceMeter]] = {}
     handles = []
     for name, m in model.named_modules():
@@ -77,7 +90,7 @@ def watch_batchnorm(model: nn.Module, stacklevel: int) -> Iterator[None]:
             meters[name] = (m, meter)
             handles.append(m.register_forward_pre_hook(meter))
     try:
-        yield
+        yield found
     finally:
         for h in handles:
             h.remove()
@@ -93,13 +106,11 @@ def watch_batchnorm(model: nn.Module, stacklevel: int) -> Iterator[None]:
         return
     stale.sort(key=lambda t: -abs(math.log(t[1])))
     shown = ", ".join(f"{n} ({r:.3g}×)" for n, r in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
-    warnings.warn(
+    found.message = (
         f"calibrate: {len(stale)} of {seen} BatchNorm layers normalise by running variances that do not describe the "
         f"calibration data (running / observed variance, channel median: {shown}). Calibration runs in eval mode, "
         "so the activation ranges it set describe tensors that training (batch statistics) will not produce: at "
         "λ > 0 train-mode activations saturate and gradients can blow up. Calibrate a model whose BatchNorm "
         "statistics are settled (trained, or warmed with momentum=None), or skip calibrate before training and let "
-        "the curriculum's λ = 0 warm-up collect the statistics in train mode.",
-        StaleBatchNormWarning,
-        stacklevel=stacklevel + 1,  # this generator, contextlib.__exit__, then the caller of calibrate
+        "the curriculum's λ = 0 warm-up collect the statistics in train mode."
     )

@@ -145,7 +145,7 @@ def calibrate(
     device = _device(model) if world > 1 else torch.device("cpu")
     before = nonfinite_counts(model)
     used = 0
-    with (_calibration_mode(model, sync_ranks=world > 1) as sites, watch_batchnorm(model, stacklevel=3),
+    with (_calibration_mode(model, sync_ranks=world > 1) as sites, watch_batchnorm(model) as stale_bn,
           torch.no_grad()):
         it = iter(tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False))
         while True:
@@ -171,7 +171,8 @@ def calibrate(
             "calibrate got no (non-empty) batches (every batch had batch size 0, or batches was empty); pass at "
             "least one batch of model inputs, e.g. calibrate(qm, [x]) or calibrate(qm, loader, input_fn=lambda b: b[0])"
         )
-    _warn_collapsed_ranges(model, stacklevel=3)
+    if not _warn_collapsed_ranges(model, stacklevel=3):  # the more specific of the two names the same cause
+        stale_bn.warn(stacklevel=2)
     return used
 
 
@@ -179,9 +180,9 @@ class CollapsedRangeWarning(UserWarning):
     """Calibrated activation ranges at the ε floor (see :func:`calibrate`)."""
 
 
-def _warn_collapsed_ranges(model: nn.Module, stacklevel: int) -> None:
+def _warn_collapsed_ranges(model: nn.Module, stacklevel: int) -> bool:
     """Warn about activation sites whose calibrated range is at the ε floor of their scale, in a model
-    whose BatchNorms were never trained.
+    whose BatchNorms were never trained; whether it warned.
 
     Eval-mode activations of ~1e-7 are what an untrained network with BatchNorm gives (its running
     variance is 1, whatever the activations are): scales derived from them clip training-mode
@@ -195,7 +196,7 @@ def _warn_collapsed_ranges(model: nn.Module, stacklevel: int) -> None:
         and bool((m.running_var == 1).all()) and bool((m.running_mean == 0).all())
     ]
     if not fresh_bn:  # tiny ranges without untrained BatchNorms are constants or small init scales
-        return
+        return False
     names: list[str] = []
     floor = 0.0
     for spec, site, _ in iter_sites(model):
@@ -219,3 +220,4 @@ def _warn_collapsed_ranges(model: nn.Module, stacklevel: int) -> None:
             CollapsedRangeWarning,
             stacklevel=stacklevel,
         )
+    return bool(names)

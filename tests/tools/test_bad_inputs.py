@@ -17,6 +17,7 @@ import qtrim_fx
 from qtrim_fx.core.errors import CheckpointError
 from qtrim_fx.runtime.nonfinite import NonFiniteWarning
 from qtrim_fx.train import checkpoint
+from qtrim_fx.train.bn_check import StaleBatchNormWarning
 
 
 def _raises(exc: type[BaseException], call, *fragments: str) -> str:
@@ -329,6 +330,9 @@ def test_calibrating_collapsed_activations_warns_with_the_sites_and_the_fix():
         qtrim_fx.calibrate(qm, [x])
     text = next(str(r.message) for r in rec if issubclass(r.category, qtrim_fx.CollapsedRangeWarning))
     assert "initial running statistics" in text and "warm-up" in text and "bn" in text
+    # one cause, one warning: the general stale-BatchNorm one is not repeated beside it
+    assert not any(issubclass(r.category, StaleBatchNormWarning) for r in rec)
+    assert all(r.filename == __file__ for r in rec)  # points at the user's calibrate call
     healthy = qtrim_fx.prepare(Net())
     with warnings.catch_warnings():
         warnings.simplefilter("error", qtrim_fx.CollapsedRangeWarning)

@@ -53,7 +53,7 @@ def _calibrate(model: nn.Module) -> list[warnings.WarningMessage]:
 
 def test_a_stale_warm_up_is_reported_naming_the_layers_and_the_fix():
     found = _calibrate(_warm(_net(), converged=False))
-    assert len(found) == 1
+    assert len(found) == 1 and found[0].filename == __file__  # points at the user's calibrate call
     text = str(found[0].message)
     assert "BatchNorm layers normalise by running variances" in text and "×" in text
     assert re.search(r"(^|[ :,])(4|9|14) \([0-9.e+]+×\)", text)  # names a depthwise BatchNorm with its ratio
