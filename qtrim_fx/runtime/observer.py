@@ -46,7 +46,7 @@ from qtrim_fx.runtime.observer_support import (
     save_calls,
     train_call_outside_graph,
 )
-from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS, mse_range, tail_levels
+from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS, mse_range_into, tail_levels
 from qtrim_fx.runtime.subsample import subsample_rows
 
 __all__ = ["EmaQuantileObserver", "is_distributed"]
@@ -319,8 +319,9 @@ class EmaQuantileObserver(nn.Module):
         if self._mse:
             self._select_range(lo, hi)
         num_updates += 1
-        self._updates += 1
-        self._initialized = True
+        d = self.__dict__  # plain attributes: skips nn.Module.__setattr__ (see _train_call)
+        d["_updates"] += 1
+        d["_initialized"] = True
 
     def _select_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """``[lo, hi]`` from the EMA'd tail nodes: least expected error on ``grid`` (one-signed tensors
@@ -330,11 +331,7 @@ class EmaQuantileObserver(nn.Module):
             lo.copy_(tl[..., -1])
             hi.copy_(th[..., -1])
             return
-        per_tensor = tl.dim() == 1
-        lo_c, hi_c = mse_range(tl.unsqueeze(0) if per_tensor else tl, th.unsqueeze(0) if per_tensor else th,
-                               self.p_lo, self.p_hi, self.grid, one_signed_unclipped=True)
-        lo.copy_(lo_c.view(lo.shape))
-        hi.copy_(hi_c.view(hi.shape))
+        mse_range_into(lo, hi, tl, th, self.p_lo, self.p_hi, self.grid)
 
     def _stat_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self.axis is None:
@@ -360,9 +357,12 @@ class EmaQuantileObserver(nn.Module):
                 self._nan_free = (lo, hi, _versions(lo, hi))  # every entry is now observed
                 return
         mu = self.update_momentum
-        lo.copy_((1.0 - mu) * lo + mu * lo_t)
-        hi.copy_((1.0 - mu) * hi + mu * hi_t)
-        self._nan_free = (lo, hi, _versions(lo, hi))
+        # In place, in one call per step for both buffers: the same float32 products and sum as
+        # ``(1 − μ)·lo + μ·lo_t`` (a fresh tensor copied back), six kernel launches fewer.
+        products = torch._foreach_mul([lo_t, hi_t], mu)
+        torch._foreach_mul_([lo, hi], 1.0 - mu)
+        torch._foreach_add_([lo, hi], products)
+        self.__dict__["_nan_free"] = (lo, hi, _versions(lo, hi))
 
     def _train_call(
         self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_updates: torch.Tensor, nonfinite: torch.Tensor
@@ -378,6 +378,10 @@ class EmaQuantileObserver(nn.Module):
         if not (self.training and self.enabled):
             return
         if not torch.compiler.is_compiling():
+            d = self.__dict__
+            if d["_calls"] % self.update_every:  # not an update call: count it (as _train_call does), nothing else
+                d["_calls"] += 1
+                return
             self._train_call(x, self.lo, self.hi, self.num_updates, self.nonfinite)
         elif self.axis is not None and self.lo.dim() == 0:
             # Per-channel buffers are sized by the first observation, which a graph cannot do.

@@ -112,7 +112,8 @@ def tail_nodes(vv: torch.Tensor, nf: torch.Tensor | None, levels: tuple[float, .
     top = top_values(vv, k, upper)
     if nf is None:
         i_lo, i_hi, frac = _finite_node_ranks(levels, n, k, vv.dtype, vv.device)
-        return torch.lerp(top[:, i_lo], top[:, i_hi], frac)
+        # index_select: top[:, i] (same values, same contiguous layout) without Python's indexing parser
+        return torch.lerp(torch.index_select(top, 1, i_lo), torch.index_select(top, 1, i_hi), frac)
     lv = torch.tensor(levels, dtype=torch.float64, device=vv.device)
     m1 = (nf - 1).clamp(min=0).unsqueeze(-1)
     pos = lv * m1.to(torch.float64)
@@ -237,6 +238,9 @@ def top_values(vv: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     if host_selects(ends, k):
         a = ends.detach().numpy()
         pick = np.argpartition(a, nb - k, axis=-1)[:, nb - k :] if largest else np.argpartition(a, k - 1, axis=-1)[:, :k]
+        if c * k * _BLOCK >= HOST_SELECT_MIN:  # host_selects(cand, k) holds: gather the candidates on the host too
+            cand_np = blocks.detach().numpy()[np.arange(c)[:, None], pick].reshape(c, k * _BLOCK)
+            return _host_topk(cand_np, k, largest)  # the same candidates, in the same order, as the gather below
         pick = torch.from_numpy(np.ascontiguousarray(pick, dtype=np.int64))
     else:
         pick = torch.topk(ends, k, dim=-1, largest=largest, sorted=False).indices
@@ -273,7 +277,11 @@ def _topk_values(v: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """``torch.topk(v, k, dim=-1, largest=largest, sorted=True).values`` of a 2-D ``v`` without NaN."""
     if not host_selects(v, k):
         return torch.topk(v, k, dim=-1, largest=largest, sorted=True).values
-    a = v.detach().numpy()
+    return _host_topk(v.detach().numpy(), k, largest)
+
+
+def _host_topk(a: np.ndarray, k: int, largest: bool) -> torch.Tensor:
+    """The host side of :func:`_topk_values`: ``numpy.partition`` of the 2-D array ``a``, sorted."""
     n = a.shape[-1]
     part = np.partition(a, n - k, axis=-1)[:, n - k :] if largest else np.partition(a, k - 1, axis=-1)[:, :k]
     part.sort(axis=-1)  # ascending, in the partitioned copy

@@ -36,7 +36,7 @@ import torch
 
 from qtrim_fx.core.scheme import QuantScheme
 
-__all__ = ["TAIL_FRACTIONS", "mse_range", "tail_clip_error", "tail_levels"]
+__all__ = ["TAIL_FRACTIONS", "mse_range", "mse_range_into", "mse_range_numpy", "tail_clip_error", "tail_levels"]
 
 #: g_j: tail probabilities of the stored nodes as fractions of the paper's tail mass (1 − p_hi or p_lo);
 #: 2^(−j/3) for j = 0..20 (down to ~1 % of it), then 0 (the extreme itself).
@@ -162,16 +162,45 @@ def mse_range(
         ``(lo, hi)``, each (C,), float32 on the device of the nodes.
     """
     if tail_hi.device.type == "cpu" and type(tail_hi) is torch.Tensor and not torch.compiler.is_compiling():
-        nl, nh = tail_lo.detach().double().numpy(), tail_hi.detach().double().numpy()
-        lo, hi = _select(nl, nh, p_lo, p_hi, grid, _NumPy)
-        if one_signed_unclipped:
-            lo, hi = _unclip_one_signed(nl, nh, lo, hi, grid, _NumPy)
-        return torch.from_numpy(np.asarray(lo, np.float32)), torch.from_numpy(np.asarray(hi, np.float32))
+        lo, hi = mse_range_numpy(tail_lo.detach().numpy(), tail_hi.detach().numpy(), p_lo, p_hi, grid,
+                                 one_signed_unclipped)
+        return torch.from_numpy(lo), torch.from_numpy(hi)
     nl, nh = tail_lo.double(), tail_hi.double()
     lo, hi = _select(nl, nh, p_lo, p_hi, grid, _Torch)
     if one_signed_unclipped:
         lo, hi = _unclip_one_signed(nl, nh, lo, hi, grid, _Torch)
     return lo.float(), hi.float()
+
+
+def mse_range_into(lo: torch.Tensor, hi: torch.Tensor, tail_lo: torch.Tensor, tail_hi: torch.Tensor, p_lo: float,
+                   p_hi: float, grid: QuantScheme) -> None:
+    """Write :func:`mse_range` (one-signed rows unclipped) of (K,) or (C, K) tails into ``lo`` / ``hi`` (an observer's).
+
+    On the CPU the NumPy path reads views of the tails and its results are copied in directly (no tensor
+    round trip in between: the same values).
+    """
+    per_tensor = tail_lo.dim() == 1
+    if tail_hi.device.type == "cpu" and type(tail_hi) is torch.Tensor and not torch.compiler.is_compiling():
+        nl, nh = tail_lo.detach().numpy(), tail_hi.detach().numpy()
+        lo_c, hi_c = mse_range_numpy(nl[None] if per_tensor else nl, nh[None] if per_tensor else nh, p_lo, p_hi,
+                                     grid, one_signed_unclipped=True)
+        lo.copy_(torch.from_numpy(lo_c.reshape(lo.shape)))
+        hi.copy_(torch.from_numpy(hi_c.reshape(hi.shape)))
+        return
+    lo_t, hi_t = mse_range(tail_lo.unsqueeze(0) if per_tensor else tail_lo, tail_hi.unsqueeze(0) if per_tensor
+                           else tail_hi, p_lo, p_hi, grid, one_signed_unclipped=True)
+    lo.copy_(lo_t.view(lo.shape))
+    hi.copy_(hi_t.view(hi.shape))
+
+
+def mse_range_numpy(tail_lo: np.ndarray, tail_hi: np.ndarray, p_lo: float, p_hi: float, grid: QuantScheme,
+                    one_signed_unclipped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mse_range` of NumPy tail nodes (any float dtype, computed in float64), as float32 arrays."""
+    nl, nh = tail_lo.astype(np.float64), tail_hi.astype(np.float64)
+    lo, hi = _select(nl, nh, p_lo, p_hi, grid, _NumPy)
+    if one_signed_unclipped:
+        lo, hi = _unclip_one_signed(nl, nh, lo, hi, grid, _NumPy)
+    return np.asarray(lo, np.float32), np.asarray(hi, np.float32)
 
 
 def _unclip_one_signed(tail_lo: Any, tail_hi: Any, lo: Any, hi: Any, grid: QuantScheme, xp: Any) -> tuple[Any, Any]:
@@ -188,6 +217,8 @@ def _select(tail_lo: Any, tail_hi: Any, p_lo: float, p_hi: float, grid: QuantSch
     up, down = tail_hi, -tail_lo  # the lower tail mirrored into an upper one
     if xp is _NumPy and not grid.symmetric and bool((up[..., 0] >= 0).all() and (down[..., 0] >= 0).all()):
         # Every node is at or beyond 0 (the grid's zero-widening moves no candidate): closed form.
+        if FAST_CLOSED_FORM and up.ndim == 2:
+            return _closed_form(up, down, p_lo, p_hi, grid)
         e, t = _node_errors(np.stack([up, down]), np.array([1.0 - p_hi, p_lo]).reshape(2, *(1,) * up.ndim))
         cu, cd = _candidates(up, xp), _candidates(down, xp)
         return _pick_pair(cu, cd, cu, cd, e[0], t[0], e[1], t[1], grid, xp)
@@ -204,6 +235,53 @@ def _select(tail_lo: Any, tail_hi: Any, p_lo: float, p_hi: float, grid: QuantSch
     e_hi, t_hi = tail_clip_error(up, 1.0 - p_hi, xp.maximum(hi_eff, up[..., :1]), xp)
     e_lo, t_lo = tail_clip_error(down, p_lo, xp.maximum(lo_eff, down[..., :1]), xp)
     return _pick_pair(cu, cd, hi_eff, lo_eff, e_hi, t_hi, e_lo, t_lo, grid, xp)
+
+
+FAST_CLOSED_FORM = True  # module switch: tests compare it with the general closed form (_node_errors, _pick_pair)
+_CLOSED_FORM_CONSTANTS: dict[tuple[float, float], tuple[np.ndarray, ...]] = {}
+
+
+def _closed_form_constants(p_lo: float, p_hi: float) -> tuple[np.ndarray, ...]:
+    """The parts of :func:`_node_errors` / :func:`_pick_pair` that depend on the tail masses only, built once."""
+    key = (p_lo, p_hi)
+    c = _CLOSED_FORM_CONSTANTS.get(key)
+    if c is None:
+        if len(_CLOSED_FORM_CONSTANTS) > 64:
+            _CLOSED_FORM_CONSTANTS.clear()
+        t = np.array([1.0 - p_hi, p_lo]).reshape(2, 1, 1) * _FRACTIONS  # (2, 1, K): upper, lower tail
+        dt = t[..., :-1] - t[..., 1:]
+        s0 = np.cumsum(dt[..., ::-1], -1)[..., ::-1]  # suffix sums, as _node_errors accumulates them
+        dt_last = dt[..., -1:]
+        mass = np.concatenate([s0, np.zeros((2, 1, 1)), np.broadcast_to(dt_last, (2, 1, len(_INNER)))], -1)
+        kept = 1.0 - mass[0][..., :, None] - mass[1][..., None, :]  # (1, M, M)
+        c = _CLOSED_FORM_CONSTANTS[key] = (dt, s0, dt_last, 1.0 - np.asarray(_INNER), np.asarray(_INNER), kept)
+    return c
+
+
+def _closed_form(up: np.ndarray, down: np.ndarray, p_lo: float, p_hi: float, grid: QuantScheme
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The closed-form branch of :func:`_select` for (C, K) NumPy tails, bit for bit (issue 22).
+
+    Every element is computed by the same float64 expression as :func:`_node_errors`, :func:`_candidates`
+    and :func:`_pick_pair` (suffix sums accumulate in the same order); the parts that depend on the tail
+    masses only are built once, and both tails share each NumPy call: about half the calls.
+    """
+    dt, s0, dt_last, inner_w, inner, kept = _closed_form_constants(p_lo, p_hi)
+    nodes = np.stack([up, down])  # (2, C, K)
+    a, b = np.concatenate([nodes[..., :-2], nodes[..., -1:]], -1), nodes[..., 1:]
+    s1 = np.cumsum((dt * (a + b))[..., ::-1], -1)[..., ::-1]
+    s2 = np.cumsum((dt * (a * a + a * b + b * b) / 3.0)[..., ::-1], -1)[..., ::-1]
+    c = nodes[..., :-1]
+    last = nodes[..., -2:-1]
+    e_inner = dt_last * (inner_w * (b[..., -1:] - last)) ** 2
+    e = np.concatenate([s2 - c * s1 + c * c * s0, np.zeros((*a.shape[:-1], 1)), e_inner], -1)
+    cand = np.concatenate([nodes, last + inner * (nodes[..., -1:] - last)], -1)  # (2, C, M)
+    cu, cd = cand[0], cand[1]
+    step = (cu[..., :, None] + cd[..., None, :]) / float(grid.qmax - grid.qmin)
+    cost = step * step / 12.0 * kept + e[0][..., :, None] + e[1][..., None, :]
+    flat = cost.reshape(cost.shape[0], -1).argmin(-1)
+    rows, m = np.arange(cd.shape[0]), cd.shape[-1]
+    return -cd[rows, flat % m], cu[rows, flat // m]
 
 
 def _pick_pair(cu: Any, cd: Any, hi_eff: Any, lo_eff: Any, e_hi: Any, t_hi: Any, e_lo: Any, t_lo: Any,

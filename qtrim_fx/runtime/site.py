@@ -146,9 +146,8 @@ class QuantSite(nn.Module):
             return x
         f = xs = None
         if fold is not None:
-            with torch.no_grad():
-                fd = fold.detach()
-                f = channel_shape(fd if fd.dtype == x.dtype else fd.to(x.dtype), x.dim(), 0)
+            fd = fold.detach()  # detached: the cast and view below record no autograd
+            f = channel_shape(fd if fd.dtype == x.dtype else fd.to(x.dtype), x.dim(), 0)
             xs = fold_product(x if quantize else x.detach(), f)  # see fold_product: it may carry x's gradient
         if observe:
             obs(x if xs is None else xs)

@@ -188,3 +188,140 @@ def test_relu_mask_skip_gives_torch_relu_gradients(lam, case):
     skipped = node.reads == node.masked_reads > 0
     assert skipped == (lam == 1.0 and case == "uint8")  # only where every reader's mask covers y <= 0
     assert node.reads == kw["readers"]
+
+
+# -- statistics updates (issue 22): the same ranges, bit for bit, in fewer calls ------------------------------
+
+
+def _tail_nodes_np(rng, rows: int, kind: str) -> tuple:
+    """(tail_lo, tail_hi) float32 nodes as an observer holds them: the p_lo / p_hi quantile first, the extreme last."""
+    import numpy as np
+
+    from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS
+
+    k = len(TAIL_FRACTIONS)
+    q_hi = rng.normal(1.0, 1.0, (rows, 1))
+    q_lo = np.zeros((rows, 1)) if kind == "relu" else -np.abs(rng.normal(1.0, 1.0, (rows, 1)))
+    steps_hi, steps_lo = rng.exponential(0.1, (rows, k - 1)), rng.exponential(0.1, (rows, k - 1))
+    if kind == "ties":  # repeated nodes (a few distinct values in the tail)
+        steps_hi[:, ::2] = steps_lo[:, 1::2] = 0.0
+    if kind == "relu":
+        steps_lo[:] = 0.0
+    hi = np.concatenate([q_hi, q_hi + np.cumsum(steps_hi, -1)], -1)
+    if kind == "outlier":
+        hi[:, -1] *= 50.0
+    lo = np.concatenate([q_lo, q_lo - np.cumsum(steps_lo, -1)], -1)
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "relu", "ties", "outlier"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_closed_form_range_fast_path_chooses_the_same_range(monkeypatch, kind, rows):
+    import numpy as np
+
+    from qtrim_fx.runtime import range_rule
+
+    rng = np.random.default_rng(rows * 10 + len(kind))
+    grids = [QuantScheme(bits=8, signed=False, symmetric=False), QuantScheme(bits=4, signed=False, symmetric=False)]
+    closed = 0
+    for trial in range(60):
+        tl, th = _tail_nodes_np(rng, rows, kind)
+        p_lo, p_hi = (0.001, 0.999) if trial % 3 else (0.01, 0.99)
+        grid, unclip = grids[trial % 2], trial % 4 < 2
+        closed += bool((th[:, 0] >= 0).all() and (tl[:, 0] <= 0).all())
+        results = []
+        for fast in (False, True):
+            monkeypatch.setattr(range_rule, "FAST_CLOSED_FORM", fast)
+            results.append(range_rule.mse_range(torch.from_numpy(tl), torch.from_numpy(th), p_lo, p_hi, grid, unclip))
+        (lo_ref, hi_ref), (lo, hi) = results
+        assert torch.equal(_bits(lo), _bits(lo_ref)) and torch.equal(_bits(hi), _bits(hi_ref))
+    assert closed >= 10  # the fast branch was exercised
+
+
+def test_ema_update_in_place_is_the_blend_formula():
+    obs = EmaQuantileObserver("range", act_range="mse", update_every=4)
+    g = torch.Generator().manual_seed(7)
+    obs.observe(torch.randn(4096, generator=g))  # initializes the EMAs (the masked first-observation branch)
+    mu = obs.update_momentum
+    for _ in range(5):
+        tl0, th0 = obs.tail_lo.clone(), obs.tail_hi.clone()
+        lo_t, hi_t = torch.randn(tl0.shape, generator=g), torch.randn(th0.shape, generator=g)
+        version = obs.tail_lo._version
+        obs._finite_ema(obs.tail_lo, obs.tail_hi, lo_t, hi_t)
+        assert torch.equal(_bits(obs.tail_lo), _bits((1.0 - mu) * tl0 + mu * lo_t))
+        assert torch.equal(_bits(obs.tail_hi), _bits((1.0 - mu) * th0 + mu * hi_t))
+        assert obs.tail_lo._version > version  # cached qparams keyed on the version see the change
+
+
+@pytest.mark.parametrize("every", [1, 3, 4])
+def test_observer_forward_counts_non_update_calls_like_train_call(every):
+    """The non-update early exit of ``forward`` keeps the same call count, update phase and statistics."""
+    a = EmaQuantileObserver("range", act_range="mse", update_every=every, seed=3).train()
+    b = EmaQuantileObserver("range", act_range="mse", update_every=every, seed=3).train()
+    g = torch.Generator().manual_seed(8)
+    for _ in range(2 * every + 3):
+        x = torch.randn(2, 3, 40, generator=g)
+        a(x)
+        b._train_call(x, b.lo, b.hi, b.num_updates, b.nonfinite)  # the full bookkeeping on every call
+        assert a._calls == b._calls and a._updates == b._updates
+    for name, buf in a.state_dict().items():
+        if isinstance(buf, torch.Tensor):
+            ref = b.state_dict()[name]
+            assert torch.equal(buf, ref) or (buf.is_floating_point() and torch.equal(_bits(buf), _bits(ref)))
+
+
+# -- per-channel weights (reader modifies in place: the 1-byte mask path), issue 22 -------------------------
+
+
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_per_channel_mask_path_gives_the_where_formula(lam, zero_point):
+    """Value ``lerp(w, ŵ, λ)``; gradient ``(1 − λ)·g + λ·where(lo < w̃ < hi, g, 0)`` bit for bit (NaN, ±inf, −0.0 included)."""
+    from qtrim_fx.runtime.blend import _masked
+
+    g = torch.Generator().manual_seed(9)
+    w0 = torch.randn(6, 5, 3, generator=g) * 2
+    w0.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e30])
+    scale = channel_view(torch.rand(6, generator=g) * 0.05 + 1e-3, 3, 0)
+    zp = channel_view(torch.randint(-5, 6, (6,), generator=g).float(), 3, 0) if zero_point else None
+    qmin, qmax = (-128, 127) if zero_point else (-127, 127)
+    up = torch.randn(w0.shape, generator=g)
+    up.view(-1)[7] = float("nan")
+    w = w0.clone().requires_grad_()
+    out = BlendQuantFn.apply(w, scale, zp, torch.tensor(lam), qmin, qmax, lam == 1.0, False, True, None)
+    (gw,) = torch.autograd.grad(out, w, up)
+    z = 0.0 if zp is None else zp
+    xq = fake_quantize_broadcast(w0, scale, zp, qmin, qmax)
+    ref_out = xq if lam == 1.0 else torch.lerp(w0, xq, torch.tensor(lam))  # λ = 1: x̂ itself (no lerp of ±inf)
+    lo, hi = (qmin - z) * scale, (qmax - z) * scale
+    kept = torch.where((ref_out > lo) & (ref_out < hi), up, 0.0)
+    ref_g = kept if lam == 1.0 else torch.lerp(up, kept, torch.tensor(lam))
+    assert torch.equal(_bits(out), _bits(ref_out))
+    assert torch.equal(_bits(gw), _bits(ref_g))
+    mask = torch.rand(w0.shape, generator=g) > 0.5
+    assert torch.equal(_bits(_masked(up, mask)), _bits(torch.where(mask, up, 0.0)))
+
+
+@pytest.mark.parametrize("c,n,k", [(1, 3200, 3), (1, 100_000, 102), (3, 4096, 7), (1, 4096, 7), (16, 2048, 2)])
+@pytest.mark.parametrize("largest", [True, False])
+def test_top_values_host_candidates_match_the_torch_gather(c, n, k, largest):
+    """Candidates gathered with NumPy: the same blocks in the same order as ``gather``, so the same values
+    (zeros of both signs and ties included)."""
+    import numpy as np
+
+    from qtrim_fx.runtime import quantiles
+
+    g = torch.Generator().manual_seed(c * n + k)
+    v = torch.randn(c, n, generator=g).round_()  # many ties
+    v[:, ::7] = -0.0
+    v[:, 3::11] = 0.0
+    out = quantiles.top_values(v, k, largest)
+    blocks = v.view(c, n // quantiles._BLOCK, quantiles._BLOCK)
+    ends = (blocks.amax(-1) if largest else blocks.amin(-1)).numpy()
+    nb = ends.shape[-1]
+    pick = np.argpartition(ends, nb - k, -1)[:, nb - k:] if largest else np.argpartition(ends, k - 1, -1)[:, :k]
+    pick = torch.from_numpy(np.ascontiguousarray(pick, dtype=np.int64))
+    cand = blocks.gather(1, pick.unsqueeze(-1).expand(c, k, quantiles._BLOCK)).reshape(c, -1)
+    ref = quantiles._topk_values(cand, k, largest)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(out, torch.topk(v, k, dim=-1, largest=largest).values)
