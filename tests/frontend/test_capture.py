@@ -15,6 +15,7 @@ import qtrim_fx
 from qtrim_fx.core.spec import FLOAT_REGION, SITE_NODE
 from qtrim_fx.frontend.mode import MODE_ATTR, TrainingFlag, mode_select
 from qtrim_fx.frontend.trace import capture
+from tests.helpers.qmodels import SignGate
 
 BATCH = 2
 
@@ -52,19 +53,6 @@ def _weight_site_params(qm: fx.GraphModule) -> set[str]:
 
 
 # -- (a) a submodule with data-dependent Python becomes a leaf -------------------------------------------------
-class SignGate(nn.Module):
-    """Data-dependent Python control flow: symbolic tracing cannot see through it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 16)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.fc(x)
-        return -self.fc(x)
-
-
 class GatedNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

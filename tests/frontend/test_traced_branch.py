@@ -14,17 +14,7 @@ from torch import nn
 
 import qtrim_fx
 from qtrim_fx.core.errors import ExportError, TracedBranchWarning
-
-
-class SignGate(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 16)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.fc(x)
-        return -self.fc(x)
+from tests.helpers.qmodels import SignGate
 
 
 class WidthGate(nn.Module):

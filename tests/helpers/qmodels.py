@@ -66,3 +66,16 @@ def train_on_digits(
     xs, ys = next(iter(test))
     calib = [xb for xb, _ in list(train)[:4]]
     return model.eval(), calib, xs, ys
+
+
+class SignGate(nn.Module):
+    """Data-dependent Python control flow (a branch on a tensor's value): symbolic tracing cannot see through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
