@@ -183,6 +183,18 @@ def _float_scalar_operand(node: ir.Node) -> str | None:
     return None
 
 
+def _float_table(node: ir.Node) -> str | None:
+    """A lookup in a float constant table: the QNN HTP runs it in FLOAT_32 (with default options it cannot even
+    finalize ``Gather(float table) -> Q``: MEM_ALLOC 1002); it wants ``DQ(uint8 table) -> Gather -> Q``."""
+    if not is_op(node, "Gather", "GatherElements", "GatherND") or not node.inputs or node.inputs[0] is None:
+        return None
+    table = node.inputs[0]
+    src = source_value(table)
+    if not (src.is_initializer() or is_op(src.producer(), "Constant")) or not _is_float(table):
+        return None
+    return f"table {table.name!r} is a float constant, not dequantized (uint8 table + DequantizeLinear)"
+
+
 def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
     """Each op of ``graph`` that an integer-only back end would run in float, with the reason."""
     for node in graph.all_nodes():
@@ -194,7 +206,7 @@ def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
             continue
         if _fused_activation(node):
             continue
-        bad_param = _float_norm_param(node) or _float_scalar_operand(node)
+        bad_param = _float_norm_param(node) or _float_scalar_operand(node) or _float_table(node)
         if bad_param is not None:
             yield node, bad_param
             continue

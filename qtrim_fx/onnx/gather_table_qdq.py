@@ -13,6 +13,15 @@ compressed weight (its usual int8 embedding form) and compiles; the file also st
 bits. The pass runs for profiles with ``quantize_gather_tables`` (``openvino``): on ONNX Runtime a
 DequantizeLinear of a large table would run on every inference.
 
+Integer-only profiles (``integer_only``: ``qnn``, ``npu``) get the table's DQ and keep the lookup's
+Q/DQ (re-quantizing codes that are already on the grid: the same values)::
+
+    Gather(W, ids) -> Q(s, z) -> DQ(s, z)  =>  DequantizeLinear(W_q, s, z) -> Gather(·, ids) -> Q(s, z) -> DQ(s, z)
+
+Why: the QNN HTP (QNN SDK 2.51, default options) cannot finalize a Gather of a float table
+(``QNN_COMMON_ERROR_MEM_ALLOC ... Code: 1002`` for every BERT/DistilBERT/GPT-2 file; it loads with
+``soc_model=60``, in FLOAT_32); ``DQ -> Gather -> Q`` is a uint8 lookup it runs on every SoC.
+
 Only a ``Gather`` of a float initializer whose output feeds nothing but per-tensor
 QuantizeLinear nodes, each read only by DequantizeLinear nodes with the same parameters, is
 rewritten; the original table stays when something else reads it (tied embeddings).
@@ -37,21 +46,23 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) ->
 
 
 class QuantizeGatherTablePass(ir.passes.InPlacePass):
-    """``Gather(W) -> Q -> DQ`` => ``DQ(W_q) -> Gather`` for profiles with ``quantize_gather_tables``."""
+    """``Gather(W) -> Q -> DQ`` => ``DQ(W_q) -> Gather`` (``quantize_gather_tables``) or ``DQ(W_q) -> Gather -> Q ->
+    DQ`` (``integer_only``)."""
 
     def __init__(self, profile: TargetProfile) -> None:
         super().__init__()
         self.profile = profile
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.profile.quantize_gather_tables:
+        if not (self.profile.quantize_gather_tables or self.profile.integer_only):
             return ir.passes.PassResult(model, False)
+        keep_qdq = not self.profile.quantize_gather_tables
         graph = model.graph
         names = NameScope(graph)
         modified = False
         for node in list(graph):
             if is_op(node, "Gather") and node.graph is graph:
-                modified |= _rewrite(graph, node, names)
+                modified |= _rewrite(graph, node, names, keep_qdq)
         return ir.passes.PassResult(model, modified)
 
 
@@ -80,7 +91,7 @@ def _matching_qdq(gather: ir.Node) -> tuple[list[ir.Node], list[ir.Node]] | None
     return (qs, dqs) if dqs else None
 
 
-def _rewrite(graph: ir.Graph, gather: ir.Node, names: NameScope) -> bool:
+def _rewrite(graph: ir.Graph, gather: ir.Node, names: NameScope, keep_qdq: bool = False) -> bool:
     table = const_array(gather.inputs[0])
     if table is None or table.dtype != np.float32:
         return False
@@ -94,6 +105,11 @@ def _rewrite(graph: ir.Graph, gather: ir.Node, names: NameScope) -> bool:
     base = gather.inputs[0].name or "table"  # type: ignore[union-attr]
     codes = add_initializer(graph, names.value(f"{base}_quantized"), quantize_linear(table, scale, zp))
     dq = ir.node("DequantizeLinear", [codes, q0.inputs[1], q0.inputs[2]], name=names.node(f"{base}/DequantizeLinear"))
+    if keep_qdq:  # DQ(W_q) -> Gather -> Q -> DQ: the lookup itself runs on codes
+        dq.outputs[0].name = names.value(f"{base}_dequantized")
+        graph.insert_before(gather, dq)
+        gather.replace_input_with(0, dq.outputs[0])
+        return True
     lookup = ir.node("Gather", [dq.outputs[0], gather.inputs[1]], attributes={k: a.value for k, a in gather.attributes.items()},
                      name=names.node(f"{gather.name or 'gather'}_quantized_table"))
     dq.outputs[0].name = names.value(f"{base}_dequantized")

@@ -172,3 +172,53 @@ def test_openvino_compiles_a_bert_file(tmp_path):
     names = [i.name for i in onnx.load(path).graph.input]
     feeds = dict(zip(names, (ids.numpy(), np.ones_like(ids.numpy())), strict=False))
     assert _openvino_vs_onnxruntime(path, feeds) > 25
+
+
+def _htp_or_fail():
+    import importlib.util
+    import platform
+    import sys
+
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
+        pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+
+
+def test_qnn_lookup_reads_an_integer_table_and_loads_on_the_htp(tmp_path):
+    """Issue 20: the QNN HTP (default options) cannot finalize Gather(float table) -> Q -> DQ (MEM_ALLOC 1002, every
+    BERT/DistilBERT/GPT-2 qnn file); the qnn profile writes DQ(uint8 table) -> Gather -> Q -> DQ, the same values."""
+    _htp_or_fail()
+    import onnxruntime as ort
+
+    from qtrim_fx.verification.backend_worker import _assignment_info, _qnn_session
+
+    model = _embeddings()
+    out, modified = _apply(model, get_profile("qnn"))
+    assert modified and _apply(out, get_profile("qnn"))[1] is False  # idempotent
+    by_out = {o: n for n in out.graph.node for o in n.output}
+    gathers = [n for n in out.graph.node if n.op_type == "Gather"]
+    tables = {i.name: i for i in out.graph.initializer}
+    for g in gathers:  # DQ(integer table) -> Gather -> Q -> DQ: the lookup runs on codes
+        dq = by_out[g.input[0]]
+        assert dq.op_type == "DequantizeLinear" and tables[dq.input[0]].data_type == TensorProto.UINT8
+    assert [n.op_type for n in out.graph.node].count("QuantizeLinear") == 2
+    for a, b in zip(_run(model), _run(out), strict=True):
+        np.testing.assert_array_equal(a, b)
+    path = tmp_path / "embeddings.qnn.onnx"
+    onnx.save(out, path)
+    ids = np.array([[0, 7, 49, 3], [1, 1, 2, 30]], np.int64)
+    feeds = {"ids": ids, "pids": np.arange(4, dtype=np.int64)[None]}
+    for options in ({}, {"soc_model": "60"}):  # strict: CPU fallback disabled
+        sess, _ = _qnn_session(ort, str(path), [ids, feeds["pids"]], options)
+        assert set(_assignment_info(sess)[1]) == {"QNNExecutionProvider"}
+        got = sess.run(None, feeds)[0]
+        del sess  # one QNN option set live at a time: another session's options fail this one's runs
+        np.testing.assert_allclose(got, _run(out)[0], atol=0.03)
+
+
+def test_check_names_a_lookup_in_a_float_table_on_qnn():
+    model = _embeddings()
+    tables = {v.message.split("'")[3] for v in check(model, "qnn") if v.rule == "float_op" and "table" in v.message}
+    assert tables == {"tok", "pos"}  # the file the HTP cannot finalize with default options
+    assert [v for v in check(_apply(model, get_profile("qnn"))[0], "qnn") if "table" in v.message] == []

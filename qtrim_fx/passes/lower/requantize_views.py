@@ -9,13 +9,24 @@ a float island. Views and max-pool keep values on their input's grid, so a copy 
     after:   xq = quant_dequant(x, s, z, ...);  h = xq.unflatten(-1, (H, D));  hq = quant_dequant(h, s, z, ...)
              t = hq.transpose(1, 2);  tq = quant_dequant(t, s, z, ...);  q @ tq
 
-Only per-tensor sites are followed; a view whose readers are all ``quant_dequant`` already is in a
+A site that reads a view chain of an op's output, the op having no other reader (GPT-2's ``Conv1D``: ``addmm ->
+view -> dropout -> site``), is copied back onto that output too, so the op ends in its own Q (exact: the chain
+keeps the grid)::
+
+    before:  y = addmm(b, x, W);  v = y.view(B, T, C);  vq = quant_dequant(v, s, z, ...)
+    after:   y = addmm(b, x, W);  yq = quant_dequant(y, s, z, ...);  v = yq.view(B, T, C);  vq = ...
+
+A view returning a tuple (``split``, ``chunk``, ``unbind``; GPT-2's q/k/v ``split``) gets the copy on each of
+its ``getitem`` readers. Only per-tensor sites are followed; a view whose readers are all ``quant_dequant`` already is in a
 group. :func:`qtrim_fx.lower` runs this pass for a model prepared for an integer-only target
 (``prepare(..., target="qnn")``) and lowered for one: default-prepared models lower as before.
 """
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
@@ -41,7 +52,10 @@ def _per_tensor(q: fx.Node) -> bool:
 
 
 def _name(n: fx.Node) -> str:
-    return str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+    """``split`` for ``Tensor.split``, ``torch.split`` and ``aten.split.Tensor`` (an ATen overload's ``__name__``
+    is ``split.Tensor``)."""
+    name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+    return name.split(".")[0]
 
 
 class RequantizeViewsPass(GraphPass):
@@ -50,30 +64,61 @@ class RequantizeViewsPass(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
         todo = [n for n in gm.graph.nodes if _is_qdq(n) and _per_tensor(n)]
-        modified = False
+        back = [new for q in todo if (new := _copy_before_views(gm, q, modules)) is not None]
+        todo += back
+        modified = bool(back)
         while todo:
             q = todo.pop()
             for u in list(q.users):
                 new = self._requantize(gm, q, u, modules)
-                if new is not None:
-                    todo.append(new)
-                    modified = True
+                todo += new
+                modified |= bool(new)
         return finish(gm, modified)
 
     @staticmethod
-    def _requantize(gm: fx.GraphModule, q: fx.Node, u: fx.Node, modules: dict) -> fx.Node | None:
-        """A copy of ``q`` on ``u``'s output when ``u`` is a grid-keeping op reading ``q`` as its data input."""
+    def _requantize(gm: fx.GraphModule, q: fx.Node, u: fx.Node, modules: dict) -> list[fx.Node]:
+        """Copies of ``q`` on ``u``'s output (on each ``getitem`` of it when ``u`` returns a tuple) when ``u`` is a
+        grid-keeping op reading ``q`` as its data input."""
         if u.op not in ("call_function", "call_method", "call_module") or not u.args or u.args[0] is not q:
-            return None
-        if op_kind(u, modules) not in _GRID_KEEPING or _name(u) in _TUPLES:
-            return None
-        if not u.users or all(_is_qdq(r) for r in u.users):
-            return None
-        args = list(q.args)
-        args[0] = u
-        if len(args) > _NAME_ARG:
-            args[_NAME_ARG] = f"{args[_NAME_ARG]}.{u.name}"
-        with gm.graph.inserting_after(u):
-            new = gm.graph.call_function(q.target, tuple(args), dict(q.kwargs))
-        u.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        return new
+            return []
+        if op_kind(u, modules) not in _GRID_KEEPING:
+            return []
+        if _name(u) not in _TUPLES:
+            new = _copy_after(gm, q, u)
+            return [] if new is None else [new]
+        items = list(u.users)
+        if not all(i.op == "call_function" and i.target is operator.getitem for i in items):
+            return []
+        return [new for i in items if (new := _copy_after(gm, q, i)) is not None]
+
+
+def _copy_after(gm: fx.GraphModule, q: fx.Node, u: fx.Node, params: list | None = None) -> fx.Node | None:
+    """A copy of ``q`` reading ``u``, which ``u``'s readers now read (none when they all are ``quant_dequant``)."""
+    if not u.users or all(_is_qdq(r) for r in u.users):
+        return None
+    args = [u, *(q.args[1:] if params is None else params)]
+    if len(args) > _NAME_ARG:
+        args[_NAME_ARG] = f"{args[_NAME_ARG]}.{u.name}"
+    with gm.graph.inserting_after(u):
+        new = gm.graph.call_function(q.target, tuple(args), dict(q.kwargs))
+    u.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
+
+
+def _copy_before_views(gm: fx.GraphModule, q: fx.Node, modules: dict) -> fx.Node | None:
+    """A copy of ``q`` on the output of the op that a chain of single-reader views leads back from ``q`` to."""
+    v, chain = q.args[0], 0
+    while (isinstance(v, fx.Node) and v.op in ("call_function", "call_method", "call_module") and len(v.users) == 1
+           and v.target is not operator.getitem and op_kind(v, modules) in _GRID_KEEPING and _name(v) not in _TUPLES
+           and v.args and isinstance(v.args[0], fx.Node)):
+        v, chain = v.args[0], chain + 1
+    if not chain or v.op not in ("call_function", "call_method", "call_module") or _is_qdq(v) or len(v.users) != 1:
+        return None
+    val = v.meta.get("val")
+    if v.target is operator.getitem or not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+        return None  # a tuple's item or a value of unknown type: leave it
+    if any(isinstance(a, fx.Node) and a.op != "get_attr" for a in q.args[1:]):
+        return None
+    with gm.graph.inserting_before(v):  # the qparams' get_attr nodes sit before q, maybe after v: read them again
+        params = [gm.graph.get_attr(a.target) if isinstance(a, fx.Node) else a for a in q.args[1:]]
+    return _copy_after(gm, q, v, params)
