@@ -129,6 +129,8 @@ def _site_row(model: nn.Module, spec, site, extra: str | None) -> SiteRow:
             zb = z if z.dim() == 0 else channel_shape(z, w.dim(), spec.scheme.axis or 0)
             q = torch.round(w / sb) + zb
             clipped = float(((q < spec.scheme.qmin) | (q > spec.scheme.qmax)).float().mean())
+    if getattr(site, "float_output", False):
+        notes.append("model output: float in training and in float targets' files (quantized for qnn/npu)")
     if extra is not None:
         notes.append(extra)
     return SiteRow(spec.name, spec.kind, spec.role, spec.op, spec.scheme.describe(), shape, scale, zp, clipped,

@@ -118,3 +118,10 @@ def test_qnn_file_quantizes_the_logits(tmp_path):
     producers = {o: n for n in model.graph.node for o in n.output}
     gemm_out = producers[model.graph.output[2].name]  # aux logits
     assert gemm_out.op_type == "DequantizeLinear"
+
+
+def test_inspect_says_the_logits_stay_float():
+    qm, _ = _prepared()
+    rows = {r.name: r for r in qtrim_fx.inspect(qm).rows}
+    assert any("model output: float" in n for n in rows["fc.out"].notes)
+    assert not any("model output" in n for n in rows["conv.weight"].notes)
