@@ -113,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     require_output(args.output, "-o")
     calibrate = default_calibration(args)
     with stages("qtrim export", 2 + (calibrate != 0)) as bar:
-        qm, model, inputs = prepared(args.model, args.checkpoint, calibrate, bar)
+        qm, model, inputs = prepared(args.model, args.checkpoint, calibrate, bar, target=args.target)
         if not inputs:
             raise UsageError(f"{printable(args.model)} gives no example inputs to trace with")
         stage(bar, f"export ({args.target})")

@@ -231,8 +231,8 @@ def user_model_check(spec: str, model: Any, inputs: tuple, e: BaseException) -> 
                          f"{one_line(own)}") from None
 
 
-def _prepare(spec: str, model: Any, inputs: tuple, saved: str | None) -> Any:
-    """``qtrim_fx.prepare(model)``, or ``qtrim_fx.checkpoint.load(model, saved)`` for a saved checkpoint."""
+def _prepare(spec: str, model: Any, inputs: tuple, saved: str | None, target: str | None = None) -> Any:
+    """``qtrim_fx.prepare(model, target=target)``, or ``qtrim_fx.checkpoint.load(model, saved)`` for a saved checkpoint."""
     import qtrim_fx
     from qtrim_fx.core.errors import CheckpointError
     from qtrim_fx.train.checkpoint import load
@@ -240,7 +240,7 @@ def _prepare(spec: str, model: Any, inputs: tuple, saved: str | None) -> Any:
     try:
         if saved is not None:
             return load(model, saved, example_inputs=inputs or None)
-        return qtrim_fx.prepare(model, inputs or None)
+        return qtrim_fx.prepare(model, inputs or None, target=target)
     except CheckpointError as e:
         raise UsageError(f"checkpoint {saved!r}: {one_line(e)}") from None
     except SyntaxError as e:  # torch.fx writes module names into Python source
@@ -250,7 +250,7 @@ def _prepare(spec: str, model: Any, inputs: tuple, saved: str | None) -> Any:
 
 
 def prepared(spec: str, checkpoint: str | None, calibrate: int | None,
-             progress: Any = None) -> tuple[Any, Any, tuple]:
+             progress: Any = None, target: str | None = None) -> tuple[Any, Any, tuple]:
     """Load MODEL, load a checkpoint into it, prepare it and calibrate it, as the options ask.
 
     Args:
@@ -262,6 +262,9 @@ def prepared(spec: str, checkpoint: str | None, calibrate: int | None,
         calibrate: number of random batches to calibrate on besides the example inputs (0: none;
             None: none when the checkpoint holds statistics, else 4).
         progress: the command's :class:`Stages`, or None.
+        target: the export target. An integer-only one (``qnn``, ``npu``) is prepared for, so every op
+            it runs gets its sites (no float islands), unless a checkpoint fixes the sites already
+            (a prepared or saved one).
 
     Returns:
         ``(prepared model, the float model sharing its parameters, example inputs)``.
@@ -273,7 +276,10 @@ def prepared(spec: str, checkpoint: str | None, calibrate: int | None,
     stage(progress, "prepare")
     if kind == "float":
         _load_state(model, state, "float model", checkpoint, spec)
-    qm = _prepare(spec, model, inputs, checkpoint if kind == "saved" else None)
+    from qtrim_fx.core.profiles import get_profile
+
+    for_target = target if target is not None and kind in (None, "float") and get_profile(target).integer_only else None
+    qm = _prepare(spec, model, inputs, checkpoint if kind == "saved" else None, for_target)
     if kind == "prepared":
         _load_state(qm, state, "prepared model", checkpoint, spec)
     if calibrate is None:

@@ -188,6 +188,15 @@ def test_export_writes_a_valid_file(runs):
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
+@pytest.mark.parametrize("target", ["qnn", "npu"])
+def test_export_for_an_integer_only_target_prepares_for_it(target, tmp_path, capsys):
+    # a model with a Concat -> GlobalAveragePool (float islands unless prepared for the target) passes its check
+    out = tmp_path / "m.onnx"
+    assert main(["export", "tiny_convnet", "--calibrate", "1", "-o", str(out), "--target", target]) == 0
+    assert main(["check", str(out), "--target", target]) == 0, capsys.readouterr().out
+    assert qtrim_fx.onnx.check(out, target) == []
+
+
 def test_check_clean_export(runs):
     r = runs["check"]
     assert r.rc == 0, str(r)
