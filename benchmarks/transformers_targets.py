@@ -305,13 +305,21 @@ the HTP's wall time is the x86 simulator's, not a phone's):
   failed (`'list' object has no attribute 'dtype'`); RequantizeViewsPass now puts the copies on the split's items,
   and copies a site that follows `op -> view chain` back onto the op (GPT-2's Conv1D `addmm -> view -> site`: the
   Gemm ran in float).
-- `gpt2` (its own `gelu_new`, x**3 in Python): `prepare(target="qnn")` puts no site on the `pow`, so
-  `Pow(x, 3) -> Mul(0.044715)` stays a float island (2 float ops per layer); it loads at this size but
-  with 1 layer / hidden 32 / 8 tokens the HTP cannot finalize it (MEM_ALLOC 1002, bisected to that island), and
-  the FLOAT_32 island makes it several times slower than ORT's file. The fix belongs to prepare (a site on `pow`, or
-  `gelu_new` captured as `gelu(approximate="tanh")`, which FuseGeluPass writes as one Gelu); `gpt2_tanh`
-  (`activation_function="gelu_pytorch_tanh"`) shows the result. ORT's own recipe on GPT-2 does not run
-  strictly either (CPU nodes listed; timed with the CPU fallback allowed).
+- `gpt2` (its own `gelu_new`, x**3 in Python): a power by a constant exponent is an op kind the integer-only
+  profiles quantize (`("pow", "out")` in `INTEGER_ACTIVATION_SITES`), and the file writes it as
+  `DQ -> Pow(., DQ(1; s=3)) -> Q` (the exponent as one exact code, like a Mul/Add scalar; `check` names a float
+  exponent). Before, `Pow(x, 3) -> Mul(0.044715)` stayed a float island (4 float ops: /Pow, /Mul_2, /Pow_1,
+  /Mul_7; 120.92 ms, 6.39x ORT's recipe), and with 1 layer / hidden 32 / 8 tokens the HTP could not finalize the
+  file (MEM_ALLOC 1002); that config now loads strictly with 0 CPU nodes (tests/onnx/test_transformers_on_htp.py).
+  Pow rather than `x*x*x`: in the QNN detailed profile of `DQ -> Pow -> Q -> DQ -> Mul -> Q` (1x64x256) a float
+  exponent makes the HTP dequantize, run a FLOAT_32 Pow and quantize again (Pow 61.8k cycles + its Quantize
+  2.2M; block 20.6 ms), a dequantized exponent runs Pow on integers (20.7k cycles, no conversion; 10.8 ms), the
+  same as `x*x*x` with Q/DQ between (10.6 ms; at 1x256x256: 71-73 vs 69 ms, float exponent 131-134 ms); and a
+  site on the Pow quantizes what was trained, where a Mul chain would add a rounding of `x*x` the model never had.
+  `gelu_new` captured as one Gelu (what `gpt2_tanh`, `activation_function="gelu_pytorch_tanh"`, gets): not done;
+  it would change the prepared model's float arithmetic (λ = 0 no longer the user's model bit for bit), and with
+  the pow site gpt2 is already 0.49x ORT's recipe (gpt2_tanh 0.40x). ORT's own recipe on GPT-2 does not run
+  strictly (CPU nodes listed; timed with the CPU fallback allowed).
 - Inputs are token ids only: with an `attention_mask` input, transformers 5.x builds the padding mask with
   advanced indexing (`attention_mask[batch_idx, kv_idx]`), written as ONNX `GatherND`, which the HTP does not
   support (`QNN.backendValidateOpConfig() failed ... GatherNd ... 3110`): 1 CPU node, strict runs refused."""

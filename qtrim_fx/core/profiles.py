@@ -44,14 +44,16 @@ _FUSABLE = {"Gelu": 20}
 #: Where an ``activation_sites`` entry puts activation sites around an op: its data inputs, its output, both.
 SITE_PLACES = ("in", "out", "in+out")
 #: Op kinds (``qtrim_fx.core.spec.OpKind``) an ``activation_sites`` entry may name.
-_SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "cat", "pool",
-                         "maxpool", "matmul", "bmm"})
+_SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "pow", "cat",
+                         "pool", "maxpool", "matmul", "bmm"})
 #: What an integer-only back end (QNN HTP, NPUs) runs on integers, as (op kind, place) pairs: every tensor
 #: these ops read or write carries a Q/DQ, so each op sits in a complete DQ -> op -> Q group. ``matmul`` /
 #: ``bmm`` here are the activation x activation products (attention); weighted ones are quantized anyway.
+#: ``pow``: a power by a constant exponent (``x ** 3`` of GPT-2's ``gelu_new``), which the QNN HTP runs on
+#: integers as ``DQ -> Pow(DQ(exponent)) -> Q`` (left float, the HTP cannot even finalize some graphs).
 INTEGER_ACTIVATION_SITES: tuple[tuple[str, str], ...] = (
     ("layernorm", "in+out"), ("softmax", "out"), ("activation", "out"), ("relu", "out"),
-    ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("cat", "out"),
+    ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("pow", "out"), ("cat", "out"),
     ("pool", "out"), ("maxpool", "out"), ("matmul", "in+out"), ("bmm", "in+out"),
 )
 

@@ -81,6 +81,7 @@ OpKind = Literal[
     "relu",
     "sub",
     "div",
+    "pow",
     "baddbmm",
     "dropout",
     "mask",

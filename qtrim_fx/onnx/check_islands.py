@@ -46,7 +46,7 @@ ONNX_OPS_OF_KIND: dict[str, tuple[str, ...]] = {
     "activation": ("Gelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "LeakyRelu", "Softplus", "PRelu",
                    "Selu", "Celu", "Mish", "Erf"),
     "relu": ("Relu", "Clip"),
-    "add": ("Add",), "sub": ("Sub",), "mul": ("Mul",), "div": ("Div",), "cat": ("Concat",),
+    "add": ("Add",), "sub": ("Sub",), "mul": ("Mul",), "div": ("Div",), "pow": ("Pow",), "cat": ("Concat",),
     "pool": ("AveragePool", "GlobalAveragePool", "ReduceMean"),
     "maxpool": ("MaxPool", "GlobalMaxPool"),
     "matmul": ("MatMul", "Gemm"), "bmm": ("MatMul",),
@@ -163,8 +163,9 @@ def _float_norm_param(node: ir.Node) -> str | None:
 
 def _float_scalar_operand(node: ir.Node) -> str | None:
     """An elementwise op on a dequantized tensor and a float constant: not an integer op for the QNN HTP (the
-    constant needs its own DequantizeLinear; qtrim_fx writes a scalar as one exact code)."""
-    if not is_op(node, "Add", "Mul", "Sub", "Div") or len(node.inputs) != 2:
+    constant needs its own DequantizeLinear; qtrim_fx writes a scalar as one exact code). A ``Pow``'s constant
+    exponent too: the HTP then runs a FLOAT_32 power between conversions."""
+    if not is_op(node, "Add", "Mul", "Sub", "Div", "Pow") or len(node.inputs) != 2:
         return None
     a, b = node.inputs
     for const, other in ((a, b), (b, a)):
@@ -179,7 +180,8 @@ def _float_scalar_operand(node: ir.Node) -> str | None:
         dims = list(const.shape) if const.shape is not None else None
         scalar = dims is not None and all(isinstance(d, int) and d == 1 for d in dims)
         what = "a float constant" if scalar or dims is None else f"a float constant tensor {dims}"
-        return f"operand {const.name!r} is {what}, not dequantized"
+        role = "exponent" if is_op(node, "Pow") and const is b else "operand"
+        return f"{role} {const.name!r} is {what}, not dequantized"
     return None
 
 

@@ -146,7 +146,7 @@ def _qparam_shapes(ctx: RuleContext) -> Iterator[Violation]:
 
 
 _NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
-_ELEMENTWISE_OPS = ("Add", "Mul", "Sub", "Div")
+_ELEMENTWISE_OPS = ("Add", "Mul", "Sub", "Div", "Pow")
 
 
 def _gather_table(node: ir.Node) -> bool:
@@ -158,9 +158,9 @@ def _gather_table(node: ir.Node) -> bool:
 
 
 def _norm_scale(node: ir.Node) -> bool:
-    """A DQ of a constant read only as a LayerNormalization's scale (γ), or as an operand of Add/Mul/Sub/Div
-    or Concat (a scalar: one exact code; a parameter such as a position embedding, ``x + DQ(pos_embed)``): stored on
-    the activation grid (what QNN takes), not a weight."""
+    """A DQ of a constant read only as a LayerNormalization's scale (γ), or as an operand of Add/Mul/Sub/Div/Pow
+    or Concat (a scalar: one exact code, a Pow's exponent too; a parameter such as a position embedding,
+    ``x + DQ(pos_embed)``): stored on the activation grid (what QNN takes), not a weight."""
     if not is_op(node, "DequantizeLinear") or not dequantizes_constant(node):
         return False
     uses = node.outputs[0].uses()

@@ -8,6 +8,10 @@ code on a grid that holds it exactly::
 
     DQ(x) -> Mul(·, 0.1767767) -> Q          =>  DQ(x) -> Mul(·, DQ(1, s=0.1767767, z=0)) -> Q
     DQ(x) -> Add(·, -2.0) -> Q               =>  DQ(x) -> Add(·, DQ(0, s=2.0, z=1)) -> Q
+    DQ(x) -> Pow(·, 3.0) -> Q                =>  DQ(x) -> Pow(·, DQ(1, s=3.0, z=0)) -> Q
+
+A ``Pow`` exponent is treated like the others: the HTP runs ``Pow`` on integers (ElementWisePower) only with
+a dequantized exponent; with a float one it converts around a FLOAT_32 power (QNN profile: ~2x the time).
 
 ``(1 - 0) · c`` and ``(0 - 1) · |c|`` are ``c`` bit for bit, so the file computes what it computed before.
 Only ops already in a group (their other input dequantized, their output read by QuantizeLinear only)
@@ -26,7 +30,7 @@ from qtrim_fx.onnx._graph import NameScope, add_initializer, const_array, is_op,
 
 __all__ = ["QuantizeScalarOperandsPass"]
 
-_ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
+_ELEMENTWISE = ("Mul", "Add", "Sub", "Div", "Pow")
 
 
 def _scalar(value: ir.Value | None) -> float | None:

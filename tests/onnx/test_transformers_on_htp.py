@@ -1,7 +1,8 @@
 """GPT-2 for the QNN HTP (issue 20): the lowered model runs, the file loads strictly with no CPU node and matches it.
 
 Before: lowering put a ``quant_dequant`` on the tuple of ``aten.split.Tensor`` (q/k/v) and export failed
-(``'list' object has no attribute 'dtype'``); the Conv1D ``addmm -> view -> site`` left the Gemm in float.
+(``'list' object has no attribute 'dtype'``); the Conv1D ``addmm -> view -> site`` left the Gemm in float; the ``x ** 3`` of GPT-2's own ``gelu_new`` had no
+site, and its float ``Pow -> Mul`` island failed the HTP's finalize.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def test_gpt2_qnn_file_loads_strictly_on_the_htp_and_matches_lowering(tmp_path):
     model = transformers.GPT2Model(transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=16, use_cache=False, bos_token_id=0,
         eos_token_id=0, attn_implementation="eager",
-        # GPT-2's own "gelu_new" is x**3 & co. in Python: prepare puts no site on the pow, the float
-        # Pow -> Mul(0.044715) island fails the HTP's finalize (MEM_ALLOC 1002) at this size (issue 20 report)
-        activation_function="gelu_pytorch_tanh")).eval()
+        # GPT-2's own "gelu_new" is x**3 & co. in Python: before the pow had its own site, the float
+        # Pow -> Mul(0.044715) island failed the HTP's finalize at this size (MEM_ALLOC 1002, issue 20)
+        activation_function="gelu_new")).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qtrim_fx.prepare(model, _batch(0), target="qnn")
@@ -49,7 +50,11 @@ def test_gpt2_qnn_file_loads_strictly_on_the_htp_and_matches_lowering(tmp_path):
         qm.eval()
         path = tmp_path / "gpt2.qnn.onnx"
         qtrim_fx.export_onnx(qm, _batch(0), path, target="qnn", exporter="torchscript")
-    nodes = {n.name: n.op_type for n in onnx.load(path).graph.node}
+    graph = onnx.load(path).graph
+    nodes = {n.name: n.op_type for n in graph.node}
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    pows = [n for n in graph.node if n.op_type == "Pow"]
+    assert pows and all(producers.get(i) == "DequantizeLinear" for n in pows for i in n.input)  # exponent too
     floats = [nodes.get(v.node) for v in qtrim_fx.onnx.check(path, "qnn") if v.rule == "float_op"]
     assert set(floats) <= {"Gather", "Cast"}, floats  # the mask arithmetic only (warnings)
     test = _batch(9)

@@ -19,6 +19,13 @@ A parameter or buffer operand of such an op (``x + self.pos_embed``) gets a site
     default:          x + pos_embed                               Add reads a float initializer
     target="qnn":     x + Q(pos_embed)                            DQ(uint8 codes) -> Add: integer
 
+A ``pow`` gets its site only with a constant exponent (``x ** 3``, ``torch.pow(x, 2.0)``); the file writes
+the exponent as one exact code (``DQ -> Pow(·, DQ(3)) -> Q``). A tensor exponent (``x ** y``, ``2 ** x``)
+is left as it is::
+
+    default:          y = x ** 3;  0.044715 * y                   Pow, Mul in float (GPT-2's gelu_new)
+    target="qnn":     y = Q(x ** 3);  Q(0.044715 * y)             both integer
+
 The rest — one site per tensor, shared by its readers; views of a quantized tensor share its grid —
 is the analysis' own business (``add_candidate``, ``share_grid_preserving``).
 """
@@ -31,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from qtrim_fx.core.profiles import TargetProfile
+from qtrim_fx.passes.prepare.normalize import arg
 
 __all__ = ["add_integer_sites", "site_rules"]
 
@@ -71,6 +79,13 @@ def _data_inputs(n: fx.Node, kind: str) -> list[object]:
     if kind in _BINARY:
         return list(n.args[:2])
     return list(n.args[:1])
+
+
+def _constant_power(n: fx.Node) -> bool:
+    """``n`` is a power of a tensor by a Python number (``x ** 3``, ``aten.pow.Tensor_Scalar``)."""
+    exponent = arg(n, 1, "exponent")
+    return (isinstance(arg(n, 0, "input"), fx.Node) and isinstance(exponent, (int, float))
+            and not isinstance(exponent, bool))
 
 
 def _fused_into_relu(a: _Analysis, n: fx.Node) -> bool:
@@ -117,6 +132,8 @@ def add_integer_sites(a: _Analysis, rules: dict[str, tuple[bool, bool]]) -> None
         k = a.kind[n]
         if k not in rules or n in weighted or n in a.region or n.op not in ("call_function", "call_method",
                                                                             "call_module"):
+            continue
+        if k == "pow" and not _constant_power(n):
             continue
         inputs, output = rules[k]
         owner = a.owner(n)

@@ -75,6 +75,7 @@ for _kind, _names in {
     "sub": "sub isub rsub sub_ __sub__ __rsub__",
     "mul": "mul imul mul_ __mul__ __rmul__ gate_product",
     "div": "div truediv itruediv div_ __truediv__ floordiv",
+    "pow": "pow pow_ __pow__ __rpow__",
     "cat": "cat concat concatenate",
     "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask",
     "activation": (
@@ -161,7 +162,7 @@ def is_tensor_node(node: Any, kinds: dict[fx.Node, str], modules: dict[str, nn.M
     if kind == "nontensor" or node.op == "output":
         return False
     inputs = [a for a in node.all_input_nodes]
-    if node.target is operator.getitem or kind in ("add", "sub", "mul", "div", "reshape", "mask"):
+    if node.target is operator.getitem or kind in ("add", "sub", "mul", "div", "pow", "reshape", "mask"):
         return any(is_tensor_node(a, kinds, modules) for a in inputs[:2])
     return True
 
