@@ -149,12 +149,14 @@ def _fused_activation(node: ir.Node) -> bool:
 _NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
 
 
-def _float_norm_param(node: ir.Node) -> str | None:
+def _float_norm_param(node: ir.Node, float_bias: bool = False) -> str | None:
     """A normalization whose scale (γ) or bias (β) is a float constant: the QNN HTP then runs it in FLOAT_32
-    (it wants γ dequantized from uint8 and β from int32, as ONNX Runtime's QNN recipe writes them)."""
+    (it wants γ dequantized from uint8 and β from int32, as ONNX Runtime's QNN recipe writes them). With
+    ``float_bias`` (a profile whose back end takes float biases, ``bias="float"``: it quantizes them itself, as
+    it does a Conv's) a float β is accepted; γ still needs its DequantizeLinear."""
     if not is_op(node, *_NORMS):
         return None
-    for index, what in ((1, "scale"), (2, "bias")):
+    for index, what in ((1, "scale"), (2, "bias"))[:1 if float_bias else 2]:
         v = node.inputs[index] if len(node.inputs) > index else None
         if v is not None and _is_float(v) and not is_op(v.producer(), "DequantizeLinear"):
             return f"{what} {v.name!r} is a float constant, not dequantized (uint8 scale, int32 bias)"
@@ -197,8 +199,9 @@ def _float_table(node: ir.Node) -> str | None:
     return f"table {table.name!r} is a float constant, not dequantized (uint8 table + DequantizeLinear)"
 
 
-def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
-    """Each op of ``graph`` that an integer-only back end would run in float, with the reason."""
+def float_islands(graph: ir.Graph, float_bias: bool = False) -> Iterator[tuple[ir.Node, str]]:
+    """Each op of ``graph`` that an integer-only back end would run in float, with the reason (``float_bias``:
+    the back end takes float biases, so a normalization's float β is not one)."""
     for node in graph.all_nodes():
         if is_op(node, *_QDQ, *_SHAPE_ONLY, "Constant") or node.op_type == "Identity":
             continue
@@ -208,7 +211,7 @@ def float_islands(graph: ir.Graph) -> Iterator[tuple[ir.Node, str]]:
             continue
         if _fused_activation(node):
             continue
-        bad_param = _float_norm_param(node) or _float_scalar_operand(node) or _float_table(node)
+        bad_param = _float_norm_param(node, float_bias) or _float_scalar_operand(node) or _float_table(node)
         if bad_param is not None:
             yield node, bad_param
             continue

@@ -382,7 +382,7 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
     prof = ctx.profile
     if not prof.integer_only or not any(is_op(n, *_QDQ) for n in ctx.graph.all_nodes()):
         return  # a float model: quantized_ops says so once
-    for node, why in float_islands(ctx.graph):
+    for node, why in float_islands(ctx.graph, float_bias=prof.bias == "float"):
         severity = island_severity(node, prof.activation_sites)
         if "float constant tensor" in why:  # a parameter added or multiplied in (a position embedding)
             severity, fix = "warning", "that constant needs a DequantizeLinear (quantize it on its own grid)"

@@ -156,6 +156,24 @@ def test_a_layernorm_with_float_gamma_beta_is_a_float_op_even_in_a_complete_grou
     assert "scale 'g' is a float constant" in found[0].message
 
 
+def test_a_float_layernorm_beta_is_a_float_op_for_int32_bias_targets_only():
+    """qnn stores biases int32 + DQ and wants β so too; npu's back end takes float biases (``bias="float"``, as
+    for its Conv biases), so a float β there is what lowering writes and check accepts. γ stays required."""
+    model = _norm_softmax(True, True, True)
+    beta = next(n for n in model.graph.node if n.output[0] == "b")
+    model.graph.node.remove(beta)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(6, np.float32), "b"))
+    found = [v for v in check(model, "qnn") if v.rule == "float_op"]
+    assert [(v.node, v.severity) for v in found] == [("norm", "error")]
+    assert "bias 'b' is a float constant" in found[0].message
+    npu = get_profile("npu").replace(activation_signed=False)  # the fragment's grids are uint8
+    assert get_profile("npu").bias == "float"
+    assert [v for v in check(model, npu) if v.rule == "float_op"] == []
+    floats = _norm_softmax(True, True, True, float_params=True)  # γ float too: still named on npu
+    assert [v.message.split(": ", 1)[1].split(";")[0] for v in check(floats, npu) if v.rule == "float_op"] == [
+        "scale 'g' is a float constant, not dequantized (uint8 scale, int32 bias)"]
+
+
 def test_an_elementwise_op_with_a_float_constant_operand_is_a_float_op():
     scale = numpy_helper.from_array(np.array(0.125, np.float32), "c")
     nodes = [helper.make_node("Mul", ["xd", "c"], ["m"], name="scale"), *_qdq("m", "y")]
