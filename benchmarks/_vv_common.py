@@ -1,8 +1,8 @@
 """Shared pieces of the MNIST and MobileNetV2 vendor-variance tasks (benchmarks/vendor_variance.py).
 
-One checkpoint goes through ``qtrim_fx.vendor_sweep`` twice: every recipe on ONNX Runtime and OpenVINO
-over the whole evaluation set, and a subset of recipes on the QNN HTP simulator (strict, no CPU fallback)
-over a subset of it (the simulator runs MobileNetV2 at ~0.6 s per 96×96 image on this box). Rows are
+One checkpoint's recipe files (``qtrim_fx.vendor_sweep``'s, made once each by benchmarks/_vv_sweep.py) run
+twice: every recipe on ONNX Runtime and OpenVINO over the whole evaluation set, and a subset of recipes on
+the QNN HTP simulator (strict, no CPU fallback) over a subset of it (the simulator runs MobileNetV2 at ~0.6 s per 96×96 image on this box). Rows are
 grouped by weight granularity (per-tensor / per-channel recipes); the spread is best − worst over the
 group's recipes × runtimes, the worst gap is the FP32 checkpoint's float score − the worst row. HTP rows
 score a subset (the first N evaluation inputs): unbiased per row, but noisier than the ORT / OpenVINO rows,
@@ -99,6 +99,7 @@ class Sweep:
     float_score: float  # this checkpoint's own float score
     rows: list[Row] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)  # e.g. labelled-photo top-1 of the float model
+    same_as: dict[str, str] = field(default_factory=dict)  # recipe -> earlier recipe whose file had the same bytes
 
     def group(self, per_tensor: bool) -> list[Row]:
         return [r for r in self.rows if r.per_tensor == per_tensor and r.status == "ok"]
@@ -138,25 +139,29 @@ def sweep(model: torch.nn.Module, name: str, seed: int, calib: list[torch.Tensor
           labels: torch.Tensor, variants: tuple[VendorVariant, ...], htp_x: list[torch.Tensor] | None,
           htp_labels: torch.Tensor | None, fp32_ref: float, workdir: Path | None = None,
           htp_names: tuple[str, ...] = HTP_NAMES) -> Sweep:
-    """All recipes on ORT + OpenVINO (``eval_x``), the ``htp_names`` recipes on QNN HTP (``htp_x``)."""
+    """All recipes on ORT + OpenVINO (``eval_x``), the ``htp_names`` recipes on QNN HTP (``htp_x``): the rows
+    ``qtrim_fx.vendor_sweep`` gives, each recipe's file made once (benchmarks/_vv_sweep.py)."""
+    import tempfile
+
+    import _vv_sweep
+
     pt = {v.name: is_per_tensor(v) for v in variants}
     model = as_prepared(model, calib)
-    power = _signal_power(model, eval_x)
-    report = qtrim_fx.vendor_sweep(model, calib, eval_x, labels=labels, variants=variants,
-                                   backends=("onnxruntime", "openvino"), workdir=workdir)
-    out = Sweep(name, seed, fp32_ref, 100.0 * report.fp32_top1)
-    reports = [(report, power)]
-    if htp_x is not None:
-        hv = tuple(v for v in variants if v.name in htp_names) or variants[:1]
-        reports.append((qtrim_fx.vendor_sweep(model, calib, htp_x, labels=htp_labels, variants=hv,
-                                              backends=("qnn",)), _signal_power(model, htp_x)))
-    for rep, pw in reports:
-        for r in rep.rows:
-            sq = None
-            if r.logit_mse is not None:
-                sq = math.inf if r.logit_mse == 0 else 10 * math.log10(pw / r.logit_mse)
-            out.rows.append(Row(r.variant, r.backend, pt[r.variant], r.status,
-                                None if r.top1 is None else 100.0 * r.top1, sq, r.message))
+    hv = tuple(v.name for v in variants if v.name in htp_names) or (variants[0].name,)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = workdir if workdir is not None else Path(tmp)
+        profiles = ("onnxruntime", "openvino") + (("qnn",) if htp_x is not None else ())
+        fp32, files = _vv_sweep.make_files(model, calib, eval_x[0], variants, work, profiles)
+        parts = [(_vv_sweep.run_files(fp32, files, tuple(pt), eval_x, labels, NO_HTP), _signal_power(model, eval_x))]
+        if htp_x is not None:
+            parts.append((_vv_sweep.run_files(fp32, files, hv, htp_x, htp_labels, ("qnn",)),
+                          _signal_power(model, htp_x)))
+    out = Sweep(name, seed, fp32_ref, 100.0 * parts[0][0].float_top1)
+    for part, pw in parts:
+        out.same_as.update(part.same_as)
+        for recipe, rt, status, top1, mse, msg in part.rows:
+            sq = None if mse is None else (math.inf if mse == 0 else 10 * math.log10(pw / mse))
+            out.rows.append(Row(recipe, rt, pt[recipe], status, None if top1 is None else 100.0 * top1, sq, msg))
     return out
 
 
@@ -214,6 +219,18 @@ def verdict(sweeps: list[Sweep]) -> str:
                        f"(ratio {ratio:.2f}, goal ≤ 0.5); Quant-Trim worst gap to FP32 {gap:.2f} pts (goal ≤ 1): "
                        f"**{'holds' if ok else 'does NOT hold'}**")
     return "\n".join(out)
+
+
+def same_file_notes(sweeps: list[Sweep]) -> str:
+    """Which recipes made byte-identical files (run once, the rows reused) and in how many sweeps."""
+    seen: dict[tuple[str, str], int] = {}
+    for s in sweeps:
+        for recipe, first in s.same_as.items():
+            seen[(recipe, first)] = seen.get((recipe, first), 0) + 1
+    if not seen:
+        return "- every recipe made a distinct file"
+    pairs = ", ".join(f"{r} = {f} ({n} of {len(sweeps)} sweeps)" for (r, f), n in seen.items())
+    return f"- byte-identical files, run once and their rows reused (they count as rows of both recipes): {pairs}"
 
 
 def failure_notes(sweeps: list[Sweep]) -> str:

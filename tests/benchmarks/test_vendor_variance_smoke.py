@@ -89,10 +89,50 @@ def test_quick_mobilenetv2_task(bench_path):
     fp32 = next(s for s in sweeps if s.checkpoint == "fp32")
     assert fp32.float_score == 100.0  # agreement of the pretrained float graph with itself
     assert all(0.0 <= s.extra["labelled float"] <= 100.0 for s in sweeps)  # labelled photos were scored
-    assert "held-out crops" in recipe
+    assert "held-out crops" in recipe and "one pin: ReversePruner(p_clip=" in recipe
 
 
 def test_unknown_task_is_rejected(bench_path):
     module = _load("vendor_variance")
     with pytest.raises(SystemExit):
         module.main(["--task", "cifar"])
+
+
+def test_mobilenet_recipe_pins_once_late(bench_path):
+    import _vv_mobilenet as mb
+    for r in (mb.FULL, mb.QUICK):
+        pruner = r.pruner(0)
+        pins = [e for e in range(r.ft_epochs) if pruner.is_pin_epoch(e)]
+        assert pins == [r.pin_epoch]  # one pin, with epochs after it to recover
+        assert r.pin_epoch < r.ft_epochs and pruner.per_channel and pruner.p_clip == r.p_clip
+        text = r.describe()  # the description names what runs
+        assert f"p_clip={r.p_clip:g}" in text and f"start={r.pin_epoch}" in text
+
+
+def test_sweep_files_match_vendor_sweep_and_reuse_identical_files(bench_path, tmp_path):
+    import _vv_sweep as vs
+    import torch
+    from torch import nn
+
+    import qtrim_fx
+    from qtrim_fx.verification.vendors import VendorVariant
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    ev = [torch.randn(16, 3, 8, 8)]
+    qm = qtrim_fx.prepare(model, (calib[0][:1],))
+    qtrim_fx.calibrate(qm, calib)
+    a = VendorVariant("a", method="minmax", per_channel=False, activations="u8", calib_size=16)
+    b = VendorVariant("b", method="minmax", per_channel=False, activations="u8", calib_size=16)  # same recipe
+    c = VendorVariant("c", method="minmax", per_channel=True, activations="u8", calib_size=16)  # cached calibration
+    fp32, files = vs.make_files(qm, calib, ev[0], (a, b, c), tmp_path, ("onnxruntime", "openvino"))
+    got = vs.run_files(fp32, files, ("a", "b", "c"), ev, None, ("onnxruntime", "openvino"))
+    assert got.same_as == {"b": "a"}  # b's file is a's bytes: run once, its rows reused
+    ref = qtrim_fx.vendor_sweep(qm, calib, ev, variants=(a, c), backends=("onnxruntime", "openvino"))
+    want = {(r.variant, r.backend): (r.top1, r.logit_mse) for r in ref.rows}
+    rows = {(r[0], r[1]): (r[3], r[4]) for r in got.rows}
+    assert all(r[2] == "ok" for r in got.rows) and len(got.rows) == 6
+    for (name, rt), (top1, mse) in want.items():  # the same rows as vendor_sweep's own files give
+        assert rows[(name, rt)][0] == top1 and math.isclose(rows[(name, rt)][1], mse, rel_tol=1e-6, abs_tol=1e-12)
+    assert rows[("b", "onnxruntime")] == rows[("a", "onnxruntime")]
+    assert got.float_top1 == ref.fp32_top1
