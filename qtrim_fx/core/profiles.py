@@ -234,8 +234,11 @@ class TargetProfile:
 def _require_storage_opset(p: TargetProfile, bits: int, what: str) -> None:
     st = storage_for(bits, True)
     if st.min_opset > p.opset:
-        raise ProfileError(f"{bits}-bit {what}s are stored as {st.name}, which needs opset >= {st.min_opset}; "
-                           f"target {p.name!r} exports opset {p.opset} (pass opset={st.min_opset})")
+        names = f"{st.name}/u{st.name}" if what == "activation" else st.name
+        fix = (f"pass opset={st.min_opset}" if st.min_opset <= p.max_opset else
+               f"it parses opset <= {p.max_opset}: use 8-bit {what}s or a target that parses opset {st.min_opset}")
+        raise ProfileError(f"{bits}-bit {what}s are stored as {names}, which needs opset >= {st.min_opset}; "
+                           f"target {p.name!r} exports opset {p.opset} ({fix})")
 
 
 # -- validation: each rule names the problem and the fix -------------------------------------
