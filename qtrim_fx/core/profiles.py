@@ -44,17 +44,19 @@ _FUSABLE = {"Gelu": 20}
 #: Where an ``activation_sites`` entry puts activation sites around an op: its data inputs, its output, both.
 SITE_PLACES = ("in", "out", "in+out")
 #: Op kinds (``qtrim_fx.core.spec.OpKind``) an ``activation_sites`` entry may name.
-_SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "pow", "cat",
+_SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "pow", "erf", "cat",
                          "pool", "maxpool", "matmul", "bmm"})
 #: What an integer-only back end (QNN HTP, NPUs) runs on integers, as (op kind, place) pairs: every tensor
 #: these ops read or write carries a Q/DQ, so each op sits in a complete DQ -> op -> Q group. ``matmul`` /
 #: ``bmm`` here are the activation x activation products (attention); weighted ones are quantized anyway.
 #: ``pow``: a power by a constant exponent (``x ** 3`` of GPT-2's ``gelu_new``), which the QNN HTP runs on
 #: integers as ``DQ -> Pow(DQ(exponent)) -> Q`` (left float, the HTP cannot even finalize some graphs).
+#: ``erf``: the error function of GELU written without a ``Gelu`` op (below opset 20: ``npu``), its own kind
+#: so that float-capable targets keep a hand-written ``torch.erf`` as it was.
 INTEGER_ACTIVATION_SITES: tuple[tuple[str, str], ...] = (
     ("layernorm", "in+out"), ("softmax", "out"), ("activation", "out"), ("relu", "out"),
-    ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("pow", "out"), ("cat", "out"),
-    ("pool", "out"), ("maxpool", "out"), ("matmul", "in+out"), ("bmm", "in+out"),
+    ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("pow", "out"), ("erf", "out"),
+    ("cat", "out"), ("pool", "out"), ("maxpool", "out"), ("matmul", "in+out"), ("bmm", "in+out"),
 )
 
 #: Activations the torch exporters write as ``Mul(x, gate(x))``: activation -> (the gate's ONNX op, the first
@@ -210,6 +212,13 @@ class TargetProfile:
         if not {"activation", "mul"} <= outs:
             return ()
         return tuple(a for a, (_, since) in GATED_ACTIVATIONS.items() if since is None or opset < since)
+
+    def decomposes_gelu(self) -> bool:
+        """GELU runs as the primitives the exporters write without a ``Gelu`` op (``Div -> Erf -> Add -> Mul ->
+        Mul``; tanh: ``Pow``, ``Tanh`` too), each in a DQ -> op -> Q group: integer sites on their outputs and
+        no ``Gelu`` in ``fused_ops`` (``npu``; ``qnn`` writes one ``Gelu`` op)."""
+        outs = {kind for kind, place in self.activation_sites if "out" in place.split("+")}
+        return "Gelu" not in self.fused_ops and {"activation", "erf", "add", "mul", "div", "pow"} <= outs
 
     # -- what check asks ---------------------------------------------------------------------
     @property

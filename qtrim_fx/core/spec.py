@@ -82,6 +82,7 @@ OpKind = Literal[
     "sub",
     "div",
     "pow",
+    "erf",
     "baddbmm",
     "dropout",
     "mask",

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from qtrim_fx.core.fakequant import channel_view
 
-__all__ = ["GATES", "bn_fold_factor", "channel_shape", "gate_product", "relu_keep_mask"]
+__all__ = ["GATES", "GELU_STEPS", "bn_fold_factor", "channel_shape", "gate_product", "gelu_product", "gelu_steps",
+           "relu_keep_mask"]
 
 
 @torch.fx.wrap
@@ -172,3 +173,45 @@ def gate_product(x: torch.Tensor, gate: torch.Tensor, activation: str) -> torch.
     with torch.no_grad():  # only selects; the gradient follows the chosen branch
         float_gate = gate == gate_of(x)
     return torch.where(float_gate, act(x), x * gate)
+
+
+#: GELU as the torch exporters write it below opset 20, one ``(function, operands)`` per primitive up to
+#: ``m = x · (1 + Φ-part)``; ``gelu(x) == 0.5 · m`` up to float rounding. An operand is ``"x"`` (the input),
+#: ``"prev"`` (the previous step's result) or a Python number (a constant the file writes as one exact code).
+GELU_STEPS: dict[str, tuple[tuple[Any, tuple[Any, ...]], ...]] = {
+    "none": (
+        (torch.div, ("x", 1.4142135623730951)), (torch.erf, ("prev",)), (torch.add, ("prev", 1.0)),
+        (torch.mul, ("x", "prev")),
+    ),
+    "tanh": (
+        (torch.pow, ("x", 3.0)), (torch.mul, ("prev", 0.044715)), (torch.add, ("x", "prev")),
+        (torch.mul, ("prev", 0.7978845608028654)), (torch.tanh, ("prev",)), (torch.add, ("prev", 1.0)),
+        (torch.mul, ("x", "prev")),
+    ),
+}
+
+
+def gelu_steps(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``m = x · (1 + ...)`` of :data:`GELU_STEPS` in float, op for op as a decomposed graph computes it."""
+    prev = x
+    for fn, operands in GELU_STEPS[approximate]:
+        prev = fn(*(x if o == "x" else prev if o == "prev" else o for o in operands))
+    return prev
+
+
+@torch.fx.wrap
+def gelu_product(m: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``0.5 · m``, where ``m`` is the (quantized) last product of :data:`GELU_STEPS` of ``x``, bit for bit
+    ``F.gelu(x, approximate=approximate)`` wherever ``m`` is the float one.
+
+    A GELU prepared for an integer-only target without a ``Gelu`` op (opset < 20) is its primitives with a
+    site on each, so what is trained is what the file computes. At λ = 0 every site returns its input
+    untouched, ``m`` equals :func:`gelu_steps` and this returns ``F.gelu``'s own value (the composed form
+    differs from it in the last bit), so the prepared model stays exact FP32. Lowering writes
+    ``torch.mul(m, 0.5)`` (``MultiplyGatesPass``).
+    """
+    if torch.jit.is_tracing():
+        return m * 0.5
+    with torch.no_grad():  # only selects; the gradient follows the chosen branch
+        float_m = m == gelu_steps(x, approximate)
+    return torch.where(float_m, F.gelu(x, approximate=approximate), m * 0.5)

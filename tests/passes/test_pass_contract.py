@@ -48,6 +48,7 @@ from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
+from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
@@ -180,6 +181,17 @@ class SiluNet(nn.Module):
         return self.out(self.act(self.fc(x)))
 
 
+class GeluNet(nn.Module):
+    """linear -> GELU -> linear: DecomposeGeluPass's input on an integer-only target without a Gelu op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
 NPU = qtrim_fx.QuantConfig(target="npu")
 
 
@@ -295,6 +307,8 @@ CASES: dict[str, Case] = {
         QuantizeNormAffinePass, _integer_stage(7), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 6)),
     "DecomposeGatesPass": Case(
         lambda: DecomposeGatesPass(NPU), lambda **_: capture(SiluNet()).gm, lambda **_: capture(TanhMLP()).gm),
+    "DecomposeGeluPass": Case(
+        lambda: DecomposeGeluPass(NPU), lambda **_: capture(GeluNet()).gm, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(
         MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
     "RestoreReluPass": Case(

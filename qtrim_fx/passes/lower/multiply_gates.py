@@ -6,6 +6,9 @@ is quantized, and the file computes ``Mul(x, DQ(Q(gate)))``; the lowered graph s
 
     before:  y = call_function[gate_product](x, q_gate, "silu")
     after:   y = call_function[torch.mul](x, q_gate)              (node name and meta kept)
+
+GELU decomposed by ``DecomposeGeluPass`` ends the same way: ``gelu_product(q_m, x, "none")`` returns
+``F.gelu(x)`` where ``q_m`` is the float product; lowered, it is ``torch.mul(q_m, 0.5)``.
 """
 
 from __future__ import annotations
@@ -14,20 +17,21 @@ import torch
 import torch.fx as fx
 
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
-from qtrim_fx.runtime.ops import gate_product
+from qtrim_fx.runtime.ops import gate_product, gelu_product
 
 __all__ = ["MultiplyGatesPass"]
 
 
 class MultiplyGatesPass(GraphPass):
-    """Lowering: ``gate_product(x, gate, activation)`` to ``torch.mul(x, gate)``."""
+    """Lowering: ``gate_product(x, gate, activation)`` to ``torch.mul(x, gate)``, ``gelu_product(m, x, a)`` to
+    ``torch.mul(m, 0.5)``."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is gate_product:
+            if node.op == "call_function" and node.target in (gate_product, gelu_product):
+                node.args = node.args[:2] if node.target is gate_product else (node.args[0], 0.5)
                 node.target = torch.mul
-                node.args = node.args[:2]
                 node.kwargs = {}
                 node.meta.pop("is_wrapped", None)  # see RestoreReluPass: a wrap mark would break re-tracing
                 modified = True

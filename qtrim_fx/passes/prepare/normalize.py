@@ -73,9 +73,10 @@ for _kind, _names in {
     "softmax": "softmax _softmax log_softmax _log_softmax _safe_softmax",
     "add": "add iadd add_ __add__ __radd__ __iadd__",
     "sub": "sub isub rsub sub_ __sub__ __rsub__",
-    "mul": "mul imul mul_ __mul__ __rmul__ gate_product",
+    "mul": "mul imul mul_ __mul__ __rmul__ gate_product gelu_product",
     "div": "div truediv itruediv div_ __truediv__ floordiv",
     "pow": "pow pow_ __pow__ __rpow__",
+    "erf": "erf erf_",
     "cat": "cat concat concatenate",
     "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask",
     "activation": (
