@@ -8,18 +8,16 @@ file computes the lowered model on ONNX Runtime, and ``qnn`` still writes one ``
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 import qtrim_fx
 from qtrim_fx.onnx import check
+from tests.helpers.qdq_files import export_for_target, output_lsb
 
 _GELU_OPS = {"none": ["Div", "Erf", "Add", "Mul", "Mul"],
              "tanh": ["Pow", "Mul", "Add", "Mul", "Tanh", "Add", "Mul", "Mul"]}
@@ -43,22 +41,7 @@ def _batches(n: int) -> list[tuple[torch.Tensor]]:
 
 
 def _export(target: str, approximate: str, path) -> tuple[object, tuple[torch.Tensor]]:
-    torch.manual_seed(0)
-    x = _batches(1)[0]
-    qm = qtrim_fx.prepare(_Net(approximate).eval(), x, target=target)
-    qtrim_fx.calibrate(qm, _batches(3))
-    qtrim_fx.set_blend(qm, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qtrim_fx.export_onnx(qm.eval(), x, str(path), target=target)  # its self-check runs ORT too
-    return qm, x
-
-
-def _output_lsb(graph: onnx.GraphProto) -> float:
-    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == graph.output[0].name)
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    return float(values[dq.input[1]])
+    return export_for_target(lambda: _Net(approximate), target, path, _batches(1)[0], _batches(3))
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -83,7 +66,7 @@ def test_npu_gelu_is_integer_groups_that_match_the_lowered_model(approximate, tm
     got = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x[0].numpy()})[0]
     with torch.no_grad():
         want = qtrim_fx.lower(qm, "npu")(*x).numpy()
-    assert np.abs(got - want).max() <= 1.01 * _output_lsb(graph)
+    assert np.abs(got - want).max() <= 1.01 * output_lsb(graph)
 
 
 def test_qnn_keeps_one_gelu_op(tmp_path):

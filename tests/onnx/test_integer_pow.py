@@ -11,7 +11,6 @@ import importlib.util
 import math
 import platform
 import sys
-import warnings
 
 import numpy as np
 import onnx
@@ -23,6 +22,7 @@ from torch import nn
 
 import qtrim_fx
 from qtrim_fx.onnx import check
+from tests.helpers.qdq_files import export_for_target, output_lsb
 
 
 class _GeluNew(nn.Module):  # Hugging Face's NewGELUActivation (GPT-2's "gelu_new"), as written there
@@ -46,22 +46,7 @@ def _batches(n: int) -> list[tuple[torch.Tensor]]:
 
 
 def _export(target: str, path) -> tuple[object, tuple[torch.Tensor]]:
-    torch.manual_seed(0)
-    x = _batches(1)[0]
-    qm = qtrim_fx.prepare(_Net().eval(), x, target=target)
-    qtrim_fx.calibrate(qm, _batches(3))
-    qtrim_fx.set_blend(qm, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qtrim_fx.export_onnx(qm.eval(), x, str(path), target=target)  # its self-check runs ORT too
-    return qm, x
-
-
-def _output_lsb(graph: onnx.GraphProto) -> float:
-    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == graph.output[0].name)
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    return float(values[dq.input[1]])
+    return export_for_target(_Net, target, path, _batches(1)[0], _batches(3))
 
 
 @pytest.mark.parametrize("target", ["qnn", "npu"])
@@ -82,7 +67,7 @@ def test_power_exports_as_an_integer_group_that_matches_the_lowered_model(target
     got = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x[0].numpy()})[0]
     with torch.no_grad():
         want = qtrim_fx.lower(qm, target)(*x).numpy()
-    assert np.abs(got - want).max() <= 1.01 * _output_lsb(graph)
+    assert np.abs(got - want).max() <= 1.01 * output_lsb(graph)
 
 
 def _pow_file(path, exponent_dequantized: bool) -> None:
