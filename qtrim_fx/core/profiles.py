@@ -49,10 +49,8 @@ _SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "s
 #: What an integer-only back end (QNN HTP, NPUs) runs on integers, as (op kind, place) pairs: every tensor
 #: these ops read or write carries a Q/DQ, so each op sits in a complete DQ -> op -> Q group. ``matmul`` /
 #: ``bmm`` here are the activation x activation products (attention); weighted ones are quantized anyway.
-#: ``pow``: a power by a constant exponent (``x ** 3`` of GPT-2's ``gelu_new``), which the QNN HTP runs on
-#: integers as ``DQ -> Pow(DQ(exponent)) -> Q`` (left float, the HTP cannot even finalize some graphs).
-#: ``erf``: the error function of GELU written without a ``Gelu`` op (below opset 20: ``npu``), its own kind
-#: so that float-capable targets keep a hand-written ``torch.erf`` as it was.
+#: ``pow``: by a constant exponent (GPT-2's ``x ** 3``), run as ``DQ -> Pow(DQ(exponent)) -> Q`` on the HTP.
+#: ``erf``: GELU's, below opset 20 (``npu``); its own kind, so float-capable targets keep a ``torch.erf`` as it was.
 INTEGER_ACTIVATION_SITES: tuple[tuple[str, str], ...] = (
     ("layernorm", "in+out"), ("softmax", "out"), ("activation", "out"), ("relu", "out"),
     ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("pow", "out"), ("erf", "out"),
