@@ -79,3 +79,20 @@ class SignGate(nn.Module):
         if x.sum() > 0:
             return self.fc(x)
         return -self.fc(x)
+
+
+def image_batch(seed: int = 1) -> tuple[torch.Tensor]:
+    """A seeded (2, 3, 8, 8) input, as a one-tuple of model inputs."""
+    return (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed)),)
+
+
+def activation_site_ops(qm: nn.Module) -> dict[str, str]:
+    """``{site name: op kind}`` of a prepared model's activation sites."""
+    from qtrim_fx.runtime.prepared import iter_sites
+
+    return {s.name: s.op for s, _, _ in iter_sites(qm) if s.kind == "activation"}
+
+
+def decomposed_activations(qm: nn.Module, product: object) -> list[str]:
+    """The activation names passed to every ``product`` node (``gate_product``, ``gelu_product``) of ``qm``."""
+    return [n.args[2] for n in qm.graph.nodes if n.target is product]

@@ -15,7 +15,7 @@ from torch import nn
 import qtrim_fx
 from qtrim_fx.core.profiles import GATED_ACTIVATIONS, get_profile
 from qtrim_fx.runtime.ops import GATES, gate_product
-from qtrim_fx.runtime.prepared import iter_sites
+from tests.helpers.qmodels import activation_site_ops, decomposed_activations, image_batch
 
 
 def _net(act: nn.Module) -> nn.Module:
@@ -45,16 +45,12 @@ class InplaceAliased(nn.Module):
         return y + h
 
 
-def _x() -> tuple[torch.Tensor]:
-    return (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),)
-
-
-def _acts(qm) -> dict[str, str]:
-    return {s.name: s.op for s, _, _ in iter_sites(qm) if s.kind == "activation"}
+_x = image_batch
+_acts = activation_site_ops
 
 
 def _gates(qm) -> list[str]:
-    return [n.args[2] for n in qm.graph.nodes if n.target is gate_product]
+    return decomposed_activations(qm, gate_product)
 
 
 def test_the_gate_table_is_one_source_for_prepare_and_check():

@@ -17,6 +17,7 @@ import qtrim_fx
 from qtrim_fx.core.profiles import get_profile, profile_names
 from qtrim_fx.runtime.ops import GELU_STEPS, gelu_product, gelu_steps
 from qtrim_fx.runtime.prepared import iter_sites
+from tests.helpers.qmodels import activation_site_ops, decomposed_activations, image_batch
 
 
 def _net(approximate: str = "none") -> nn.Module:
@@ -33,16 +34,12 @@ class FunctionalGelu(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def _x() -> tuple[torch.Tensor]:
-    return (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),)
-
-
-def _acts(qm) -> dict[str, str]:
-    return {s.name: s.op for s, _, _ in iter_sites(qm) if s.kind == "activation"}
+_x = image_batch
+_acts = activation_site_ops
 
 
 def _products(qm) -> list[str]:
-    return [n.args[2] for n in qm.graph.nodes if n.target is gelu_product]
+    return decomposed_activations(qm, gelu_product)
 
 
 def test_only_integer_targets_without_a_gelu_op_decompose_it():
