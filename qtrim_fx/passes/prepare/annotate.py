@@ -165,6 +165,12 @@ class _Analysis:
         self.weights[g] = (op, kind, axis, users)
         self.add_candidate(data, "input", kind, self.owner(op))
 
+    def per_tensor(self, op: fx.Node, kind: str) -> bool:
+        """The profile stores this weight per-tensor (all weights on ``npu``; MatMul-form ones on ``qnn``): trained so."""
+        if self.profile is not None and not self.profile.weight_per_channel:
+            return True
+        return self.matmul_form(op, kind)
+
     def matmul_form(self, op: fx.Node, kind: str) -> bool:
         """The target's profile wants per-tensor weights for ops written as ONNX MatMul, and ``op`` is one.
 
@@ -328,7 +334,7 @@ class AnnotateSitesPass(GraphPass):
             if s.exclude:
                 continue
             folded = a.folds.get(op)
-            per_tensor = a.matmul_form(op, kind) and not _granularity_overridden(self.config, owner, mtype, kind)
+            per_tensor = a.per_tensor(op, kind) and not _granularity_overridden(self.config, owner, mtype, kind)
             out[g] = SiteSpec(
                 name=str(g.target),
                 kind="weight",

@@ -160,3 +160,31 @@ def test_qnn_without_example_inputs_says_matmul_weights_stay_per_channel():
         warnings.simplefilter("error", qtrim_fx.core.errors.QtrimWarning)
         qtrim_fx.prepare(_Tokens(), (torch.randn(2, 5, 8),), target="qnn")  # ranks known: no warning
         qtrim_fx.prepare(_Tokens(), target="onnxruntime")  # a per-channel target: nothing to say
+
+
+@pytest.mark.parametrize("net", ["mlp", "depthwise"])
+def test_a_per_tensor_profile_trains_per_tensor_weights_so_the_lowered_model_is_the_trained_one(net):
+    """``npu`` stores every weight per-tensor. A model prepared for it used to train per-channel weights, which
+    lowering then re-derived per-tensor: the deployed model was not the trained one (~38 dB apart on a plain
+    Linear-ReLU-Linear, silently). Prepared for the target, training quantizes them per-tensor as well."""
+    torch.manual_seed(0)
+    model, shape = ((nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), (4, 16)) if net == "mlp" else
+                    (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                   nn.Flatten(), nn.Linear(8 * 8 * 8, 4)), (4, 3, 8, 8)))
+    x = torch.randn(*shape)
+    assert not get_profile("npu").weight_per_channel
+    qm = qtrim_fx.prepare(model.eval(), (x,), target="npu")
+    assert all(s.scheme.axis is None for s, _, _ in iter_sites(qm) if s.kind == "weight")
+    qtrim_fx.calibrate(qm, [(torch.randn(*shape),) for _ in range(2)])
+    qtrim_fx.set_blend(qm, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low = qtrim_fx.lower(qm.eval(), target="npu")
+    y = torch.randn(*shape)
+    with torch.no_grad():
+        trained, lowered = qm(y), low(y)
+    torch.testing.assert_close(lowered, trained, rtol=1e-5, atol=1e-6)
+    # a user's Override still wins over the profile
+    qc = qtrim_fx.prepare(model.eval(), (x,), config=QuantConfig(target="npu", overrides=(
+        Override(op="linear", weight_per_channel=True),)))
+    assert any(s.scheme.axis is not None for s, _, _ in iter_sites(qc) if s.kind == "weight" and s.op == "linear")
