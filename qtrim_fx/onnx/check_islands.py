@@ -233,8 +233,9 @@ class FloatOpsWarning(QtrimWarning):
     """An export to an integer-only target keeps ops in float (``float_op``); the file is correct, but slower there."""
 
 
-def float_ops_summary(violations: list, target: str, shown: int = 6) -> str:
-    """One message for the ``float_op`` violations of an export: how many, which ops, and the fix."""
+def float_ops_summary(violations: list, target: str, fix: str | None = None, shown: int = 6) -> str:
+    """One message for the ``float_op`` violations of an export: how many, which ops, and the fix (``fix``:
+    the caller knows it, e.g. an opset too old to write an op as one integer op)."""
     errors = [v for v in violations if v.severity == "error"]
     ops = sorted({v.message.split(" ", 1)[0] for v in violations})
     listed = errors or violations
@@ -242,7 +243,7 @@ def float_ops_summary(violations: list, target: str, shown: int = 6) -> str:
     more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
     if errors and len(errors) < len(violations):
         more += f" (+ {len(violations) - len(errors)} other op(s))"
-    fix = (f"prepare the model with qtrim_fx.prepare(model, ..., target={target!r}) (or QuantConfig(target="
+    fix = fix or (f"prepare the model with qtrim_fx.prepare(model, ..., target={target!r}) (or QuantConfig(target="
            f"{target!r})) and train or calibrate it, so these tensors get trained Q/DQ sites" if errors else
            "qtrim_fx.onnx.check lists each with the tensor that lacks a Q/DQ")
     return (f"target {target!r} is integer-only but {len(violations)} op(s) of the file run in float "

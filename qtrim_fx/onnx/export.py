@@ -145,7 +145,7 @@ def export_lowered(
         model = run_qdq_passes(_torch_export(gm, args, prof, ins, outs, dynamic_batch), prof)
     else:
         model = _dynamo_qdq(gm, args, prof, ins, outs, dynamic_batch)
-    _enforce(check(model, prof), prof)
+    _enforce(check(model, prof), prof, gm)
     _write_atomically(model, Path(path))
     return model
 
@@ -272,7 +272,7 @@ def _torch_export(
     return onnx.load_model_from_string(buffer.getvalue())
 
 
-def _enforce(violations: list[Violation], prof: TargetProfile) -> None:
+def _enforce(violations: list[Violation], prof: TargetProfile, gm: torch.nn.Module | None = None) -> None:
     # float ops on an integer-only target: the file is right, only slower there; one warning names them
     islands = [v for v in violations if v.rule == "float_op"]
     errors = [v for v in violations if v.severity == "error" and v.rule != "float_op"]
@@ -283,7 +283,22 @@ def _enforce(violations: list[Violation], prof: TargetProfile) -> None:
         if v.rule != "float_op":
             warnings.warn(f"target {prof.name!r}: {v}", stacklevel=3)
     if islands:
-        warnings.warn(FloatOpsWarning(float_ops_summary(islands, prof.name)), stacklevel=3)
+        warnings.warn(FloatOpsWarning(float_ops_summary(islands, prof.name, _opset_fix(gm, prof))), stacklevel=3)
+
+
+def _opset_fix(gm: torch.nn.Module | None, prof: TargetProfile) -> str | None:
+    """The fix for float ops that an older opset than the target's integer op needs wrote as primitives."""
+    from qtrim_fx.passes.lower.require_opset import integer_opset
+
+    need = integer_opset(gm) if gm is not None else None
+    if need is None or need[0] <= prof.opset:
+        return None
+    opset, op, where = need
+    if opset > prof.max_opset:
+        return None
+    return (f"{where!r} is written as one {op} only from opset {opset} on (at opset {prof.opset} the exporter "
+            f"writes it as float primitives): pass opset={opset} (target {prof.name!r} takes up to {prof.max_opset}), "
+            "or leave opset unset and export picks it")
 
 
 def _write_atomically(model: onnx.ModelProto, path: Path) -> None:

@@ -16,6 +16,7 @@ from qtrim_fx.core.fileio import check_output_path
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.onnx.export import EXPORTERS, export_lowered
 from qtrim_fx.passes.lower.api import lower
+from qtrim_fx.passes.lower.require_opset import default_opset
 from qtrim_fx.runtime.prepared import unwrap
 
 __all__ = ["export_onnx"]
@@ -46,7 +47,9 @@ def export_onnx(
         path: output ``.onnx`` path. Written atomically; a symlink is followed (its target is
             replaced, the link stays); an existing file keeps its mode, a new one gets the umask's.
         target: ``onnxruntime`` (default), ``tensorrt``, ``openvino``, ``qnn``, ``npu`` or a TargetProfile.
-        opset: override the target's opset (21 for INT4 weights).
+        opset: the ONNX opset; None: the target's, raised to the oldest that writes the model as trained,
+            within the target's ``max_opset`` (INT4 weights: 21, attention: 14, LayerNorm on an integer-only
+            target: 17).
         input_names, output_names: ONNX graph input/output names.
         dynamic_batch: symbolic batch dimension on inputs and outputs.
         exporter: ``"auto"`` (default), ``"dynamo"`` (``torch.onnx.export(dynamo=True)``: torch.export +
@@ -77,9 +80,9 @@ def export_onnx(
         profile = profile.replace(opset=opset)
     model = unwrap(model)
     if opset is None:
-        profile = _opset_for_sites(model, profile)
+        profile = default_opset(model, profile)
     args = _positional_inputs(model, example_inputs)
-    gm = lower(model, profile)
+    gm = lower(model, profile, opset=profile.opset)  # the opset chosen above (lower would pick its own)
     _dry_run(gm, args)
     if verify:  # leaves branching on tensor values would export one branch (qtrim_fx.onnx.self_check)
         from qtrim_fx.onnx.self_check import refuse_value_branches, verify_export
@@ -89,22 +92,6 @@ def export_onnx(
     if verify:  # the file, on ONNX Runtime, against the lowered model
         verify_export(gm, args, path)
     return written
-
-
-def _opset_for_sites(model: nn.Module, profile: TargetProfile) -> TargetProfile:
-    """The profile at the oldest opset that stores every site's grid (INT4 weights need 21), when the
-    target parses it; otherwise unchanged, and lowering names what the target cannot take."""
-    from qtrim_fx.core.dtypes import storage_for
-    from qtrim_fx.runtime.prepared import iter_sites
-
-    # signed and unsigned grids of one width share their oldest opset (int4/uint4: 21, int8/uint8: 10)
-    needed = max([profile.opset, *(storage_for(spec.scheme.bits, True).min_opset for spec, _, _ in iter_sites(model))])
-    if needed > profile.opset and needed <= profile.max_opset:
-        try:
-            return profile.replace(opset=needed)
-        except ProfileError:
-            return profile
-    return profile
 
 
 def _from_keywords(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ from torch import nn
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.passes.base import run_passes
 from qtrim_fx.passes.lower.pipeline import lower_passes
+from qtrim_fx.passes.lower.require_opset import default_opset
 from qtrim_fx.runtime.prepared import INFO_ATTR, require_prepared, unwrap
 
 __all__ = ["lower"]
@@ -24,7 +25,9 @@ def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: 
         model: a prepared, calibrated or trained model.
         target: a profile name (``onnxruntime``, ``tensorrt``, ``openvino``, ``qnn``, ``npu``) or a
             :class:`~qtrim_fx.core.profiles.TargetProfile`.
-        opset: override the profile's opset (e.g. 21 for INT4 weights).
+        opset: the ONNX opset lowered for; None: the one ``export_onnx`` picks (the profile's, raised to the
+            oldest that writes the model as trained: INT4 weights 21, attention 14, LayerNorm on an
+            integer-only target 17).
 
     Returns:
         The lowered ``GraphModule``: float ops + ``quant_dequant`` calls, equal to ONNX QDQ semantics.
@@ -33,6 +36,8 @@ def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: 
     profile = get_profile(target)
     if opset is not None:
         profile = profile.replace(opset=int(opset))
+    else:
+        profile = default_opset(unwrap(model), profile)
     info = getattr(unwrap(model), INFO_ATTR, None)
     prepared_for = getattr(getattr(info, "config", None), "target", None)
     gm = copy.deepcopy(model).eval()

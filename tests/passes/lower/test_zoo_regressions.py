@@ -4,7 +4,8 @@
   ``scaled_dot_product_attention``; the ONNX exporter filled the default in as a tensor input
   (``argument 'is_causal' must be bool, not Tensor``). Lowering binds scalar defaults.
 * item 5: ``target="npu"`` (opset 13) failed on every SDPA model with a raw
-  ``UnsupportedOperatorError``; lowering now refuses with a ProfileError naming opset 14.
+  ``UnsupportedOperatorError``; export now picks opset 14 when none is given, and an explicit
+  ``opset=13`` is refused with a ProfileError naming opset 14.
 """
 
 from __future__ import annotations
@@ -83,12 +84,16 @@ def test_npu_opset_13_names_sdpa_and_the_opset_it_needs(tmp_path):
     gm = qtrim_fx.lower(qm, "onnxruntime")
     opset, node = required_opset(gm)
     assert opset == 14 and "scaled_dot_product_attention" in str(node.target)
+    # an explicit opset the op cannot be written at is refused, naming the op and the fix
     with pytest.raises(ProfileError, match=r"'npu' exports at opset 13.*opset 14.*pass opset=14"):
-        qtrim_fx.lower(qm, "npu")
+        qtrim_fx.lower(qm, "npu", opset=13)
     with pytest.raises(ProfileError, match=r"opset=14"):
-        qtrim_fx.export_onnx(qm, (x,), tmp_path / "npu.onnx", target="npu")
+        qtrim_fx.export_onnx(qm, (x,), tmp_path / "npu.onnx", target="npu", opset=13)
     assert not (tmp_path / "npu.onnx").exists()
-    qtrim_fx.export_onnx(qm, (x,), tmp_path / "npu14.onnx", target="npu", opset=14)
+    # left unset, lowering and export pick the oldest opset that writes it (within npu's max_opset 19)
+    assert qtrim_fx.lower(qm, "npu") is not None
+    model = qtrim_fx.export_onnx(qm, (x,), tmp_path / "npu14.onnx", target="npu")
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 14
     # float_op: this model is prepared without target="npu" (its attention stays float); the opset is the point here
     assert [v for v in qtrim_fx.check(tmp_path / "npu14.onnx", "npu") if v.severity == "error" and v.rule != "float_op"] == []
 
