@@ -118,7 +118,9 @@ class QuantConfig:
     Args:
         weight_bits: weight integer width (8 = INT8, 4 = INT4), symmetric, signed.
         weight_per_channel: one scale per output channel (else per tensor).
-        act_bits, act_signed, act_symmetric: activation grid (default UINT8 asymmetric).
+        act_bits, act_signed, act_symmetric: activation grid (default UINT8 asymmetric). ``act_signed`` /
+            ``act_symmetric`` left None take the ``target``'s grid (``tensorrt``: INT8 symmetric, ``npu``:
+            INT8 asymmetric), so the model trains on the grid the target deploys; False without a target.
         p_lo, p_hi: activation quantile levels (default 0.001 / 0.999); ``p_hi`` is also the |w|
             quantile of weights. Given explicitly (and ``act_range`` not), they select the paper's
             quantile rule; under ``act_range="mse"`` they are where the stored tails begin.
@@ -149,8 +151,8 @@ class QuantConfig:
     weight_bits: int = 8
     weight_per_channel: bool = True
     act_bits: int = 8
-    act_signed: bool = False
-    act_symmetric: bool = False
+    act_signed: bool | None = None
+    act_symmetric: bool | None = None
     p_lo: float | None = None
     p_hi: float | None = None
     momentum: float = 1e-3
@@ -222,9 +224,13 @@ class QuantConfig:
         self._resolve_target()
         if self.coverage not in ("warn", "error", "ignore"):
             raise SchemeError(f"QuantConfig coverage={self.coverage!r} must be 'warn', 'error' or 'ignore'")
+        for name in ("act_signed", "act_symmetric"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise SchemeError(f"QuantConfig {name}={v!r} must be True, False or None (None: the target's grid)")
         # Building the schemes validates bits (2..16) with the scheme's own messages.
         QuantScheme(bits=self.weight_bits)
-        QuantScheme(bits=self.act_bits, signed=self.act_signed, symmetric=self.act_symmetric)
+        QuantScheme(bits=self.act_bits, signed=self._act_grid()[0], symmetric=self._act_grid()[1])
         for name in ("p_lo", "p_hi"):
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 < p < 1.0):
@@ -258,13 +264,25 @@ class QuantConfig:
             QuantScheme(bits=merged.weight_bits)
             QuantScheme(bits=merged.act_bits, signed=merged.act_signed, symmetric=merged.act_symmetric)
 
+    def _act_grid(self) -> tuple[bool, bool]:
+        """(signed, symmetric) of the activation grid: as given, else the target's, else UINT8 asymmetric."""
+        signed, symmetric = self.act_signed, self.act_symmetric
+        if (signed is None or symmetric is None) and self.target is not None:
+            from qtrim_fx.core.profiles import get_profile
+
+            prof = get_profile(self.target)
+            signed = prof.activation_signed if signed is None else signed
+            symmetric = prof.activation_symmetric if symmetric is None else symmetric
+        return bool(signed), bool(symmetric)
+
     def base_settings(self) -> SiteSettings:
+        signed, symmetric = self._act_grid()
         return SiteSettings(
             weight_bits=self.weight_bits,
             weight_per_channel=self.weight_per_channel,
             act_bits=self.act_bits,
-            act_signed=self.act_signed,
-            act_symmetric=self.act_symmetric,
+            act_signed=signed,
+            act_symmetric=symmetric,
             exclude=False,
         )
 

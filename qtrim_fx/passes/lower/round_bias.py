@@ -71,8 +71,8 @@ class RoundBiasPass(GraphPass):
             if bias is None or x is None or w is None or x[0].dim() != 0:
                 continue
             (s_x, _), (s_w, w_axis) = x, w
-            if s_w.dim() == 1 and w_axis != _OUT_AXIS[kind]:
-                continue
+            if s_w.dim() == 1 and (w_axis != _OUT_AXIS[kind] or s_w.numel() != bias.numel()):
+                continue  # not one scale per output channel (a grouped ConvTranspose: O/g); the file keeps it float
             name = node.args[1].meta.get(SITE_NODE).name if SITE_NODE in node.args[1].meta else node.name
             if not hasattr(gm, BIAS_ATTR):
                 gm.add_module(BIAS_ATTR, nn.Module())

@@ -89,6 +89,9 @@ class _Analysis:
         self.candidates: dict[fx.Node, _Candidate] = {}
         self.weights: dict[fx.Node, tuple[fx.Node, str, int | None, set[fx.Node]]] = {}
         self.folds: dict[fx.Node, str] = {}
+        #: weight get_attr -> the axis its per-channel grid is trained on, where the target's differs from the
+        #: output channel (``tensorrt``: ConvTranspose on axis 0, as lowering writes it)
+        self.grid_axes: dict[fx.Node, int | None] = {}
         # config.target: that profile's extra activation sites (and integer attention scores, if it says so)
         self.profile = get_profile(config.target) if config.target is not None else None
         self.integer_scores = self.profile is not None and self.profile.integer_attention_scores
@@ -158,6 +161,9 @@ class _Analysis:
             return
         g, first, path = src
         param = self.params[str(g.target)]
+        want = self.profile.weight_axes.for_op(kind) if self.profile is not None and kind in _WEIGHTED else None
+        if want is not None and want != axis:
+            self.grid_axes[g] = map_axis(want, path, param.dim())
         axis = map_axis(axis, path, param.dim())
         reader = first if first is not None else op
         entry = self.weights.get(g)
@@ -338,7 +344,7 @@ class AnnotateSitesPass(GraphPass):
             out[g] = SiteSpec(
                 name=str(g.target),
                 kind="weight",
-                scheme=s.weight_scheme(None if per_tensor else axis),
+                scheme=s.weight_scheme(None if per_tensor else a.grid_axes.get(g, axis)),
                 op=kind,
                 consumers=(kind,),
                 module=owner,
@@ -362,6 +368,8 @@ class AnnotateSitesPass(GraphPass):
             ]
             if s.exclude or (consumer_excluded and all(consumer_excluded)):
                 continue
+            if c.role == "output" and a.profile is not None and not a.profile.quantize_op_outputs:
+                continue  # the target takes no Q on Conv/Gemm/MatMul outputs: lowering would drop what was trained
             name = _unique(_act_name(n, owner), names)
             out[n] = SiteSpec(
                 name=name,
