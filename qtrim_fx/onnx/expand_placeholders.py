@@ -116,7 +116,12 @@ def _read_site(node: ir.Node) -> _Site:
     attrs = QDQAttrs.from_node(node)
     x = node.inputs[0]
     if x is not None and x.dtype is not None and x.dtype != ir.DataType.FLOAT:
-        raise ExportError(f"site {attrs.name!r} quantizes a {x.dtype.name} tensor; export the model in float32")
+        if x.dtype.is_floating_point():
+            raise ExportError(f"site {attrs.name!r} quantizes a {x.dtype.name} tensor; export the model in float32 "
+                              "(model.float() before export_onnx)")
+        raise ExportError(f"site {attrs.name!r} quantizes a {x.dtype.name} tensor: only floating-point tensors have a "
+                          "grid. Exclude the op that produces it with QuantConfig(overrides=(Override(name=...,"
+                          " exclude=True),)) and report the model: qtrim_fx should not place a site there")
     scale, zp = (const_array(v) for v in node.inputs[1:3])
     if scale is None or zp is None:
         raise ExportError(f"site {attrs.name!r}: scale/zero_point are not constants in the exported graph; "

@@ -81,7 +81,7 @@ class RequantizeViewsPass(GraphPass):
         grid-keeping op reading ``q`` as its data input."""
         if u.op not in ("call_function", "call_method", "call_module") or not u.args or u.args[0] is not q:
             return []
-        if op_kind(u, modules) not in _GRID_KEEPING:
+        if op_kind(u, modules) not in _GRID_KEEPING or not _float_output(u):
             return []
         if _name(u) not in _TUPLES:
             new = _copy_after(gm, q, u)
@@ -90,6 +90,16 @@ class RequantizeViewsPass(GraphPass):
         if not all(i.op == "call_function" and i.target is operator.getitem for i in items):
             return []
         return [new for i in items if (new := _copy_after(gm, q, i)) is not None]
+
+
+def _float_output(n: fx.Node) -> bool:
+    """``n`` yields floats: not a cast to an integer or bool dtype (``x.to(torch.long)`` is a "view" kind, but a
+    quantizer on its output would quantize integers; T5's relative-position buckets)."""
+    val = n.meta.get("val", n.meta.get("tensor_meta"))
+    dtype = getattr(val, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    return all(a.is_floating_point for a in (*n.args[1:], *n.kwargs.values()) if isinstance(a, torch.dtype))
 
 
 def _copy_after(gm: fx.GraphModule, q: fx.Node, u: fx.Node, params: list | None = None) -> fx.Node | None:
