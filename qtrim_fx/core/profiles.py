@@ -44,15 +44,16 @@ _FUSABLE = {"Gelu": 20}
 #: Where an ``activation_sites`` entry puts activation sites around an op: its data inputs, its output, both.
 SITE_PLACES = ("in", "out", "in+out")
 #: Op kinds (``qtrim_fx.core.spec.OpKind``) an ``activation_sites`` entry may name.
-_SITE_KINDS = frozenset({"layernorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "pow", "erf", "cat",
-                         "pool", "maxpool", "matmul", "bmm"})
+_SITE_KINDS = frozenset({"layernorm", "batchnorm", "softmax", "activation", "relu", "add", "sub", "mul", "div", "pow",
+                         "erf", "cat", "pool", "maxpool", "matmul", "bmm"})
 #: What an integer-only back end (QNN HTP, NPUs) runs on integers, as (op kind, place) pairs: every tensor
 #: these ops read or write carries a Q/DQ, so each op sits in a complete DQ -> op -> Q group. ``matmul`` /
 #: ``bmm`` here are the activation x activation products (attention); weighted ones are quantized anyway.
 #: ``pow``: by a constant exponent (GPT-2's ``x ** 3``), run as ``DQ -> Pow(DQ(exponent)) -> Q`` on the HTP.
 #: ``erf``: GELU's, below opset 20 (``npu``); its own kind, so float-capable targets keep a ``torch.erf`` as it was.
 INTEGER_ACTIVATION_SITES: tuple[tuple[str, str], ...] = (
-    ("layernorm", "in+out"), ("softmax", "out"), ("activation", "out"), ("relu", "out"),
+    ("layernorm", "in+out"), ("batchnorm", "in+out"), ("softmax", "out"), ("activation", "out"),
+    ("relu", "out"),
     ("add", "out"), ("sub", "out"), ("mul", "out"), ("div", "out"), ("pow", "out"), ("erf", "out"),
     ("cat", "out"), ("pool", "out"), ("maxpool", "out"), ("matmul", "in+out"), ("bmm", "in+out"),
 )

@@ -42,6 +42,7 @@ _FUSED_AFTER = ("Relu", "Clip")
 #: the ONNX ops each op kind of ``TargetProfile.activation_sites`` is written as.
 ONNX_OPS_OF_KIND: dict[str, tuple[str, ...]] = {
     "layernorm": ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization"),
+    "batchnorm": ("BatchNormalization",),
     "softmax": ("Softmax", "LogSoftmax"),
     "activation": ("Gelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "LeakyRelu", "Softplus", "PRelu",
                    "Selu", "Celu", "Mish", "Erf"),

@@ -19,6 +19,12 @@ A parameter or buffer operand of such an op (``x + self.pos_embed``) gets a site
     default:          x + pos_embed                               Add reads a float initializer
     target="qnn":     x + Q(pos_embed)                            DQ(uint8 codes) -> Add: integer
 
+A BatchNorm that lowering folds into its conv is the conv's output; one it cannot fold (after a Concat of
+convs, MixNet's mixed kernels) is written as ``BatchNormalization`` and gets its sites like LayerNorm::
+
+    default:          bn = batch_norm(cat(...));  silu(bn)          BatchNormalization, Sigmoid, Mul in float
+    target="qnn":     bn = Q(batch_norm(Q(cat(...))));  ...           integer
+
 A ``pow`` gets its site only with a constant exponent (``x ** 3``, ``torch.pow(x, 2.0)``); the file writes
 the exponent as one exact code (``DQ -> Pow(·, DQ(3)) -> Q``). A tensor exponent (``x ** y``, ``2 ** x``)
 is left as it is::
@@ -58,6 +64,8 @@ class _Analysis(Protocol):  # the part of annotate's analysis this step uses
                       static: bool = False) -> None: ...
 
     def weight_ops(self) -> set[fx.Node]: ...
+
+    def is_weighted_output(self, n: object) -> bool: ...
 
     @staticmethod
     def owner(n: fx.Node) -> str | None: ...
@@ -135,6 +143,8 @@ def add_integer_sites(a: _Analysis, rules: dict[str, tuple[bool, bool]]) -> None
             continue
         if k == "pow" and not _constant_power(n):
             continue
+        if k == "batchnorm" and a.is_weighted_output(n):
+            continue  # folded into its conv: deployed as the conv's output, which has its own rules
         inputs, output = rules[k]
         owner = a.owner(n)
         for x in _data_inputs(n, k):
