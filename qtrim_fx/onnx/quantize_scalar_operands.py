@@ -9,6 +9,7 @@ code on a grid that holds it exactly::
     DQ(x) -> Mul(·, 0.1767767) -> Q          =>  DQ(x) -> Mul(·, DQ(1, s=0.1767767, z=0)) -> Q
     DQ(x) -> Add(·, -2.0) -> Q               =>  DQ(x) -> Add(·, DQ(0, s=2.0, z=1)) -> Q
     DQ(x) -> Pow(·, 3.0) -> Q                =>  DQ(x) -> Pow(·, DQ(1, s=3.0, z=0)) -> Q
+    DQ(x) -> Add(·, 0.0) -> Q                =>  DQ(x) -> Add(·, DQ(0, s=1.0, z=0)) -> Q
 
 A ``Pow`` exponent is treated like the others: the HTP runs ``Pow`` on integers (ElementWisePower) only with
 a dequantized exponent; with a float one it converts around a FLOAT_32 power (QNN profile: ~2x the time).
@@ -45,7 +46,7 @@ def _scalar(value: ir.Value | None) -> float | None:
     if arr is None:
         return None
     c = float(arr.reshape(()))
-    return c if np.isfinite(c) and c != 0.0 else None
+    return c if np.isfinite(c) else None
 
 
 def _in_group(node: ir.Node, const_index: int) -> bool:
@@ -100,9 +101,12 @@ class QuantizeScalarOperandsPass(ir.passes.InPlacePass):
         if dtype is None:
             dtype = np.int8 if self.profile.activation_signed else np.uint8
         code, zero = (1, 0) if c > 0 else (0, 1)  # (code - zero) * |c| == c exactly
+        scale = abs(c)
+        if c == 0.0:  # ``out = 0; out = out + conv(x)`` (timm MobileOne): (0 - 0) * 1 == 0
+            code, zero, scale = 0, 0, 1.0
         base = f"{node.name or node.op_type}.constant"
         q = add_initializer(graph, names.value(f"{base}_quantized"), np.array(code, dtype))
-        s = add_initializer(graph, names.value(f"{base}_scale"), np.array(abs(c), np.float32))
+        s = add_initializer(graph, names.value(f"{base}_scale"), np.array(scale, np.float32))
         z = add_initializer(graph, names.value(f"{base}_zero_point"), np.array(zero, dtype))
         out = ir.val(names.value(f"{base}_dequantized"), ir.DataType.FLOAT, ir.Shape([]))
         return ir.node("DequantizeLinear", [q, s, z], outputs=[out], name=names.node(f"{base}/DequantizeLinear"))
