@@ -108,6 +108,7 @@ def export_lowered(
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
     exporter: str = EXPORTERS[0],
+    opset_floor: bool = False,
 ) -> onnx.ModelProto:
     """Export a lowered model (``quant_dequant`` at every site) as a clean QDQ ONNX file.
 
@@ -124,6 +125,8 @@ def export_lowered(
             ``torch.export`` capture left symbolic, e.g. ``sequence``), ``"torchscript"`` (the legacy
             exporter, while torch ships it; batch only) or ``"auto"``: dynamo for a graph captured by
             ``torch.export`` (ATen ops), torchscript otherwise (see :func:`resolve_exporter`).
+        opset_floor: the profile's opset is the oldest wanted, not a requirement: a dynamo export that cannot be
+            written at it is written at the oldest newer opset that works, within the target's ``max_opset``.
 
     Returns:
         The written model.
@@ -144,7 +147,7 @@ def export_lowered(
     if resolve_exporter(gm, exporter) == "torchscript":
         model = run_qdq_passes(_torch_export(gm, args, prof, ins, outs, dynamic_batch), prof)
     else:
-        model = _dynamo_qdq(gm, args, prof, ins, outs, dynamic_batch)
+        model = _dynamo_qdq(gm, args, prof, ins, outs, dynamic_batch, opset_floor)
     _enforce(check(model, prof), prof, gm)
     _write_atomically(model, Path(path))
     return model
@@ -186,14 +189,40 @@ def _dynamo_qdq(
     input_names: list[str],
     output_names: list[str],
     dynamic_batch: bool,
+    opset_floor: bool = False,
 ) -> onnx.ModelProto:
     """torch.export + onnxscript -> the same placeholder passes -> the profile's opset (torchlib emits >= 18)."""
-    from qtrim_fx.onnx.dynamo_export import downgrade_opset, export_dynamo
+    from qtrim_fx.onnx.dynamo_export import export_dynamo
 
     raw = export_dynamo(gm, args, prof, input_names, output_names, dynamic_batch)
     model = run_qdq_passes(raw, prof)
-    downgraded = downgrade_opset(model, prof.opset)
-    return model if downgraded is model else validate_model(downgraded)
+    return downgrade_for(model, prof, opset_floor)
+
+
+def downgrade_for(model: onnx.ModelProto, prof: TargetProfile, opset_floor: bool = False) -> onnx.ModelProto:
+    """A dynamo export written at ``prof.opset`` (validated), or, with ``opset_floor`` (the opset was picked, not
+    given), at the oldest newer opset within ``prof.max_opset`` that holds it (Llama's ``Shape(start, end)``: 15).
+
+    Raises:
+        ExportError: no such opset; the message is the one for ``prof.opset``.
+    """
+    from qtrim_fx.onnx.dynamo_export import downgrade_opset
+
+    newest = min(prof.max_opset, max(prof.opset, _model_opset(model))) if opset_floor else prof.opset
+    first: ExportError | None = None
+    for opset in range(prof.opset, newest + 1):
+        try:
+            downgraded = downgrade_opset(model, opset)
+        except ExportError as e:
+            first = first or e
+            continue
+        return model if downgraded is model else validate_model(downgraded)
+    assert first is not None
+    raise first
+
+
+def _model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _preflight(gm: torch.nn.Module, prof: TargetProfile) -> None:

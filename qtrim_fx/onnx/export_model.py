@@ -88,7 +88,8 @@ def export_onnx(
         from qtrim_fx.onnx.self_check import refuse_value_branches, verify_export
 
         refuse_value_branches(model, gm)
-    written = export_lowered(gm, args, path, profile, input_names, output_names, dynamic_batch, exporter)
+    written = export_lowered(gm, args, path, profile, input_names, output_names, dynamic_batch, exporter,
+                             opset_floor=opset is None)
     if verify:  # the file, on ONNX Runtime, against the lowered model
         verify_export(gm, args, path)
     return written
