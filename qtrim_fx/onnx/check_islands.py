@@ -31,7 +31,7 @@ from qtrim_fx.core.profiles import GATED_ACTIVATIONS
 from qtrim_fx.onnx._graph import const_array, is_op, source_value
 
 __all__ = ["ONNX_OPS_OF_KIND", "FloatOpsWarning", "float_islands", "float_ops_summary", "gate_hint",
-           "gated_activation", "island_severity"]
+           "gated_activation", "island_severity", "prepare_fix"]
 
 _FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -234,6 +234,12 @@ class FloatOpsWarning(QtrimWarning):
     """An export to an integer-only target keeps ops in float (``float_op``); the file is correct, but slower there."""
 
 
+def prepare_fix(target: str) -> str:
+    """The fix for float ops of a model not prepared for an integer-only ``target``."""
+    return (f"prepare the model with qtrim_fx.prepare(model, ..., target={target!r}) (or QuantConfig(target="
+            f"{target!r})) and train or calibrate it, so these tensors get trained Q/DQ sites")
+
+
 def float_ops_summary(violations: list, target: str, fix: str | None = None, shown: int = 6) -> str:
     """One message for the ``float_op`` violations of an export: how many, which ops, and the fix (``fix``:
     the caller knows it, e.g. an opset too old to write an op as one integer op)."""
@@ -244,9 +250,7 @@ def float_ops_summary(violations: list, target: str, fix: str | None = None, sho
     more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
     if errors and len(errors) < len(violations):
         more += f" (+ {len(violations) - len(errors)} other op(s))"
-    fix = fix or (f"prepare the model with qtrim_fx.prepare(model, ..., target={target!r}) (or QuantConfig(target="
-           f"{target!r})) and train or calibrate it, so these tensors get trained Q/DQ sites" if errors else
-           "qtrim_fx.onnx.check lists each with the tensor that lacks a Q/DQ")
+    fix = fix or (prepare_fix(target) if errors else "qtrim_fx.onnx.check lists each with the tensor that lacks a Q/DQ")
     return (f"target {target!r} is integer-only but {len(violations)} op(s) of the file run in float "
             f"({', '.join(ops)}): {names}{more}. The file computes the model correctly; on the back end they "
             f"run in FLOAT_32 or on its CPU. Fix: {fix}")

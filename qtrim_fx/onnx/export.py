@@ -312,7 +312,51 @@ def _enforce(violations: list[Violation], prof: TargetProfile, gm: torch.nn.Modu
         if v.rule != "float_op":
             warnings.warn(f"target {prof.name!r}: {v}", stacklevel=3)
     if islands:
-        warnings.warn(FloatOpsWarning(float_ops_summary(islands, prof.name, _opset_fix(gm, prof))), stacklevel=3)
+        warnings.warn(FloatOpsWarning(float_ops_summary(islands, prof.name, _float_ops_fix(gm, prof))), stacklevel=3)
+
+
+def _float_ops_fix(gm: torch.nn.Module | None, prof: TargetProfile) -> str | None:
+    """What the user can do about float ops that ``gm`` itself explains (None: the generic "prepare for it")."""
+    if gm is None:
+        return None
+    from qtrim_fx.onnx.check_islands import prepare_fix
+
+    fixes = [f for f in (_opset_fix(gm, prof), _attention_fix(gm), _leaf_fix(gm)) if f]
+    prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None)
+    if fixes and prepared_for != prof.name:
+        fixes.insert(0, prepare_fix(prof.name))
+    return "; ".join(fixes) or None
+
+
+def _prepared_info(gm: torch.nn.Module) -> object:
+    """The ``PrepareInfo`` of the model ``gm`` was lowered from (None for a GraphModule made elsewhere)."""
+    from qtrim_fx.passes.lower.api import LOWERED_FROM
+
+    meta = getattr(gm, "meta", None)
+    return meta.get(LOWERED_FROM) if isinstance(meta, dict) else None
+
+
+def _attention_fix(gm: torch.nn.Module) -> str | None:
+    """``scaled_dot_product_attention`` stays one op in torch: the exporter writes its scores in float."""
+    from qtrim_fx.passes.lower.require_opset import is_sdpa
+
+    graph = getattr(gm, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or not any(
+            n.op == "call_function" and is_sdpa(n.target) for n in graph.nodes):
+        return None
+    return ("scaled_dot_product_attention stays one op in torch and the exporter writes its scores (MatMul, Softmax) "
+            "in float: write attention as matmul/softmax (Hugging Face: attn_implementation='eager'; timm: "
+            "set the attention module's fused_attn = False) and prepare again")
+
+
+def _leaf_fix(gm: torch.nn.Module) -> str | None:
+    """Submodules prepare kept as opaque leaves: their ops are float in every file."""
+    fallbacks = getattr(_prepared_info(gm), "fallbacks", ()) or ()
+    if not fallbacks:
+        return None
+    names = ", ".join(repr(f.module) for f in fallbacks[:3]) + (", ..." if len(fallbacks) > 3 else "")
+    return (f"{len(fallbacks)} submodule(s) could not be traced and stay float leaves ({names}; prepare's warning "
+            "says why): make them traceable (torch.fx.wrap, or no data-dependent control flow) to quantize inside")
 
 
 def _opset_fix(gm: torch.nn.Module | None, prof: TargetProfile) -> str | None:

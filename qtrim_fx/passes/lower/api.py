@@ -13,7 +13,11 @@ from qtrim_fx.passes.lower.pipeline import lower_passes
 from qtrim_fx.passes.lower.require_opset import default_opset
 from qtrim_fx.runtime.prepared import INFO_ATTR, require_prepared, unwrap
 
-__all__ = ["lower"]
+__all__ = ["LOWERED_FROM", "lower"]
+
+#: ``GraphModule.meta`` key of a lowered model: the prepared model's ``PrepareInfo`` (not the prepared marker itself,
+#: so a lowered model is not mistaken for a prepared one)
+LOWERED_FROM = "qtrim_lowered_from"
 
 
 def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: int | None = None) -> fx.GraphModule:
@@ -41,4 +45,6 @@ def lower(model: nn.Module, target: str | TargetProfile = "onnxruntime", opset: 
     info = getattr(unwrap(model), INFO_ATTR, None)
     prepared_for = getattr(getattr(info, "config", None), "target", None)
     gm = copy.deepcopy(model).eval()
-    return run_passes(gm, lower_passes(profile, get_profile(prepared_for) if prepared_for else None))
+    out = run_passes(gm, lower_passes(profile, get_profile(prepared_for) if prepared_for else None))
+    out.meta[LOWERED_FROM] = info  # how the model was prepared (target, leaves), for export's messages
+    return out
