@@ -165,6 +165,10 @@ def is_tensor_node(node: Any, kinds: dict[fx.Node, str], modules: dict[str, nn.M
     inputs = [a for a in node.all_input_nodes]
     if node.target is operator.getitem or kind in ("add", "sub", "mul", "div", "pow", "reshape", "mask"):
         return any(is_tensor_node(a, kinds, modules) for a in inputs[:2])
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        # Python arithmetic (``%``, ``//``, comparisons ...) on sizes is shape bookkeeping (swin's padding:
+        # ``(w - H % w) % w``); on tensors it is a tensor
+        return any(is_tensor_node(a, kinds, modules) for a in inputs)
     return True
 
 
