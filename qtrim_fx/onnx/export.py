@@ -206,9 +206,9 @@ def downgrade_for(model: onnx.ModelProto, prof: TargetProfile, opset_floor: bool
     Raises:
         ExportError: no such opset; the message is the one for ``prof.opset``.
     """
-    from qtrim_fx.onnx.dynamo_export import downgrade_opset
+    from qtrim_fx.onnx.dynamo_export import _opset_of, downgrade_opset
 
-    newest = min(prof.max_opset, max(prof.opset, _model_opset(model))) if opset_floor else prof.opset
+    newest = min(prof.max_opset, max(prof.opset, _opset_of(model))) if opset_floor else prof.opset
     first: ExportError | None = None
     for opset in range(prof.opset, newest + 1):
         try:
@@ -219,10 +219,6 @@ def downgrade_for(model: onnx.ModelProto, prof: TargetProfile, opset_floor: bool
         return model if downgraded is model else validate_model(downgraded)
     assert first is not None
     raise first
-
-
-def _model_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _preflight(gm: torch.nn.Module, prof: TargetProfile) -> None:

@@ -29,17 +29,14 @@ from qtrim_fx.passes.base import GraphPass, PassResult
 __all__ = ["RequireOpsetPass", "default_opset", "integer_opset", "is_sdpa", "required_opset"]
 
 #: call_function targets -> the oldest opset the ONNX exporter writes them at
-_MIN_OPSET: dict[object, int] = {
-    F.scaled_dot_product_attention: 14,
-    torch._C._nn.scaled_dot_product_attention: 14,
-    torch.ops.aten.scaled_dot_product_attention.default: 14,
-}
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+         torch.ops.aten.scaled_dot_product_attention.default)
+_MIN_OPSET: dict[object, int] = dict.fromkeys(_SDPA, 14)
 
 
 def is_sdpa(target: object) -> bool:
     """``target`` is ``scaled_dot_product_attention`` (functional, C++ or ATen)."""
-    return target in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
-                      torch.ops.aten.scaled_dot_product_attention.default)
+    return target in _SDPA
 
 
 #: ops the exporter writes as one ONNX op only from an opset on (as float primitives below it), for
