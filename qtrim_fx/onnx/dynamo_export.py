@@ -48,7 +48,8 @@ from qtrim_fx.runtime.qdq import (
     is_quant_dequant,
 )
 
-__all__ = ["TORCHLIB_MIN_OPSET", "downgrade_opset", "dynamic_dims", "export_dynamo", "export_float", "with_custom_op"]
+__all__ = ["TORCHLIB_MIN_OPSET", "downgrade_opset", "dynamic_dims", "export_dynamo", "export_float", "opset_of",
+           "with_custom_op"]
 
 #: the oldest opset torchlib (the dynamo exporter's operator library) emits.
 TORCHLIB_MIN_OPSET = 18
@@ -246,7 +247,7 @@ def downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """``model`` (standard operators only) at ``opset``: onnx's version converter down to 17 (it moves the
     ``axes``/``split`` inputs of opset 18 back into attributes), then, below 17, each node is checked against
     the older schema (an op unknown there, or a newer attribute/input in use, is an ExportError)."""
-    current = _opset_of(model)
+    current = opset_of(model)
     if current <= opset:
         return model
     parked = _park_splits(model, current, opset) if current >= 18 > opset else []
@@ -319,7 +320,8 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[object]]:
             for v in (*g.value_info, *g.input, *g.output) if v.type.tensor_type.HasField("shape")}
 
 
-def _opset_of(model: onnx.ModelProto) -> int:
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset an ONNX model imports (1 when it names none)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 

@@ -206,9 +206,9 @@ def downgrade_for(model: onnx.ModelProto, prof: TargetProfile, opset_floor: bool
     Raises:
         ExportError: no such opset; the message is the one for ``prof.opset``.
     """
-    from qtrim_fx.onnx.dynamo_export import _opset_of, downgrade_opset
+    from qtrim_fx.onnx.dynamo_export import downgrade_opset, opset_of
 
-    newest = min(prof.max_opset, max(prof.opset, _opset_of(model))) if opset_floor else prof.opset
+    newest = min(prof.max_opset, max(prof.opset, opset_of(model))) if opset_floor else prof.opset
     first: ExportError | None = None
     for opset in range(prof.opset, newest + 1):
         try:
