@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_plain_batchnorm"]
+__all__ = ["is_plain_batchnorm", "is_plain_weighted"]
 
 #: ``forward`` methods of torch's own BatchNorm classes (BatchNorm1d/2d/3d and the lazy ones inherit
 #: ``_BatchNorm.forward``; SyncBatchNorm has its own).
@@ -23,3 +23,51 @@ def is_plain_batchnorm(module: object) -> bool:
         and module.running_var is not None
         and module.running_mean is not None
     )
+
+
+#: torch's own weighted layers and the methods their forward runs: a module is functionalized (its call
+#: rewritten as ``F.conv2d``/``F.linear`` on its parameters) only when it runs exactly these.
+_PLAIN_WEIGHTED: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (nn.Linear, ("forward",)),
+    (nn.Conv1d, ("forward", "_conv_forward")),
+    (nn.Conv2d, ("forward", "_conv_forward")),
+    (nn.Conv3d, ("forward", "_conv_forward")),
+    (nn.ConvTranspose1d, ("forward",)),
+    (nn.ConvTranspose2d, ("forward",)),
+    (nn.ConvTranspose3d, ("forward",)),
+)
+
+
+def is_plain_weighted(module: object) -> bool:
+    """Whether ``module`` is a Linear / Conv / ConvTranspose that computes exactly torch's op on its own parameters.
+
+    Not plain (so its call must stay a module call): a subclass that overrides ``forward`` or
+    ``_conv_forward`` (timm's ``Conv2dSame`` pads from the input size, weight-standardized convs
+    normalize the weight first), a module with forward hooks or pre-hooks (``spectral_norm`` and the
+    old ``weight_norm`` recompute ``weight`` in a pre-hook), or one whose ``weight`` is not a registered
+    parameter (``torch.nn.utils.parametrizations.weight_norm``: no weight site would quantize the computed
+    weight, and the coverage report would not see it). Rewriting those as ``F.conv2d(x, weight, ...)``
+    would silently drop what they add; kept as module calls, their weights are reported as float.
+    """
+    if not isinstance(module, nn.Module):
+        return False
+    cls = type(module)
+    for base, methods in _PLAIN_WEIGHTED:
+        if isinstance(module, base):
+            if any(getattr(cls, m) is not getattr(base, m) for m in methods):
+                return False
+            break
+    else:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    return all(
+        _registered(module, name) for name in ("weight", "bias"))
+
+
+def _registered(module: nn.Module, name: str) -> bool:
+    """``module.<name>`` is absent, None, or the parameter registered under that name (not a value a hook
+    wrote, nor a ``parametrize`` parametrization: weight sites, the pruner and the coverage report work on
+    registered parameters)."""
+    value = getattr(module, name, None)
+    return value is None or module._parameters.get(name) is value

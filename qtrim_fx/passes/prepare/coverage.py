@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.modules import is_plain_weighted
 from qtrim_fx.core.spec import OP_KIND, SITE_NODE
 from qtrim_fx.passes.prepare.graph_walks import node_owner
 from qtrim_fx.passes.prepare.normalize import op_kind, target_name
@@ -107,6 +108,9 @@ def _leaf_reason(m: nn.Module, name: str, fallbacks: Mapping[str, str]) -> str:
         return "leaf module: a MultiheadAttention form the traced reference does not cover stays whole (float)"
     if isinstance(m, nn.RNNBase):
         return "leaf module: recurrent layers (LSTM/GRU/RNN) are kept whole and stay in float"
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not is_plain_weighted(m):
+        return ("module call kept whole: it computes more than torch's op on its parameters (its class overrides "
+                "forward, a forward hook, or a parametrized weight); its weights stay float")
     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
         return "module call kept as is (its arguments cannot be expressed functionally, e.g. output_size=)"
     return "leaf module (its forward is not traced into, e.g. registered by its library as a leaf)"

@@ -10,8 +10,12 @@ the original ``state_dict`` still loads)::
              y = call_function[torch.conv2d](x, w, None, (1, 1), (1, 1), (1, 1), 1)
 
 Results are bit-identical (the module's forward makes the same call). Calls
-this pass cannot express exactly (``ConvTranspose`` with ``output_size``)
-are left as they are.
+this pass cannot express exactly are left as they are: ``ConvTranspose`` with
+``output_size``, and modules that do more than torch's op on their own
+parameters (a subclass overriding ``forward`` such as timm's ``Conv2dSame``,
+forward hooks such as ``spectral_norm``, a parametrized weight; see
+:func:`~qtrim_fx.core.modules.is_plain_weighted`). Those stay module calls
+and the coverage report lists their weights as float.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtrim_fx.core.modules import is_plain_weighted
 from qtrim_fx.core.spec import OWNER
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 
@@ -37,7 +42,7 @@ def _param_nodes(graph: fx.Graph, name: str, m: nn.Module) -> tuple[fx.Node, fx.
 
 def _functional_call(graph: fx.Graph, node: fx.Node, m: nn.Module) -> fx.Node | None:
     name = str(node.target)
-    if len(node.args) != 1 or node.kwargs:
+    if len(node.args) != 1 or node.kwargs or not is_plain_weighted(m):
         return None
     (x,) = node.args
     if isinstance(m, nn.Linear):

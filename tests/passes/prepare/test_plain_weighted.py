@@ -1,0 +1,134 @@
+"""Only layers that compute exactly torch's op on their own parameters become functional calls.
+
+Before: every ``isinstance(m, nn.Conv2d)`` module call was rewritten as ``F.conv2d(x, m.weight, ...)``,
+so a subclass's own forward (timm ``Conv2dSame`` pads from the input size) or a forward pre-hook
+(``spectral_norm``) was silently dropped: timm ``tf_efficientnet_b0`` at 224x224 at λ = 0 differed from
+its float model by more than the output's own scale, with no error.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qtrim_fx
+from qtrim_fx.core.errors import CoverageWarning
+from qtrim_fx.core.modules import is_plain_weighted
+
+timm_layers = pytest.importorskip("timm.layers")
+
+
+class _DoubledConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _OwnConvForward(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight.flip(-1), bias)
+
+
+def test_is_plain_weighted() -> None:
+    assert is_plain_weighted(nn.Conv2d(3, 4, 3))
+    assert is_plain_weighted(nn.Conv1d(3, 4, 3, bias=False))
+    assert is_plain_weighted(nn.Linear(3, 4))
+    assert is_plain_weighted(nn.ConvTranspose2d(3, 4, 3))
+    assert not is_plain_weighted(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)))
+    assert not is_plain_weighted(timm_layers.Conv2dSame(3, 4, 3))
+    assert not is_plain_weighted(timm_layers.StdConv2d(3, 4, 3))
+    assert not is_plain_weighted(_DoubledConv(3, 4, 3))
+    assert not is_plain_weighted(_OwnConvForward(3, 4, 3))
+    assert not is_plain_weighted(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert not is_plain_weighted(nn.utils.weight_norm(nn.Linear(3, 4)))
+    assert not is_plain_weighted(nn.BatchNorm2d(3))
+
+
+def _same_padding_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        timm_layers.Conv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        timm_layers.Conv2dSame(8, 4, 5, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).eval()
+
+
+def test_conv2d_same_stays_whole_exact_at_every_size_and_reported() -> None:
+    model = _same_padding_net()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(CoverageWarning, match=r"0\.weight \(timm\.layers\.conv2d_same\.Conv2dSame\)"):
+        qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    qm.eval()
+    qtrim_fx.set_blend(qm, 0.0)
+    for size in (32, 45, 17):  # "same" padding differs per size: the module's own forward must run
+        xi = torch.randn(2, 3, size, size)
+        assert torch.equal(qm(xi), model(xi)), size
+    # the plain conv between them is still quantized
+    names = {spec.name for spec, _, _ in qtrim_fx.iter_sites(qm)}
+    assert "3.weight" in names
+    assert not any(n.startswith(("0.", "5.")) and n.endswith("weight") for n in names)
+
+
+def test_conv2d_same_exports_and_matches_onnxruntime(tmp_path) -> None:
+    model = _same_padding_net()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)
+        qm = qtrim_fx.prepare(model, (x,))
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = tmp_path / "same.onnx"
+    qtrim_fx.export_onnx(qm, (x,), str(path))  # self-check: ORT vs the lowered model, raises on mismatch
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    qm.eval()
+    assert got.shape == (2, 4)
+    assert float((torch.from_numpy(got) - qm(x)).abs().max()) < 0.05
+
+
+def test_spectral_norm_conv_keeps_its_hook_in_training() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(),
+                          nn.Conv2d(8, 2, 1), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    x = torch.randn(4, 3, 8, 8)
+    ref = copy.deepcopy(model).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)
+        qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    qm.train()
+    qtrim_fx.set_blend(qm, 0.0)
+    for _ in range(3):  # power iteration updates u on every train-mode forward, in both models alike
+        assert torch.equal(qm(x), ref(x))
+    qm(x).sum().backward()
+    sn = qm.get_submodule("0")
+    assert sn.weight_orig.grad is not None and float(sn.weight_orig.grad.abs().sum()) > 0
+
+
+def test_parametrized_weight_is_kept_whole_and_reported() -> None:
+    """Functionalized, a parametrized weight was read through get_attr with no weight site and no
+    coverage entry: float and unmentioned. Kept whole, the coverage report names it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)), nn.ReLU(), nn.Linear(5, 2)).eval()
+    x = torch.randn(3, 6)
+    with pytest.warns(CoverageWarning, match=r"0\.parametrizations\.weight\.original1"):
+        qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    qm.eval()
+    qtrim_fx.set_blend(qm, 0.0)
+    assert torch.equal(qm(x), model(x))
+    names = {spec.name for spec, _, _ in qtrim_fx.iter_sites(qm)}
+    assert "2.weight" in names and not any(n.startswith("0.") and "weight" in n for n in names)
+
+
+def test_no_sites_error_names_the_layers_kept_whole() -> None:
+    from qtrim_fx.core.errors import NoSitesError
+
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 5)), nn.ReLU()).eval()
+    with pytest.raises(NoSitesError, match=r"0\.weight_orig \(nn\.Linear\): module call kept whole"):
+        qtrim_fx.prepare(model, (torch.randn(3, 6),))
