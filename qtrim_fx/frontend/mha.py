@@ -12,7 +12,8 @@ inference fast path (no grad, eval) differs from it by float rounding (~1e-7).
 
 Supported: packed or separate projection weights, ``batch_first`` either way,
 ``attn_mask`` / ``key_padding_mask`` (bool or float), ``is_causal``, dropout.
-Modules with ``bias_k``/``bias_v`` or ``add_zero_attn`` stay leaves.
+Modules with ``bias_k``/``bias_v`` or ``add_zero_attn``, subclasses that override ``forward`` and
+modules with forward hooks stay leaves (running this function instead would drop what they add).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ __all__ = ["mha_supported", "traceable_mha_forward"]
 
 
 def mha_supported(m: nn.MultiheadAttention) -> bool:
-    return m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+    """Whether :func:`traceable_mha_forward` computes exactly what ``m`` does when called."""
+    return (m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+            and type(m).forward is nn.MultiheadAttention.forward
+            and not m._forward_hooks and not m._forward_pre_hooks)
 
 
 @torch.fx.wrap

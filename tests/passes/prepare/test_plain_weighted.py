@@ -132,3 +132,33 @@ def test_no_sites_error_names_the_layers_kept_whole() -> None:
     model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 5)), nn.ReLU()).eval()
     with pytest.raises(NoSitesError, match=r"0\.weight_orig \(nn\.Linear\): module call kept whole"):
         qtrim_fx.prepare(model, (torch.randn(3, 6),))
+
+
+class _ScaledMHA(nn.MultiheadAttention):
+    def forward(self, q, k, v, **kw):
+        out, w = super().forward(q, k, v, **kw)
+        return out * 0.5, w
+
+
+@pytest.mark.parametrize("how", ["subclass", "hook"])
+def test_multihead_attention_with_its_own_forward_or_a_hook_stays_whole(how: str) -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = (_ScaledMHA if how == "subclass" else nn.MultiheadAttention)(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Net().eval()
+    if how == "hook":
+        model.attn.register_forward_hook(lambda m, i, o: (o[0] + 1.0, o[1]))
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(CoverageWarning, match=r"attn\.in_proj_weight"):
+        qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    qm.eval()
+    qtrim_fx.set_blend(qm, 0.0)
+    assert torch.equal(qm(x), model(x))
