@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_plain_batchnorm", "is_plain_weighted"]
+__all__ = ["is_plain_batchnorm", "is_plain_module", "is_plain_weighted"]
 
 #: ``forward`` methods of torch's own BatchNorm classes (BatchNorm1d/2d/3d and the lazy ones inherit
 #: ``_BatchNorm.forward``; SyncBatchNorm has its own).
@@ -71,3 +71,11 @@ def _registered(module: nn.Module, name: str) -> bool:
     registered parameters)."""
     value = getattr(module, name, None)
     return value is None or module._parameters.get(name) is value
+
+
+def is_plain_module(module: object, base: type[nn.Module]) -> bool:
+    """Whether calling ``module`` runs exactly ``base.forward``: an instance of ``base`` whose class does not
+    override ``forward`` (timm's ``LayerNorm2d`` permutes around its ``layer_norm``) and that has no forward
+    hooks or pre-hooks. A pass may then replace the call by the functional op ``base`` runs."""
+    return (isinstance(module, base) and type(module).forward is base.forward
+            and not module._forward_hooks and not module._forward_pre_hooks)

@@ -12,7 +12,7 @@ lowered model computes with the deployed values, so torch and the file agree::
 
 γ's grid: 8 bit in the target's activation storage (uint8 for ``qnn``, int8 for ``npu``: ``check`` reads a
 dequantized γ as an activation-grid tensor), asymmetric, per tensor, over [min(γ, 0), max(γ, 0)]. Only affine LayerNorms
-(``nn.LayerNorm``, or a ``layer_norm`` call on parameters) reading a per-tensor ``quant_dequant``. :func:`qtrim_fx.lower` runs the pass
+(an ``nn.LayerNorm`` module call that runs exactly ``nn.LayerNorm.forward``, or a ``layer_norm`` call on parameters) reading a per-tensor ``quant_dequant``. :func:`qtrim_fx.lower` runs the pass
 for a model prepared for an integer-only target and lowered for one (like ``RequantizeViewsPass``);
 ``QuantizeBiasPass`` then stores β as int32 in the ONNX file.
 """
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrim_fx.core.attrs import get_attr_tensor
+from qtrim_fx.core.modules import is_plain_module
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.core.spec import site_key
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
@@ -89,7 +90,7 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        if not isinstance(m, nn.LayerNorm) or m.weight is None or m.bias is None or len(node.args) != 1:
+        if not is_plain_module(m, nn.LayerNorm) or m.weight is None or m.bias is None or len(node.args) != 1:
             return None
         return node.args[0], tuple(m.normalized_shape), f"{node.target}.weight", m.bias, m.eps
     if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] != "layer_norm":

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
+from qtrim_fx.core.modules import is_plain_module
 from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import OWNER
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
@@ -47,7 +48,7 @@ def _gelu(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The ``approximate`` of a GELU call on one tensor (exact ``nn.GELU``, ``F.gelu``, ``aten.gelu``), else None."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        return m.approximate if type(m) is nn.GELU else None
+        return m.approximate if type(m) is nn.GELU and is_plain_module(m, nn.GELU) else None  # no hooks to drop
     if node.op != "call_function":
         return None
     aten = isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtrim_fx.core.modules import is_plain_module
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.runtime.ops import relu_keep_mask
 from qtrim_fx.runtime.site import QuantSite
@@ -46,7 +47,7 @@ def _relu_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The input of a plain (not in-place-method) ReLU call, else None."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target)) if isinstance(node.target, str) else None
-        ok = type(m) is nn.ReLU and len(node.args) == 1 and not node.kwargs
+        ok = type(m) is nn.ReLU and is_plain_module(m, nn.ReLU) and len(node.args) == 1 and not node.kwargs
     elif node.op == "call_function":
         ok = node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
         ok = ok and set(node.kwargs) <= {"inplace"}

@@ -162,3 +162,33 @@ def test_multihead_attention_with_its_own_forward_or_a_hook_stays_whole(how: str
     qm.eval()
     qtrim_fx.set_blend(qm, 0.0)
     assert torch.equal(qm(x), model(x))
+
+
+def test_layernorm_with_a_hook_keeps_it_when_lowered_for_an_integer_target() -> None:
+    """QuantizeNormAffinePass rewrites LayerNorm module calls as F.layer_norm on integer-only targets; a
+    LayerNorm that runs more than nn.LayerNorm.forward (here a forward hook) must stay a module call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    model[1].register_forward_hook(lambda m, i, o: o * 0.25 + 1.0)
+    x = torch.randn(16, 8)
+    qm = qtrim_fx.prepare(copy.deepcopy(model), (x,), target="qnn")
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    qm.eval()
+    lowered = qtrim_fx.lower(qm, "qnn")
+    # the hook's affine change is far larger than one output step; without it they differ by ~1
+    assert float((lowered(x) - qm(x)).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("act,target", [(nn.ReLU, None), (nn.GELU, "qnn")])
+def test_activation_modules_with_a_hook_are_not_rewritten(act: type[nn.Module], target: str | None) -> None:
+    """LeanReluPass (ReLU → relu_keep_mask) and DecomposeGeluPass (GELU → its steps) replace module calls:
+    a module with a forward hook keeps its call, so the hook still runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), act(), nn.Linear(8, 3)).eval()
+    model[1].register_forward_hook(lambda m, i, o: o + 0.5)
+    x = torch.randn(16, 8)
+    qm = qtrim_fx.prepare(copy.deepcopy(model), (x,), target=target)
+    qm.eval()
+    qtrim_fx.set_blend(qm, 0.0)
+    assert torch.equal(qm(x), model(x))
