@@ -15,13 +15,16 @@ def is_plain_batchnorm(module: object) -> bool:
     """Whether ``module`` computes exactly BatchNorm with running statistics, nothing more.
 
     A subclass that overrides ``forward`` (timm's ``BatchNormAct2d`` adds an activation and dropout)
-    is not: folding it into a conv would drop what its forward adds. Such modules stay in the graph.
+    is not, nor is one with forward hooks or pre-hooks: folding it into a conv would drop what its forward
+    or hooks add. Such modules stay in the graph.
     """
     return (
         isinstance(module, nn.modules.batchnorm._BatchNorm)
         and type(module).forward in _PLAIN_BN_FORWARDS
         and module.running_var is not None
         and module.running_mean is not None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
     )
 
 

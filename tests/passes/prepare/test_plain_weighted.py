@@ -192,3 +192,19 @@ def test_activation_modules_with_a_hook_are_not_rewritten(act: type[nn.Module], 
     qm.eval()
     qtrim_fx.set_blend(qm, 0.0)
     assert torch.equal(qm(x), model(x))
+
+
+def test_batchnorm_with_a_hook_is_not_folded() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    model[1].register_forward_hook(lambda m, i, o: o * 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 0.0)
+    qm.eval()
+    assert torch.allclose(qm(x), model(x), atol=1e-5)
+    qtrim_fx.set_blend(qm, 1.0)
+    lowered = qtrim_fx.lower(qm)
+    assert float((lowered(x) - qm(x)).abs().max()) < 0.1 * float(qm(x).abs().max())
