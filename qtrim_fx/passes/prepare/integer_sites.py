@@ -14,10 +14,12 @@ DQ -> op -> Q group instead of running it in FLOAT_32 (or on its CPU)::
 
 With ``integer_attention_scores`` the attention-score region is not kept float (the analysis then
 finds no region) and QKᵀ, its scaling, the softmax and P·V get sites like any other op of their kind.
-A parameter or buffer operand of such an op (``x + self.pos_embed``) gets a site too, whatever the place::
+A parameter or buffer operand of such an op (``x + self.pos_embed``) gets a site too, whatever the place,
+and so does a model input it reads (no op before it would quantize it)::
 
     default:          x + pos_embed                               Add reads a float initializer
     target="qnn":     x + Q(pos_embed)                            DQ(uint8 codes) -> Add: integer
+    target="qnn":     Q(input) - Q(self.mean)                     the model's first op: integer too
 
 A BatchNorm that lowering folds into its conv is the conv's output; one it cannot fold (after a Concat of
 convs, MixNet's mixed kernels) is written as ``BatchNormalization`` and gets its sites like LayerNorm::
@@ -119,6 +121,15 @@ def _static_operand(a: _Analysis, x: object, weights: set[fx.Node]) -> bool:
             and bool(torch.isfinite(value).all()))  # a -inf mask is not a grid's business
 
 
+def _graph_input(a: _Analysis, x: object) -> fx.Node | None:
+    """The model input ``x`` is (or a view of), else None: an ``"out"``-only rule relies on the op before an
+    input to quantize it, and a model input has none (``x - self.mean`` as the model's first op)."""
+    root = x
+    while isinstance(root, fx.Node) and root.op != "placeholder" and a.kind[root] == "reshape" and root.args:
+        root = root.args[0]
+    return root if isinstance(root, fx.Node) and root.op == "placeholder" else None
+
+
 def _attr(gm: fx.GraphModule, target: str) -> object:
     obj: object = gm
     for part in target.split("."):
@@ -152,5 +163,7 @@ def add_integer_sites(a: _Analysis, rules: dict[str, tuple[bool, bool]]) -> None
                 a.add_candidate(x, "input", k, owner, static=True)
             elif inputs:
                 a.add_candidate(x, "input", k, owner)
+            elif (graph_input := _graph_input(a, x)) is not None:  # no op before it quantizes it
+                a.add_candidate(graph_input, "input", k, owner)
         if output and not _fused_into_relu(a, n):
             a.add_candidate(n, "input", k, owner)
