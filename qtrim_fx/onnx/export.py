@@ -47,6 +47,7 @@ from qtrim_fx.onnx.gather_table_qdq import QuantizeGatherTablePass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
+from qtrim_fx.onnx.quantize_instance_norm import QuantizeInstanceNormPass
 from qtrim_fx.onnx.quantize_scalar_operands import QuantizeScalarOperandsPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
 from qtrim_fx.runtime.qdq import PLACEHOLDER_DOMAIN, PLACEHOLDER_OPSET, is_quant_dequant
@@ -70,6 +71,7 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             QuantizeGatherTablePass(profile),
             RequantizeAfterShapeOpsPass(),
             QuantizeBiasPass(profile),
+            QuantizeInstanceNormPass(profile),
             QuantizeScalarOperandsPass(profile),
             RemoveUnusedNodesPass(),
             NameAfterSitesPass(),

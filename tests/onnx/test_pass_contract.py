@@ -37,6 +37,7 @@ from qtrim_fx.onnx.gather_table_qdq import QuantizeGatherTablePass
 from qtrim_fx.onnx.merge_qdq import MergeDuplicateQDQPass
 from qtrim_fx.onnx.name_after_sites import NameAfterSitesPass
 from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
+from qtrim_fx.onnx.quantize_instance_norm import QuantizeInstanceNormPass
 from qtrim_fx.onnx.quantize_scalar_operands import QuantizeScalarOperandsPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
 from tests.onnx.qdq_models import convnet, token_mixer, upsampler
@@ -53,6 +54,7 @@ PASSES: dict[str, Callable[[TargetProfile], ir.passes.PassBase]] = {
     "QuantizeGatherTablePass": QuantizeGatherTablePass,
     "RequantizeAfterShapeOpsPass": lambda _: RequantizeAfterShapeOpsPass(),
     "QuantizeBiasPass": QuantizeBiasPass,
+    "QuantizeInstanceNormPass": QuantizeInstanceNormPass,
     "QuantizeScalarOperandsPass": QuantizeScalarOperandsPass,
     "NameAfterSitesPass": lambda _: NameAfterSitesPass(),
     "FinalizeModelPass": FinalizeModelPass,
@@ -71,6 +73,7 @@ APPLIES = [
     # MergeDuplicateQDQPass has nothing to merge in these exports; tests/onnx/test_passes.py has graphs it merges.
     # FuseGeluPass finds no GELU in these models; tests/onnx/test_fuse_gelu.py has graphs it fuses.
     # QuantizeGatherTablePass finds no lookup; tests/onnx/test_gather_table.py has graphs it rewrites.
+    # QuantizeInstanceNormPass finds no GroupNorm; tests/onnx/test_quantize_instance_norm.py has files it rewrites.
 ]
 
 

@@ -49,11 +49,13 @@ from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
+from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
 from qtrim_fx.passes.prepare.pipeline import prepare_passes
+from qtrim_fx.passes.prepare.ranks import record_ranks
 from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 from qtrim_fx.runtime.ops import relu_keep_mask
 from qtrim_fx.runtime.qdq import quant_dequant
@@ -192,6 +194,23 @@ class GeluNet(nn.Module):
         return self.out(self.act(self.fc(x)))
 
 
+class GroupNormNet(nn.Module):
+    """conv -> GroupNorm -> conv: DecomposeGroupNormPass's input on an integer-only target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.out = nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.norm(self.conv(x)))
+
+
+def _group_norm_graph(**_) -> fx.GraphModule:
+    gm = capture(GroupNormNet()).gm
+    record_ranks(gm, (torch.randn(1, 3, 6, 6),))  # as prepare does for integer-only targets
+    return gm
+
+
 NPU = qtrim_fx.QuantConfig(target="npu")
 
 
@@ -309,6 +328,8 @@ CASES: dict[str, Case] = {
         lambda: DecomposeGatesPass(NPU), lambda **_: capture(SiluNet()).gm, lambda **_: capture(TanhMLP()).gm),
     "DecomposeGeluPass": Case(
         lambda: DecomposeGeluPass(NPU), lambda **_: capture(GeluNet()).gm, lambda **_: capture(TanhMLP()).gm),
+    "DecomposeGroupNormPass": Case(
+        lambda: DecomposeGroupNormPass(NPU), _group_norm_graph, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(
         MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
     "RestoreReluPass": Case(

@@ -100,8 +100,10 @@ def prepare(
     gm = result.gm
     _warn_fallbacks(result.fallbacks)
     ranks_known = result.frontend != "symbolic_trace"  # torch.export records every shape
-    if example_inputs is not None and config.target is not None and get_profile(config.target).matmul_weights_per_tensor:
-        # MatMul vs Gemm form of each Linear (the profile's weight grid)
+    profile = get_profile(config.target) if config.target is not None else None
+    if example_inputs is not None and profile is not None and (profile.matmul_weights_per_tensor
+                                                              or profile.integer_only):
+        # MatMul vs Gemm form of each Linear (the profile's weight grid); GroupNorm's γ/β shape
         ranks_known = record_ranks(gm, example_inputs) or ranks_known
     try:
         gm = run_passes(gm, prepare_passes(config))

@@ -6,6 +6,7 @@
       ─SplitNormActPass──────────────▶ verified BatchNorm+act modules as plain BatchNorm + child calls
       ─DecomposeGatesPass────────────▶ (target=qnn/npu) SiLU/HardSwish as gate_product(x, gate(x))
       ─DecomposeGeluPass─────────────▶ (target=npu) GELU as its primitives (Div, Erf, Add, Mul) + gelu_product
+      ─DecomposeGroupNormPass────────▶ (target=qnn/npu) affine GroupNorm as group_norm(no affine) · γ + β
       ─NormalizeOpsPass──────────────▶ every op tagged with its kind (conv, linear, matmul, sdpa ...)
       ─FunctionalizeWeightedModulesPass▶ weighted modules as get_attr weight -> F.conv2d / F.linear
       ─NormalizeOpsPass──────────────▶ the new functional nodes tagged too
@@ -22,6 +23,7 @@ from qtrim_fx.passes.base import GraphPass, run_passes
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
+from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
@@ -41,6 +43,8 @@ def prepare_passes(config: QuantConfig) -> list[GraphPass]:
         SplitNormActPass(),
         *([DecomposeGatesPass(config)] if _gated(config) else []),
         *([DecomposeGeluPass(config)] if config.target is not None and get_profile(config.target).decomposes_gelu()
+          else []),
+        *([DecomposeGroupNormPass(config)] if config.target is not None and get_profile(config.target).integer_only
           else []),
         NormalizeOpsPass(),
         FunctionalizeWeightedModulesPass(),
