@@ -15,7 +15,8 @@ pass writes that form, value for value::
 Each inserted Q/DQ re-quantizes values already on that grid (a reshape of dequantized codes, or the
 InstanceNorm output that the following ``Q(s, z)`` quantized after an exact reshape), so the file
 computes what it computed before; the identity ``Mul(·, 1)`` / ``Add(·, 0)`` are dropped (``x·1 = x``,
-``x + 0 = x``). Only the exporter's form with a per-tensor DQ before and a per-tensor Q after is touched.
+``x + 0 = x``; the dynamo exporter writes those constants as ``CastLike(constant, x)``). Only the exporters'
+form with a per-tensor DQ before and a per-tensor Q after is touched.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ __all__ = ["QuantizeInstanceNormPass"]
 
 
 def _only_use(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
+    """The one node reading ``value`` as data (a ``CastLike`` reading only its type does not count)."""
+    uses = [u for u, i in value.uses() if not (is_op(u, "CastLike") and i == 1)]
+    return uses[0] if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _constant_like(value: ir.Value | None, fill: float) -> bool:
+    """``value`` is a float32 constant holding only ``fill`` (also through the dynamo exporter's
+    ``CastLike(constant, x)``, which is the identity on a float32 constant and float32 ``x``)."""
+    producer = value.producer() if value is not None else None
+    if is_op(producer, "CastLike") and producer.inputs[0] is not None:
+        value = producer.inputs[0]
     arr = const_array(value)
     return arr is not None and arr.dtype == np.float32 and bool(np.all(arr == fill))
 

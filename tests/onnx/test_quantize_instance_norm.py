@@ -67,3 +67,24 @@ def test_group_norm_file_runs_strictly_on_the_htp(tmp_path) -> None:
     assert htp.status == "ok", htp.message  # was: QNN_COMMON_ERROR_MEM_ALLOC at graph finalize
     assert set(htp.ep_nodes) == {"QNNExecutionProvider"}
     assert htp.outputs[0].sqnr_db >= 30
+
+
+class _ExportCapturedNet(_AudioNet):
+    """Not symbolically traceable at the root (``int`` of a size): captured by torch.export, written by the
+    dynamo exporter (aten.group_norm; the identity affine's constants come as ``CastLike(constant, x)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[..., : int(x.shape[-1])]
+        return super().forward(x)
+
+
+def test_group_norm_captured_by_torch_export_is_integer_too(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 32)
+    qm = qtrim_fx.prepare(_ExportCapturedNet().eval(), (x,), target="qnn")
+    assert qm.qtrim_info.frontend == "torch.export"
+    qtrim_fx.calibrate(qm, [(x,)])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = str(tmp_path / "gn_export.onnx")
+    qtrim_fx.export_onnx(qm, (x,), path, target="qnn")
+    assert [v for v in check(path, "qnn") if v.severity == "error"] == []

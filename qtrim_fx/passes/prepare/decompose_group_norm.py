@@ -19,8 +19,8 @@ The profile's integer-site rules put the sites (``("layernorm", "in+out")``, ``(
 InstanceNormalization with its constant scale and bias as exact codes and drops the identity ``Mul(·, 1)``
 / ``Add(·, 0)`` it adds, so the file is ``DQ -> InstanceNormalization -> Q`` and two integer ops.
 
-Only plain ``nn.GroupNorm`` module calls and ``F.group_norm`` calls on ``get_attr`` parameters whose input
-rank is recorded are rewritten; anything else stays whole (and ``check`` names it). Values are the same up to
+Only plain ``nn.GroupNorm`` module calls and ``F.group_norm`` / ``aten.group_norm`` calls on ``get_attr``
+parameters whose input rank is recorded are rewritten; anything else stays whole (and ``check`` names it). Values are the same up to
 float rounding (torch's kernel folds γ into the normalization: ``x·(rstd·γ) + (β − μ·rstd·γ)``).
 """
 
@@ -52,7 +52,7 @@ def _group_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int, str, s
                 or not isinstance(node.args[0], fx.Node)):
             return None
         return node.args[0], m.num_groups, f"{node.target}.weight", f"{node.target}.bias", m.eps
-    if node.op != "call_function" or node.target not in (F.group_norm, torch.group_norm):
+    if node.op != "call_function" or node.target not in (F.group_norm, torch.group_norm, torch.ops.aten.group_norm.default):
         return None
     x, groups = arg(node, 0, "input"), arg(node, 1, "num_groups")
     w, b, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
