@@ -90,7 +90,29 @@ def _reader_reason(reader: fx.Node, kind: str, config: QuantConfig, modules: Map
         return ("parameter used inside a wrapped function (traced as one call, its ops are not seen): "
                 "make the function traceable (remove its torch.fx.wrap) to quantize it")
     if kind == "other" and reader.op in ("call_function", "call_method"):
+        if _derived_weight_of(reader) is not None:
+            return ("weight computed from parameters before its op (weight standardization or normalization: "
+                    "timm StdConv2d, weight_norm ...): only weights read directly or through views are "
+                    "quantized; the computed weight stays float")
         return "unsupported op: qtrim_fx quantizes the weights of conv/linear/matmul-like ops only"
+    return None
+
+
+def _derived_weight_of(start: fx.Node, limit: int = 16) -> fx.Node | None:
+    """The conv / linear whose weight operand ``start``'s value reaches through at most ``limit`` nodes, else None."""
+    seen, frontier = {start}, [start]
+    while frontier and len(seen) <= limit:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "output" or u in seen:
+                continue
+            weight = u.args[1] if u.op == "call_function" and len(u.args) > 1 else None
+            if weight is n and getattr(u.target, "__name__", "") in ("conv1d", "conv2d", "conv3d", "linear",
+                                                                     "conv_transpose1d", "conv_transpose2d",
+                                                                     "conv_transpose3d", "convolution"):
+                return u
+            seen.add(u)
+            frontier.append(u)
     return None
 
 
@@ -142,6 +164,9 @@ def float_weights(
                     continue
                 why = _reader_reason(r, kinds[r], config, modules)
                 op = kinds[r] if kinds[r] in _WEIGHT_OPS or kinds[r] == "embedding" else target_name(r)
+                derived = _derived_weight_of(r) if kinds[r] == "other" else None
+                if derived is not None:  # name the op the computed weight feeds, not the computation
+                    op = f"{kinds.get(derived, target_name(derived))}, computed weight"
                 if why is not None:
                     found.setdefault((str(n.target), op), FloatWeight(str(n.target), op, why))
         elif n.op == "call_module" and not str(n.target).startswith(_HELPER_MODULES):

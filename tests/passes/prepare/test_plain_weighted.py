@@ -208,3 +208,16 @@ def test_batchnorm_with_a_hook_is_not_folded() -> None:
     qtrim_fx.set_blend(qm, 1.0)
     lowered = qtrim_fx.lower(qm)
     assert float((lowered(x) - qm(x)).abs().max()) < 0.1 * float(qm(x).abs().max())
+
+
+def test_a_computed_weight_is_reported_as_such() -> None:
+    """A weight standardized before its conv (timm StdConv2d, traced into) is named as a computed weight of a
+    conv, not as an 'unsupported op'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm_layers.StdConv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(CoverageWarning, match=r"0\.weight \(conv, computed weight\).*weight computed from parameters"):
+        qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    qm.eval()
+    qtrim_fx.set_blend(qm, 0.0)
+    assert torch.equal(qm(x), model(x))
