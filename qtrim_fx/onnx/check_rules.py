@@ -386,6 +386,10 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
         severity = island_severity(node, prof.activation_sites)
         if "float constant tensor" in why:  # a parameter added or multiplied in (a position embedding)
             severity, fix = "warning", "that constant needs a DequantizeLinear (quantize it on its own grid)"
+        elif severity == "error" and ctx.model.metadata_props.get("qtrim_fx.prepared_for") == prof.name:
+            fix = (f"the model was prepared for {prof.name!r} and this op is still outside every trained site (an "
+                   "opset without the op, attention kept as one SDPA op, an untraced leaf ...): export it again "
+                   "with qtrim_fx, whose FloatOpsWarning names the fix" + gate_hint(node))
         elif severity == "error":
             fix = (f"prepare the model with qtrim_fx.prepare(model, ..., target={prof.name!r}) so that tensor is "
                    "quantized and trained" + gate_hint(node))

@@ -150,6 +150,7 @@ def export_lowered(
         model = run_qdq_passes(_torch_export(gm, args, prof, ins, outs, dynamic_batch), prof)
     else:
         model = _dynamo_qdq(gm, args, prof, ins, outs, dynamic_batch, opset_floor)
+    _stamp(model, prof, gm)
     _enforce(check(model, prof), prof, gm)
     _write_atomically(model, Path(path))
     return model
@@ -324,6 +325,21 @@ def _float_ops_fix(gm: torch.nn.Module | None, prof: TargetProfile) -> str | Non
     if fixes and prepared_for != prof.name:
         fixes.insert(0, prepare_fix(prof.name))
     return "; ".join(fixes) or None
+
+
+#: ``metadata_props`` keys of a written file: the target it was written for, the one the model was prepared for.
+TARGET_KEY, PREPARED_FOR_KEY = "qtrim_fx.target", "qtrim_fx.prepared_for"
+
+
+def _stamp(model: onnx.ModelProto, prof: TargetProfile, gm: torch.nn.Module) -> None:
+    """Record in the file which target it was written for and which the model was prepared for (``check`` of
+    the file alone then knows whether "prepare for the target" is the fix for a float op)."""
+    prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None)
+    stamp = {TARGET_KEY: prof.name, PREPARED_FOR_KEY: prepared_for or "none"}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in stamp]
+    del model.metadata_props[:]
+    for key, value in [*kept, *stamp.items()]:
+        model.metadata_props.add(key=key, value=value)
 
 
 def _prepared_info(gm: torch.nn.Module) -> object:
