@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtrim_fx.core.attrs import resolve_attr
 from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.modules import is_plain_module
 from qtrim_fx.core.profiles import get_profile
@@ -80,7 +81,10 @@ class DecomposeGroupNormPass(GraphPass):
             ndim = rank(x)
             if ndim is None or ndim < 2:
                 continue
-            channels = gm.get_parameter(weight).numel()
+            gamma = resolve_attr(gm, weight)
+            if not isinstance(gamma, torch.Tensor):
+                continue
+            channels = gamma.numel()
             shape = (1, channels) + (1,) * (ndim - 2)
             owner = str(node.target) if node.op == "call_module" else node.meta.get(OWNER)
             with gm.graph.inserting_before(node):

@@ -74,3 +74,27 @@ def test_decomposed_group_norm_trains() -> None:
     norm = qm.get_submodule("norm")
     assert norm.weight.grad is not None and float(norm.weight.grad.abs().sum()) > 0
     assert norm.bias.grad is not None and float(norm.bias.grad.abs().sum()) > 0
+
+
+class _BufferAffine(nn.Module):
+    """F.group_norm with γ / β held as buffers (not parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("gamma", torch.rand(8) + 0.5)
+        self.register_buffer("beta", torch.rand(8) - 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(self.conv(x), 4, self.gamma, self.beta).mean((2, 3))
+
+
+def test_buffer_affine_is_decomposed_too() -> None:
+    model = _BufferAffine().eval()
+    x = torch.randn(2, 3, 8, 8)
+    qm = qtrim_fx.prepare(copy.deepcopy(model), (x,), target="qnn")
+    (norm,) = _group_norm_calls(qm)
+    assert norm.args[2:4] == (None, None)
+    qm.eval()
+    qtrim_fx.set_blend(qm, 0.0)
+    torch.testing.assert_close(qm(x), model(x), rtol=1e-5, atol=1e-6)
