@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["is_plain_batchnorm", "is_plain_module", "is_plain_weighted"]
+__all__ = ["is_parametrized_attr", "is_plain_batchnorm", "is_plain_module", "is_plain_weighted"]
 
 #: ``forward`` methods of torch's own BatchNorm classes (BatchNorm1d/2d/3d and the lazy ones inherit
 #: ``_BatchNorm.forward``; SyncBatchNorm has its own).
@@ -47,10 +48,10 @@ def is_plain_weighted(module: object) -> bool:
     Not plain (so its call must stay a module call): a subclass that overrides ``forward`` or
     ``_conv_forward`` (timm's ``Conv2dSame`` pads from the input size, weight-standardized convs
     normalize the weight first), a module with forward hooks or pre-hooks (``spectral_norm`` and the
-    old ``weight_norm`` recompute ``weight`` in a pre-hook), or one whose ``weight`` is not a registered
-    parameter (``torch.nn.utils.parametrizations.weight_norm``: no weight site would quantize the computed
-    weight, and the coverage report would not see it). Rewriting those as ``F.conv2d(x, weight, ...)``
-    would silently drop what they add; kept as module calls, their weights are reported as float.
+    old ``weight_norm`` recompute ``weight`` in a pre-hook), or one whose ``weight`` is neither a registered
+    parameter nor a ``parametrize`` parametrization (read live by a ``get_attr``, quantized as computed).
+    Rewriting those as ``F.conv2d(x, weight, ...)`` would silently drop what they add; kept as module calls,
+    their weights are reported as float.
     """
     if not isinstance(module, nn.Module):
         return False
@@ -69,11 +70,23 @@ def is_plain_weighted(module: object) -> bool:
 
 
 def _registered(module: nn.Module, name: str) -> bool:
-    """``module.<name>`` is absent, None, or the parameter registered under that name (not a value a hook
-    wrote, nor a ``parametrize`` parametrization: weight sites, the pruner and the coverage report work on
-    registered parameters)."""
+    """``module.<name>`` is absent, None, the parameter registered under that name, or a ``parametrize``
+    parametrization (recomputed on every read, so a ``get_attr`` of it stays exact; its site quantizes the
+    computed weight); not a value a hook wrote."""
+    if parametrize.is_parametrized(module, name):
+        return True
     value = getattr(module, name, None)
     return value is None or module._parameters.get(name) is value
+
+
+def is_parametrized_attr(root: nn.Module, target: str) -> bool:
+    """``root.<target>`` (a dotted path) is a ``torch.nn.utils.parametrize`` parametrized tensor."""
+    owner, _, name = target.rpartition(".")
+    try:
+        module = root.get_submodule(owner) if owner else root
+    except AttributeError:
+        return False
+    return parametrize.is_parametrized(module, name)
 
 
 def is_plain_module(module: object, base: type[nn.Module]) -> bool:

@@ -17,9 +17,11 @@ import torch.fx as fx
 from torch import nn
 
 from qtrim_fx.core.errors import UncalibratedSitesError
+from qtrim_fx.core.modules import is_parametrized_attr
 from qtrim_fx.core.spec import LOWER_PLAN, SITE_NODE, LoweredSite, SiteSpec
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.passes.lower.plan import site_nodes
+from qtrim_fx.passes.prepare.graph_walks import static_value
 from qtrim_fx.runtime.qdq import quant_dequant
 
 __all__ = ["QPARAMS_ATTR", "LowerSitesPass", "UncalibratedSitesError"]
@@ -57,6 +59,9 @@ def _apply(gm: fx.GraphModule, node: fx.Node, spec: SiteSpec, plan: LoweredSite)
     scheme = plan.scheme
     holder.register_buffer(f"{spec.key}_scale", plan.scale.clone())
     holder.register_buffer(f"{spec.key}_zero_point", plan.zero_point.clone())
+    if spec.kind == "weight" and spec.param is None and isinstance(x, fx.Node) and (
+            x.op != "get_attr" or is_parametrized_attr(gm, str(x.target))):
+        x = _frozen_weight(gm, node, x, spec)
     with gm.graph.inserting_before(node):
         s = gm.graph.get_attr(f"{QPARAMS_ATTR}.{spec.key}_scale")
         z = gm.graph.get_attr(f"{QPARAMS_ATTR}.{spec.key}_zero_point")
@@ -66,3 +71,29 @@ def _apply(gm: fx.GraphModule, node: fx.Node, spec: SiteSpec, plan: LoweredSite)
     q.meta[SITE_NODE] = spec
     node.replace_all_uses_with(q)
     gm.graph.erase_node(node)
+
+
+def _frozen_weight(gm: fx.GraphModule, site: fx.Node, x: fx.Node, spec: SiteSpec) -> fx.Node:
+    """A weight computed from parameters (standardized, weight-normalized) as a constant buffer: deployed
+    weights are constants, and the file must hold them as integer initializers, not as float ops."""
+    value = static_value(gm, x)
+    if value is None:
+        return x
+    getattr(gm, QPARAMS_ATTR).register_buffer(f"{spec.key}_weight", value.clone())
+    with gm.graph.inserting_before(site):
+        frozen = gm.graph.get_attr(f"{QPARAMS_ATTR}.{spec.key}_weight")
+    site.replace_input_with(x, frozen)
+    _erase_unused(gm, x)
+    return frozen
+
+
+def _erase_unused(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase ``node`` and then its inputs while nothing reads them (the computation a frozen weight replaced)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op in ("placeholder", "output"):
+            continue
+        inputs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        stack.extend(inputs)

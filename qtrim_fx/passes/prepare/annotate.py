@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from qtrim_fx.core.config import QuantConfig
-from qtrim_fx.core.modules import is_plain_batchnorm
+from qtrim_fx.core.modules import is_parametrized_attr, is_plain_batchnorm
 from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import (
     ACT_SITE,
@@ -89,6 +89,9 @@ class _Analysis:
         self.candidates: dict[fx.Node, _Candidate] = {}
         self.weights: dict[fx.Node, tuple[fx.Node, str, int | None, set[fx.Node]]] = {}
         self.folds: dict[fx.Node, str] = {}
+        #: weight operands computed from parameters only (weight standardization, a parametrization): their
+        #: sites quantize the computed tensor; no parameter to prune, no BatchNorm folded into them
+        self.derived: set[fx.Node] = set()
         #: weight get_attr -> the axis its per-channel grid is trained on, where the target's differs from the
         #: output channel (``tensorrt``: ConvTranspose on axis 0, as lowering writes it)
         self.grid_axes: dict[fx.Node, int | None] = {}
@@ -158,6 +161,8 @@ class _Analysis:
     def _weight(self, op: fx.Node, w: object, kind: str, axis: int | None, data: object) -> None:
         src = self.param_source(w)
         if src is None:
+            if kind in _WEIGHTED and isinstance(w, fx.Node) and self.computed_from_parameters(w):
+                self._derived_weight(op, w, kind, axis, data)
             return
         g, first, path = src
         param = self.params[str(g.target)]
@@ -169,6 +174,37 @@ class _Analysis:
         entry = self.weights.get(g)
         users = (entry[3] if entry else set()) | {reader}
         self.weights[g] = (op, kind, axis, users)
+        self.add_candidate(data, "input", kind, self.owner(op))
+
+    def computed_from_parameters(self, w: fx.Node) -> bool:
+        """``w`` is a float tensor computed from parameters only (no graph input), at least one of them a
+        weight (rank >= 2): ``F.batch_norm(self.weight ...)`` (timm StdConv2d), a parametrization's ``weight``."""
+        if w in self.dynamic or not self.is_tensor(w):
+            return False
+        if w.op == "get_attr":
+            return is_parametrized_attr(self.gm, str(w.target))
+        if w.op not in ("call_function", "call_method"):
+            return False
+        seen, stack = {w}, [w]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                if a.op == "get_attr" and ((str(a.target) in self.params and self.params[str(a.target)].dim() >= 2)
+                                           or is_parametrized_attr(self.gm, str(a.target))):
+                    return True
+                stack.append(a)
+        return False
+
+    def _derived_weight(self, op: fx.Node, w: fx.Node, kind: str, axis: int | None, data: object) -> None:
+        want = self.profile.weight_axes.for_op(kind) if self.profile is not None else None
+        if want is not None and want != axis:
+            self.grid_axes[w] = want
+        entry = self.weights.get(w)
+        users = (entry[3] if entry else set()) | {op}
+        self.weights[w] = (op, kind, axis, users)
+        self.derived.add(w)
         self.add_candidate(data, "input", kind, self.owner(op))
 
     def per_tensor(self, op: fx.Node, kind: str) -> bool:
@@ -243,8 +279,8 @@ class _Analysis:
                 self.add_candidate(n, "input", k, self.owner(n))
 
     def find_folds(self) -> None:
-        for op, kind, _axis, _users in self.weights.values():
-            if kind != "conv" or len(op.users) != 1:
+        for g, (op, kind, _axis, _users) in self.weights.items():
+            if kind != "conv" or len(op.users) != 1 or g in self.derived:
                 continue
             (bn,) = op.users
             m = self.modules.get(str(bn.target)) if bn.op == "call_module" else None
@@ -333,8 +369,11 @@ class AnnotateSitesPass(GraphPass):
 
     def _weight_specs(self, a: _Analysis) -> dict[fx.Node, SiteSpec]:
         out = {}
+        taken = {str(g.target) for g in a.weights if g not in a.derived}
         for g, (op, kind, axis, users) in a.weights.items():
-            owner = a.owner(op) or str(g.target).rpartition(".")[0] or None
+            derived = g in a.derived
+            owner = a.owner(op) or (None if derived else str(g.target).rpartition(".")[0] or None)
+            name = str(g.target) if not derived else _unique(f"{owner or op.name}.weight", taken)
             mtype = type(a.modules.get(owner or "", None))
             s = self.config.settings_for(owner, mtype, kind)
             if s.exclude:
@@ -342,17 +381,18 @@ class AnnotateSitesPass(GraphPass):
             folded = a.folds.get(op)
             per_tensor = a.per_tensor(op, kind) and not _granularity_overridden(self.config, owner, mtype, kind)
             out[g] = SiteSpec(
-                name=str(g.target),
+                name=name,
                 kind="weight",
                 scheme=s.weight_scheme(None if per_tensor else a.grid_axes.get(g, axis)),
                 op=kind,
                 consumers=(kind,),
                 module=owner,
                 channel_axis=axis,
-                param=str(g.target),
+                param=None if derived else str(g.target),
                 folded_bn=folded,
                 users=tuple(sorted(u.name for u in users)),
-                notes=(f"BatchNorm {folded} folded into this weight",) if folded else (),
+                notes=(f"BatchNorm {folded} folded into this weight",) if folded else
+                ("weight computed from parameters (quantized as computed; not pruned)",) if derived else (),
             )
         return out
 

@@ -37,6 +37,7 @@ from qtrim_fx.core.errors import (
 from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.frontend.trace import Fallback, capture
 from qtrim_fx.passes.prepare.coverage import FloatWeight, float_weights, summarize
+from qtrim_fx.passes.prepare.graph_walks import static_value
 from qtrim_fx.passes.prepare.pipeline import prepare_passes, run_passes
 from qtrim_fx.passes.prepare.ranks import record_ranks
 from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, is_prepared, iter_sites, unwrap
@@ -245,14 +246,19 @@ def _size_weight_statistics(gm: fx.GraphModule) -> None:
     broadcast from rank 0 (at construction, and before each forward) never meets a rank whose
     statistics are still 0-D, and a checkpoint's shapes can be checked against the model's.
     """
-    for spec, site, _ in iter_sites(gm):
+    for spec, site, node in iter_sites(gm):
         obs = site.observer
-        if spec.kind != "weight" or spec.param is None or obs.axis is None or obs._updates or obs.lo.dim():
+        if spec.kind != "weight" or obs.axis is None or obs._updates or obs.lo.dim():
             continue
-        try:
-            w = gm.get_parameter(spec.param)
-        except AttributeError:
-            continue
+        if spec.param is None:  # a weight computed from parameters: evaluate it once for its shape
+            w = static_value(gm, node.args[0]) if node is not None and node.args else None
+            if w is None:
+                continue
+        else:
+            try:
+                w = gm.get_parameter(spec.param)
+            except AttributeError:
+                continue
         if -w.dim() <= obs.axis < w.dim():
             shape = (w.shape[obs.axis],)
             obs.lo = torch.full(shape, math.nan, device=obs.lo.device)

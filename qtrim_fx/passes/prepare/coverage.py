@@ -132,7 +132,7 @@ def _leaf_reason(m: nn.Module, name: str, fallbacks: Mapping[str, str]) -> str:
         return "leaf module: recurrent layers (LSTM/GRU/RNN) are kept whole and stay in float"
     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not is_plain_weighted(m):
         return ("module call kept whole: it computes more than torch's op on its parameters (its class overrides "
-                "forward, a forward hook, or a parametrized weight); its weights stay float")
+                "forward, or a forward hook); its weights stay float")
     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
         return "module call kept as is (its arguments cannot be expressed functionally, e.g. output_size=)"
     return "leaf module (its forward is not traced into, e.g. registered by its library as a leaf)"
@@ -162,9 +162,11 @@ def float_weights(
             for r in _readers(n, kinds):
                 if _is_site(r) or SITE_NODE in r.meta:
                     continue
+                derived = _derived_weight_of(r) if kinds[r] == "other" else None
+                if derived is not None and _is_site(derived.args[1]):
+                    continue  # a weight computed from it is quantized by its own site
                 why = _reader_reason(r, kinds[r], config, modules)
                 op = kinds[r] if kinds[r] in _WEIGHT_OPS or kinds[r] == "embedding" else target_name(r)
-                derived = _derived_weight_of(r) if kinds[r] == "other" else None
                 if derived is not None:  # name the op the computed weight feeds, not the computation
                     op = f"{kinds.get(derived, target_name(derived))}, computed weight"
                 if why is not None:

@@ -13,7 +13,8 @@ Results are bit-identical (the module's forward makes the same call). Calls
 this pass cannot express exactly are left as they are: ``ConvTranspose`` with
 ``output_size``, and modules that do more than torch's op on their own
 parameters (a subclass overriding ``forward`` such as timm's ``Conv2dSame``,
-forward hooks such as ``spectral_norm``, a parametrized weight; see
+forward hooks such as ``spectral_norm``, a weight that is neither a parameter nor a
+``parametrize`` parametrization; see
 :func:`~qtrim_fx.core.modules.is_plain_weighted`). Those stay module calls
 and the coverage report lists their weights as float.
 """

@@ -30,6 +30,7 @@ __all__ = [
     "model_output_sites",
     "node_owner",
     "param_source",
+    "static_value",
     "through_views",
 ]
 
@@ -251,3 +252,38 @@ def model_output_sites(sites: Collection[fx.Node], weighted_ops: Collection[fx.N
         if alone:
             out.add(site)
     return out
+
+
+def static_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """Evaluate ``node`` from the module's parameters and buffers alone (no graph input reaches it), under
+    ``no_grad``; None when something on the way is not a plain call (a placeholder, a site module).
+
+    Used for weights computed from parameters (a standardized or weight-normalized conv weight): their
+    per-channel statistics are sized at prepare, and lowering stores their value as a constant.
+    """
+    from qtrim_fx.core.attrs import resolve_attr
+
+    order, seen, stack = [], {node}, [node]
+    while stack:
+        n = stack.pop()
+        order.append(n)
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    env: dict[fx.Node, object] = {}
+    with torch.no_grad():
+        for n in sorted(order, key=position.__getitem__):
+            args = fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            if n.op == "get_attr":
+                env[n] = resolve_attr(gm, str(n.target))
+            elif n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:
+                return None
+    value = env[node]
+    return value.detach() if isinstance(value, torch.Tensor) else None

@@ -37,7 +37,8 @@ def test_is_plain_weighted() -> None:
     assert is_plain_weighted(nn.Conv1d(3, 4, 3, bias=False))
     assert is_plain_weighted(nn.Linear(3, 4))
     assert is_plain_weighted(nn.ConvTranspose2d(3, 4, 3))
-    assert not is_plain_weighted(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)))
+    # a parametrization is recomputed on every read of .weight: a get_attr of it stays exact
+    assert is_plain_weighted(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)))
     assert not is_plain_weighted(timm_layers.Conv2dSame(3, 4, 3))
     assert not is_plain_weighted(timm_layers.StdConv2d(3, 4, 3))
     assert not is_plain_weighted(_DoubledConv(3, 4, 3))
@@ -111,19 +112,20 @@ def test_spectral_norm_conv_keeps_its_hook_in_training() -> None:
     assert sn.weight_orig.grad is not None and float(sn.weight_orig.grad.abs().sum()) > 0
 
 
-def test_parametrized_weight_is_kept_whole_and_reported() -> None:
-    """Functionalized, a parametrized weight was read through get_attr with no weight site and no
-    coverage entry: float and unmentioned. Kept whole, the coverage report names it."""
+def test_parametrized_weight_is_quantized_as_computed() -> None:
+    """Functionalized, a parametrized weight is read live through get_attr; its site quantizes the computed
+    weight (it was float and unreported before weight sites took computed weights)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)), nn.ReLU(), nn.Linear(5, 2)).eval()
     x = torch.randn(3, 6)
-    with pytest.warns(CoverageWarning, match=r"0\.parametrizations\.weight\.original1"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)  # nothing left float
         qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
     qm.eval()
     qtrim_fx.set_blend(qm, 0.0)
     assert torch.equal(qm(x), model(x))
-    names = {spec.name for spec, _, _ in qtrim_fx.iter_sites(qm)}
-    assert "2.weight" in names and not any(n.startswith("0.") and "weight" in n for n in names)
+    specs = {spec.name: spec for spec, _, _ in qtrim_fx.iter_sites(qm)}
+    assert specs["0.weight"].kind == "weight" and specs["0.weight"].param is None
 
 
 def test_no_sites_error_names_the_layers_kept_whole() -> None:
@@ -210,14 +212,39 @@ def test_batchnorm_with_a_hook_is_not_folded() -> None:
     assert float((lowered(x) - qm(x)).abs().max()) < 0.1 * float(qm(x).abs().max())
 
 
-def test_a_computed_weight_is_reported_as_such() -> None:
-    """A weight standardized before its conv (timm StdConv2d, traced into) is named as a computed weight of a
-    conv, not as an 'unsupported op'."""
+def test_a_weight_computed_in_forward_is_quantized_and_exported_as_a_constant(tmp_path) -> None:
+    """``conv2d(x, f(parameters))``: the site quantizes the computed weight (trained as computed); lowering
+    stores its value as a constant, so the file holds integer weight codes, not float ops."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+            self.s = nn.Parameter(torch.rand(4) + 0.5)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(torch.conv2d(x, (self.w * self.s).t().reshape(4, 6, 1, 1))).flatten(1))
+
     torch.manual_seed(0)
-    model = nn.Sequential(timm_layers.StdConv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
-    x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(CoverageWarning, match=r"0\.weight \(conv, computed weight\).*weight computed from parameters"):
+    model = Scaled().eval()
+    x = torch.randn(2, 6, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
         qm = qtrim_fx.prepare(copy.deepcopy(model), (x,))
+    assert [s.name for s, _, _ in qtrim_fx.iter_sites(qm) if s.kind == "weight" and s.param is None] == ["conv2d.weight"]
     qm.eval()
     qtrim_fx.set_blend(qm, 0.0)
     assert torch.equal(qm(x), model(x))
+    qtrim_fx.calibrate(qm, [(x,)])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = tmp_path / "scaled.onnx"
+    qtrim_fx.export_onnx(qm, (x,), str(path))
+    import onnx
+
+    m = onnx.load(str(path))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    (conv,) = [n for n in m.graph.node if n.op_type == "Conv"]
+    dq = producers[conv.input[1]]
+    inits = {i.name: i for i in m.graph.initializer}
+    assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == onnx.TensorProto.INT8
