@@ -112,10 +112,11 @@ def prepare(
         raise _unprintable_names(model) from e
     if not any(spec.kind == "weight" for spec, _, _ in iter_sites(gm)):
         floats = float_weights(gm, config, {f.module: f.reason for f in result.fallbacks})
-        found = (f"; its parameter-holding ops all stay float:\n  {summarize(floats)}" if floats else
+        found = (f"; its parameter-holding ops all stay float:\n  {summarize(floats)}\n" if floats else
                  " (no Conv, ConvTranspose, Linear or matmul with a weight was found, or every one was excluded "
-                 "by the config); check the model and the config's exclude overrides")
-        raise NoSitesError(f"{model.__class__.__name__} has no quantizable site{found}")
+                 "by the config); ")
+        raise NoSitesError(f"{model.__class__.__name__} has no quantizable site{found}check the model and the "
+                           "config's exclude overrides")
     _warn_unknown_matmul_form(gm, config, ranks_known)
     floats = _check_coverage(gm, config, result.fallbacks, model)
     blend_control(gm)
