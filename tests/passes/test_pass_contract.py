@@ -36,6 +36,7 @@ from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, LOWER_PLAN, OP_KIND, OWNER, SITE_NODE, WEIGHT_SITE
 from qtrim_fx.frontend.trace import capture
 from qtrim_fx.passes.base import GraphPass, PassResult
+from qtrim_fx.passes.lower.attention_rank4 import AttentionRank4Pass
 from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
@@ -153,6 +154,24 @@ class ScaledBy(nn.Module):
         return x * scale
 
 
+class Attention3d(nn.Module):
+    """Attention on (N, L, E) queries: no head axis (AttentionRank4Pass gives it one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _ranked(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
+    gm = fx.symbolic_trace(model)
+    assert record_ranks(gm, inputs)
+    return gm
+
+
 class ViewNormNet(nn.Module):
     """conv -> relu -> flatten (a view) -> linear -> LayerNorm -> linear: the integer-only lowering's input."""
 
@@ -222,9 +241,9 @@ def calibrated_gate_net() -> fx.GraphModule:
 
 
 def _gate_stage(calibrated_gate_net, **_) -> fx.GraphModule:
-    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the last pass."""
+    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the last but one pass."""
     gm = copy.deepcopy(calibrated_gate_net).eval()
-    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-1]:
+    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-2]:
         gm = p(gm).graph_module
     return gm
 
@@ -308,7 +327,7 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
 #                 SplitNormAct only for a target with gated activations: qnn, npu)
 # (_convnet_prepare(k) runs SplitNormAct and then k of the others)
 # lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
-#                 MultiplyGates
+#                 MultiplyGates, AttentionRank4
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
         FunctionalizeWeightedModulesPass, _convnet_prepare(1), _normalized(FunctionalLinear)),
@@ -332,6 +351,9 @@ CASES: dict[str, Case] = {
         lambda: DecomposeGroupNormPass(NPU), _group_norm_graph, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(
         MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
+    "AttentionRank4Pass": Case(
+        AttentionRank4Pass, lambda **_: _ranked(Attention3d(), torch.randn(2, 5, 8)),
+        lambda **_: _ranked(Attention3d(), torch.randn(2, 3, 5, 8))),  # already 4-D
     "RestoreReluPass": Case(
         RestoreReluPass, _convnet_lower(2), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 2)),
     "FoldBatchNormPass": Case(
@@ -390,7 +412,7 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
         "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
-        "MultiplyGatesPass"]
+        "MultiplyGatesPass", "AttentionRank4Pass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 7)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)

@@ -13,12 +13,14 @@
       ─QuantizeNormAffinePass▶ (same) LayerNorm γ on the target's 8-bit activation grid, β on the int32 grid
       ─RoundBiasPass────▶ biases rounded to the int32 grid the target stores them on
       ─MultiplyGatesPass▶ gate products of SiLU/HardSwish prepared for qnn/npu -> torch.mul
+      ─AttentionRank4Pass▶ 3-D scaled_dot_product_attention -> the 4-D form the exporters write (a head axis of 1)
 """
 
 from __future__ import annotations
 
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.passes.base import GraphPass
+from qtrim_fx.passes.lower.attention_rank4 import AttentionRank4Pass
 from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
@@ -53,4 +55,5 @@ def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = No
         *([RequantizeViewsPass(), QuantizeNormAffinePass(profile)] if integer else []),
         RoundBiasPass(profile),
         MultiplyGatesPass(),
+        AttentionRank4Pass(),
     ]
