@@ -146,10 +146,22 @@ def export_lowered(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     _preflight(gm, prof)
     ins, outs = _io_names(gm, args, input_names, output_names)
-    if resolve_exporter(gm, exporter) == "torchscript":
-        model = run_qdq_passes(_torch_export(gm, args, prof, ins, outs, dynamic_batch), prof)
-    else:
-        model = _dynamo_qdq(gm, args, prof, ins, outs, dynamic_batch, opset_floor)
+    chosen = resolve_exporter(gm, exporter)
+    try:
+        raw = _raw_export(chosen, gm, args, prof, ins, outs, dynamic_batch)
+    except ExportError as first:
+        other = _fallback_exporter(gm, args, exporter, chosen, dynamic_batch)
+        if other is None:
+            raise
+        try:
+            raw = _raw_export(other, gm, args, prof, ins, outs, dynamic_batch)
+        except ExportError as second:
+            raise ExportError(f"{first}\nexporter='auto' tried the {other} exporter too, which failed as well: "
+                              f"{second}") from first
+        chosen = other
+    model = run_qdq_passes(raw, prof)
+    if chosen == "dynamo":  # torchlib writes opset >= 18: back to the profile's (see downgrade_for)
+        model = downgrade_for(model, prof, opset_floor)
     _stamp(model, prof, gm)
     _enforce(check(model, prof), prof, gm)
     _write_atomically(model, Path(path))
@@ -185,21 +197,48 @@ def _require_exporter(exporter: str) -> None:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {', '.join(map(repr, EXPORTERS))}")
 
 
-def _dynamo_qdq(
+def _raw_export(
+    exporter: str,
     gm: torch.nn.Module,
     args: tuple[object, ...],
     prof: TargetProfile,
     input_names: list[str],
     output_names: list[str],
     dynamic_batch: bool,
-    opset_floor: bool = False,
 ) -> onnx.ModelProto:
-    """torch.export + onnxscript -> the same placeholder passes -> the profile's opset (torchlib emits >= 18)."""
+    """The exporter's file, placeholders not yet expanded; any failure of the exporter is an ``ExportError``."""
+    if exporter == "torchscript":
+        return _torch_export(gm, args, prof, input_names, output_names, dynamic_batch)
     from qtrim_fx.onnx.dynamo_export import export_dynamo
 
-    raw = export_dynamo(gm, args, prof, input_names, output_names, dynamic_batch)
-    model = run_qdq_passes(raw, prof)
-    return downgrade_for(model, prof, opset_floor)
+    return export_dynamo(gm, args, prof, input_names, output_names, dynamic_batch)
+
+
+def _fallback_exporter(gm: torch.nn.Module, args: tuple[object, ...], exporter: str, chosen: str,
+                       dynamic_batch: bool) -> str | None:
+    """The exporter ``"auto"`` tries after ``chosen`` failed, or None.
+
+    Each exporter fails on ops the other writes (the TorchScript one: BatchNorm without running statistics at
+    a dynamic batch, shape checks on traced sizes such as ``max_unpool2d(output_size=x.shape)``; the dynamo one:
+    3-D ``scaled_dot_product_attention``). Both write the same QDQ file where both work, and the export
+    self-check runs on whichever wrote it. Never to TorchScript for a graph whose inputs keep dynamic dims other
+    than the batch (a ``torch.export`` capture's sequence length): the TorchScript exporter would pin them.
+    """
+    if exporter != "auto":
+        return None
+    if chosen == "torchscript":
+        return "dynamo"
+    if not _has_torchscript_exporter():
+        return None
+    from qtrim_fx.onnx.dynamo_export import dynamic_dims
+
+    try:
+        dims = dynamic_dims(gm, args, dynamic_batch)
+    except Exception:  # undecidable: keep the dynamo exporter's error
+        return None
+    if any(isinstance(d, dict) and set(d) - {0} for d in dims):
+        return None
+    return "torchscript"
 
 
 def downgrade_for(model: onnx.ModelProto, prof: TargetProfile, opset_floor: bool = False) -> onnx.ModelProto:
@@ -297,6 +336,13 @@ def _torch_export(
                 "Fix: export_onnx(..., exporter='dynamo'), a newer opset=, or change the op or the input "
                 "size it fails on (e.g. adaptive pooling whose output size does not divide the input's)"
             ) from e
+        except Exception as e:  # the exporter's own asserts and checks on traced sizes
+            first = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+            raise ExportError(
+                f"the TorchScript ONNX exporter failed on the lowered model ({first}). Fix: "
+                "export_onnx(..., exporter='dynamo'); or dynamic_batch=False when an op needs the batch size "
+                "(BatchNorm without running statistics)"
+            ) from e
     return onnx.load_model_from_string(buffer.getvalue())
 
 
@@ -324,6 +370,10 @@ def _float_ops_fix(gm: torch.nn.Module | None, prof: TargetProfile) -> str | Non
     prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None)
     if fixes and prepared_for != prof.name:
         fixes.insert(0, prepare_fix(prof.name))
+    if not fixes and prepared_for == prof.name:  # "prepare for the target" would send the user in a circle
+        return (f"the model is prepared for {prof.name!r} already: qtrim_fx has no integer form of these ops for "
+                "this target, so they stay float there; replace them in the model if the back end must run every "
+                "op on integers")
     return "; ".join(fixes) or None
 
 

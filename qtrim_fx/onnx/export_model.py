@@ -83,7 +83,7 @@ def export_onnx(
         profile = default_opset(model, profile)
     args = _positional_inputs(model, example_inputs)
     gm = lower(model, profile, opset=profile.opset)  # the opset chosen above (lower would pick its own)
-    _dry_run(gm, args)
+    _dry_run(gm, args, model, profile.name)
     if verify:  # leaves branching on tensor values would export one branch (qtrim_fx.onnx.self_check)
         from qtrim_fx.onnx.self_check import refuse_value_branches, verify_export
 
@@ -137,17 +137,49 @@ def _positional_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]
     return tuple(example_inputs)
 
 
-def _dry_run(gm: nn.Module, args: tuple[Any, ...]) -> None:
-    """Run the lowered model once so wrong shapes or dtypes fail here, with the fix, not inside the exporter."""
+def _dry_run(gm: nn.Module, args: tuple[Any, ...], prepared: nn.Module | None = None, target: str = "") -> None:
+    """Run the lowered model once so wrong shapes or dtypes fail here, with the fix, not inside the exporter.
+
+    When it fails, the error says why as far as it can tell: inputs or weights that are not float32 (the files
+    are float32 models), a lowered graph that fails where the prepared model runs (a lowering defect, not the
+    user's inputs), or inputs the model itself does not take.
+    """
     try:
         with torch.no_grad():
             gm(*args)
     except Exception as e:
         why = f"{type(e).__name__}: {e}".splitlines()[0]
+        wide = sorted({str(t.dtype).removeprefix("torch.") for t in (*args, *gm.parameters())
+                       if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32})
+        if wide:
+            raise ExportError(
+                f"the lowered model does not run ({why}) and holds {', '.join(wide)} inputs or weights; the exported "
+                "files are float32 models: call model.float() and pass float32 example inputs before export_onnx"
+            ) from e
+        if prepared is not None and _runs(prepared, args):
+            raise ExportError(
+                f"the model lowered for target {target!r} does not run on the example inputs ({why}) although the "
+                "prepared model does: a qtrim_fx lowering defect, not your inputs; please report it with the model "
+                "(qtrim_fx.lower(model, target) reproduces it)"
+            ) from e
         raise ExportError(
             f"the model does not run on the example inputs ({why}); pass inputs with the shapes and dtypes its "
             f"forward expects, e.g. one batch of your data (got {_describe(args)})"
         ) from e
+
+
+def _runs(model: nn.Module, args: tuple[Any, ...]) -> bool:
+    """Whether ``model`` runs on ``args`` in eval mode (no statistics, BatchNorm or RNG state touched)."""
+    modes = [(m, m.training) for m in model.modules()]  # per module: a BatchNorm frozen in eval stays so
+    try:
+        with torch.no_grad():
+            model.eval()(*args)
+        return True
+    except Exception:
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _describe(args: tuple[Any, ...]) -> str:

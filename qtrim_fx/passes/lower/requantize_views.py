@@ -17,7 +17,7 @@ keeps the grid)::
     after:   y = addmm(b, x, W);  yq = quant_dequant(y, s, z, ...);  v = yq.view(B, T, C);  vq = ...
 
 A view returning a tuple (``split``, ``chunk``, ``unbind``; GPT-2's q/k/v ``split``) gets the copy on each of
-its ``getitem`` readers. Only per-tensor sites are followed; a view whose readers are all ``quant_dequant`` already is in a
+its ``getitem`` readers; a max-pool returning ``(values, indices)`` on its values only (the indices are integers). Only per-tensor sites are followed; a view whose readers are all ``quant_dequant`` already is in a
 group. :func:`qtrim_fx.lower` runs this pass for a model prepared for an integer-only target
 (``prepare(..., target="qnn")``) and lowered for one: default-prepared models lower as before.
 """
@@ -83,13 +83,24 @@ class RequantizeViewsPass(GraphPass):
             return []
         if op_kind(u, modules) not in _GRID_KEEPING or not _float_output(u):
             return []
-        if _name(u) not in _TUPLES:
+        indices = _returns_indices(u, modules)
+        if _name(u) not in _TUPLES and not indices:
             new = _copy_after(gm, q, u)
             return [] if new is None else [new]
         items = list(u.users)
         if not all(i.op == "call_function" and i.target is operator.getitem for i in items):
             return []
-        return [new for i in items if (new := _copy_after(gm, q, i)) is not None]
+        # a max-pool's indices (item 1) are integers, never on the grid
+        values = [i for i in items if (i.args[1] == 0 if indices else _float_output(i))]
+        return [new for i in values if (new := _copy_after(gm, q, i)) is not None]
+
+
+def _returns_indices(u: fx.Node, modules: dict) -> bool:
+    """``u`` returns ``(values, indices)``: ``max_pool*d(..., return_indices=True)`` (module or function, whose
+    traced target is ``max_pool*d_with_indices``; ATen's ``max_pool2d_with_indices``)."""
+    if u.op == "call_module":
+        return bool(getattr(modules.get(str(u.target)), "return_indices", False))
+    return _name(u).endswith("_with_indices") or bool(u.kwargs.get("return_indices", False))
 
 
 def _float_output(n: fx.Node) -> bool:
