@@ -25,6 +25,7 @@ from torch import nn
 from qtrim_fx.core.attrs import resolve_attr
 from qtrim_fx.core.spec import OP_KIND
 from qtrim_fx.passes.base import GraphPass, PassResult
+from qtrim_fx.passes.prepare.ranks import FLOATING
 
 __all__ = ["NormalizeOpsPass", "arg", "is_tensor_node", "op_kind", "target_name"]
 
@@ -93,7 +94,7 @@ for _kind, _names in {
     "reshape": (
         "view reshape permute transpose t contiguous flatten unflatten squeeze unsqueeze expand "
         "expand_as chunk split split_with_sizes unbind narrow slice select getitem _unsafe_view movedim "
-        "to type type_as float half bfloat16 alias repeat tile"
+        "to type type_as float half bfloat16 alias repeat tile roll flip fliplr flipud rot90"
     ),
     "mask": "masked_fill masked_fill_ where",
     "embedding": "embedding",
@@ -101,6 +102,9 @@ for _kind, _names in {
 }.items():
     for _n in _names.split():
         _NAME_KINDS[_n] = _kind
+
+
+_CLAMPS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"})
 
 
 def target_name(node: fx.Node) -> str:
@@ -138,6 +142,8 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "reshape"
     name = target_name(node)
     kind = _NAME_KINDS.get(name, "other")
+    if name in _CLAMPS and not any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        kind = "relu"  # clamp to constant bounds is hardtanh (a hand-written ReLU6: x.clamp(0, 6)); tensor bounds: other
     if name == "convolution":  # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, ...)
         kind = "conv_transpose" if arg(node, 6, "transposed", False) else "conv"
     return kind
@@ -147,6 +153,8 @@ def is_tensor_node(node: Any, kinds: dict[fx.Node, str], modules: dict[str, nn.M
     """Best-effort static answer to "does this node produce a floating-point tensor"."""
     if not isinstance(node, fx.Node):
         return False
+    if FLOATING in node.meta:  # from a fake-tensor run of the example inputs (prepare.ranks)
+        return bool(node.meta[FLOATING])
     val = node.meta.get("val", node.meta.get("tensor_meta"))
     if isinstance(val, torch.Tensor):
         return val.is_floating_point()

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["RANK", "rank", "record_ranks"]
+__all__ = ["FLOATING", "RANK", "rank", "record_ranks"]
 
 #: ``node.meta`` key of a tensor node's rank (``int``).
 RANK = "qtrim_rank"
+#: ``node.meta`` key: whether a tensor node holds floating-point values (``bool``; recorded with the rank).
+FLOATING = "qtrim_floating"
 
 
 class _RankInterpreter(fx.Interpreter):
@@ -32,6 +34,7 @@ class _RankInterpreter(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             n.meta[RANK] = out.dim()
+            n.meta[FLOATING] = out.is_floating_point()
         return out
 
 
@@ -73,6 +76,7 @@ def record_ranks(gm: fx.GraphModule, example_inputs: Any) -> bool:
     except Exception:  # ranks are an optimisation hint: unknown is a valid answer
         for n in gm.graph.nodes:
             n.meta.pop(RANK, None)
+            n.meta.pop(FLOATING, None)
         return False
     return True
 
