@@ -57,6 +57,7 @@ from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
 from qtrim_fx.passes.prepare.pipeline import prepare_passes
 from qtrim_fx.passes.prepare.ranks import record_ranks
+from qtrim_fx.passes.prepare.rewire_inplace import RewireInplacePass
 from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 from qtrim_fx.runtime.ops import relu_keep_mask
 from qtrim_fx.runtime.qdq import quant_dequant
@@ -152,6 +153,19 @@ class ScaledBy(nn.Module):
 
     def forward(self, x, scale: float = 2.0):
         return x * scale
+
+
+class InplaceRelu(nn.Module):
+    """linear -> y.relu_() (result discarded) -> linear reads y: RewireInplacePass's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y.relu_()
+        return self.out(y)
 
 
 class Attention3d(nn.Module):
@@ -312,7 +326,7 @@ class Case:
 
 
 def _convnet_prepare(passes: int) -> Callable[..., fx.GraphModule]:
-    return lambda **_: _prepare_stage(get_model("tiny_convnet")[0], passes + 1)  # + SplitNormActPass
+    return lambda **_: _prepare_stage(get_model("tiny_convnet")[0], passes + 2)  # + SplitNormAct, RewireInplace
 
 
 def _convnet_lower(passes: int) -> Callable[..., fx.GraphModule]:
@@ -320,20 +334,22 @@ def _convnet_lower(passes: int) -> Callable[..., fx.GraphModule]:
 
 
 def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
-    return lambda **_: _prepare_stage(model(), 2)
+    return lambda **_: _prepare_stage(model(), 3)
 
 
-# prepare_passes: SplitNormAct, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu (DecomposeGates after
+# prepare_passes: SplitNormAct, RewireInplace, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu (DecomposeGates after
 #                 SplitNormAct only for a target with gated activations: qnn, npu)
-# (_convnet_prepare(k) runs SplitNormAct and then k of the others)
+# (_convnet_prepare(k) runs SplitNormAct, RewireInplace and then k of the others)
 # lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
 #                 MultiplyGates, AttentionRank4
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
         FunctionalizeWeightedModulesPass, _convnet_prepare(1), _normalized(FunctionalLinear)),
     "AnnotateSitesPass": Case(AnnotateSitesPass, _convnet_prepare(3), _normalized(Plain)),
-    "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 5)),
-    "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 6)),
+    "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 6)),
+    "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 7)),
+    "RewireInplacePass": Case(
+        RewireInplacePass, lambda **_: capture(InplaceRelu()).gm, lambda **_: capture(TanhMLP()).gm),
     "SplitNormActPass": Case(
         SplitNormActPass, lambda **_: capture(NormActNet().eval()).gm, lambda **_: capture(TanhMLP()).gm),
     "BindScalarInputsPass": Case(
@@ -408,13 +424,13 @@ def test_pass_leaves_a_graph_it_does_not_match_alone(name, request):
 def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
     """The ``applies`` stages above index the pipelines; keep them aligned with the pipelines' order."""
     assert [type(p).__name__ for p in prepare_passes(qtrim_fx.QuantConfig())] == [
-        "SplitNormActPass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
+        "SplitNormActPass", "RewireInplacePass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
         "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
         "MultiplyGatesPass", "AttentionRank4Pass"]
     # what each stage holds that the next pass needs
-    prepared = _prepare_stage(get_model("tiny_convnet")[0], 7)
+    prepared = _prepare_stage(get_model("tiny_convnet")[0], 8)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)
     lowered = _lower_stage(calibrated_convnet, 7)
     assert any(n.target is quant_dequant for n in lowered.graph.nodes) and hasattr(lowered, "qtrim_bias")
@@ -433,7 +449,7 @@ def test_every_fx_pass_is_covered():
 
 
 # -- NormalizeOpsPass: analysis only ------------------------------------------------------------
-@pytest.mark.parametrize("passes", [0, 3], ids=["captured", "functionalized"])
+@pytest.mark.parametrize("passes", [0, 4], ids=["captured", "functionalized"])
 def test_normalize_ops_only_tags_nodes_and_says_so(passes):
     """Documented as analysis only: ``modified`` is always False; it writes ``node.meta[OP_KIND]``."""
     gm = _prepare_stage(get_model("tiny_convnet")[0], passes)
@@ -450,7 +466,7 @@ def test_normalize_ops_only_tags_nodes_and_says_so(passes):
 # -- what the snapshot misses on purpose is still reported --------------------------------------
 def test_annotate_reports_float_region_it_writes():
     cfg = qtrim_fx.QuantConfig(overrides=(qtrim_fx.Override(op="matmul", exclude=True),))
-    gm = _prepare_stage(ScoresOnly(), 4, cfg)
+    gm = _prepare_stage(ScoresOnly(), 5, cfg)
     result, changed = _run(lambda: AnnotateSitesPass(cfg), gm)
     assert any(n.meta.get(FLOAT_REGION) for n in gm.graph.nodes)  # it did write the region
     assert not any(ACT_SITE in n.meta or WEIGHT_SITE in n.meta for n in gm.graph.nodes)
@@ -460,7 +476,7 @@ def test_annotate_reports_float_region_it_writes():
 
 def test_annotate_removes_a_stale_float_region_and_says_so():
     cfg = qtrim_fx.QuantConfig(overrides=(qtrim_fx.Override(op="matmul", exclude=True),))
-    gm = _prepare_stage(ScoresOnly(), 4, cfg)
+    gm = _prepare_stage(ScoresOnly(), 5, cfg)
     AnnotateSitesPass(cfg)(gm)
     stale = next(n for n in gm.graph.nodes if n.op == "placeholder")
     stale.meta[FLOAT_REGION] = True  # a mark no analysis would make

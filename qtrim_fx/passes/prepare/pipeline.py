@@ -7,6 +7,7 @@
       ─DecomposeGatesPass────────────▶ (target=qnn/npu) SiLU/HardSwish as gate_product(x, gate(x))
       ─DecomposeGeluPass─────────────▶ (target=npu) GELU as its primitives (Div, Erf, Add, Mul) + gelu_product
       ─DecomposeGroupNormPass────────▶ (target=qnn/npu) affine GroupNorm as group_norm(no affine) · γ + β
+      ─RewireInplacePass─────────────▶ readers after y.relu_() (result discarded) read that call's node
       ─NormalizeOpsPass──────────────▶ every op tagged with its kind (conv, linear, matmul, sdpa ...)
       ─FunctionalizeWeightedModulesPass▶ weighted modules as get_attr weight -> F.conv2d / F.linear
       ─NormalizeOpsPass──────────────▶ the new functional nodes tagged too
@@ -28,6 +29,7 @@ from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPa
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
+from qtrim_fx.passes.prepare.rewire_inplace import RewireInplacePass
 from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 
 __all__ = ["prepare_passes", "run_passes"]
@@ -46,6 +48,7 @@ def prepare_passes(config: QuantConfig) -> list[GraphPass]:
           else []),
         *([DecomposeGroupNormPass(config)] if config.target is not None and get_profile(config.target).integer_only
           else []),
+        RewireInplacePass(),
         NormalizeOpsPass(),
         FunctionalizeWeightedModulesPass(),
         NormalizeOpsPass(),
