@@ -18,8 +18,8 @@ a dequantized exponent; with a float one it converts around a FLOAT_32 power (QN
 The code takes the storage type of the other operand's DequantizeLinear (uint16 in an A16 file, where the
 HTP ran a uint16 x uint8 score ``Mul`` at ~3M cycles each, 40 % of vit_tiny's time), the profile's
 activation type when that is not an 8/16-bit integer.
-Only ops already in a group (their other input dequantized, their output read by QuantizeLinear only)
-are touched: a file whose op is a float island anyway is left as it is.
+Only ops already in a group (their other input dequantized, their output read by QuantizeLinear only, or by
+one Relu / Clip read by QuantizeLinear only) are touched: a file whose op is a float island anyway is left as it is.
 """
 
 from __future__ import annotations
@@ -51,9 +51,20 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 def _in_group(node: ir.Node, const_index: int) -> bool:
     other = node.inputs[1 - const_index]
-    uses = node.outputs[0].uses()
-    return (other is not None and is_op(other.producer(), "DequantizeLinear") and bool(uses)
-            and all(is_op(u, "QuantizeLinear") for u, _ in uses) and not node.outputs[0].is_graph_output())
+    return (other is not None and is_op(other.producer(), "DequantizeLinear")
+            and _ends_in_q(node.outputs[0], relu=True))
+
+
+def _ends_in_q(value: ir.Value, relu: bool) -> bool:
+    """``value`` is read by QuantizeLinear only, or (``relu``) by one Relu / Clip that is (``op -> Relu -> Q``:
+    one group on the back ends, as a ReLU after an elementwise op is trained: ``relu(y * 0.5)``)."""
+    uses = value.uses()
+    if not uses or value.is_graph_output():
+        return False
+    if all(is_op(u, "QuantizeLinear") for u, _ in uses):
+        return True
+    return (relu and len(uses) == 1 and (is_op(uses[0][0], "Relu") or is_op(uses[0][0], "Clip"))
+            and _ends_in_q(uses[0][0].outputs[0], relu=False))
 
 
 _STORAGE = {ir.DataType.UINT8: np.uint8, ir.DataType.INT8: np.int8, ir.DataType.UINT16: np.uint16,

@@ -68,3 +68,29 @@ def test_zero_operand_becomes_one_exact_code(op, target, tmp_path):
 def test_float_capable_targets_keep_the_constant():
     ir_model = ir.serde.deserialize_model(_graph("Add", 0.0))
     assert not QuantizeScalarOperandsPass(get_profile("onnxruntime"))(ir_model).modified
+
+
+@pytest.mark.parametrize("act", ["Relu", "Clip", "Sigmoid"])
+def test_scalar_operand_of_an_op_fused_with_a_relu_is_quantized_too(act):
+    """``relu(y * 0.5)`` (or an in-place ``y.mul_(0.5); y.relu_()``): the Mul's output goes through a Relu to the Q,
+    one group on the back ends; its 0.5 stayed a float constant (``check``: float_op /Mul). A Sigmoid is not fused
+    that way: left alone (the Mul is not in a group)."""
+    model = _graph("Mul", 0.5)
+    g = model.graph
+    op = next(n for n in g.node if n.name == "op")
+    op.output[0] = "m"
+    g.node.insert(list(g.node).index(op) + 1, helper.make_node(act, ["m"], ["y0"], name="act"))
+    onnx.checker.check_model(model)
+    ir_model = ir.serde.deserialize_model(model)
+    modified = QuantizeScalarOperandsPass(get_profile("qnn"))(ir_model).modified
+    assert modified == (act != "Sigmoid")
+    after = ir.serde.serialize_model(ir_model)
+    mul = next(n for n in after.graph.node if n.name == "op")
+    producer = next((n for n in after.graph.node if mul.input[1] in n.output), None)
+    assert (producer is not None and producer.op_type == "DequantizeLinear") == (act != "Sigmoid")
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32) * 3
+    for a, b in zip(_run(model, x), _run(after, x), strict=True):
+        np.testing.assert_array_equal(a, b)
+    if act != "Sigmoid":
+        after.ir_version = 9  # the hand-made graph's; the exporters write one the runtimes load
+        assert [v for v in check(after, "qnn") if v.rule == "float_op"] == []
