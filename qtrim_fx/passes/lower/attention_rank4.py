@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.passes.prepare.ranks import RANK, rank
+from qtrim_fx.runtime.qdq import is_quant_dequant
 
 __all__ = ["AttentionRank4Pass"]
 
@@ -39,10 +40,10 @@ class AttentionRank4Pass(GraphPass):
             if node.op != "call_function" or node.target not in (_ATEN_SDPA, F.scaled_dot_product_attention):
                 continue
             qkv = [_arg(node, i, name) for i, name in enumerate(("query", "key", "value"))]
-            if any(rank(t) != 3 for t in qkv):
+            if any(_rank(t) != 3 for t in qkv):
                 continue
             mask = _arg(node, 3, "attn_mask")
-            mask_rank = rank(mask) if isinstance(mask, fx.Node) else None
+            mask_rank = _rank(mask) if isinstance(mask, fx.Node) else None
             if isinstance(mask, fx.Node) and mask_rank is None:
                 continue  # a mask of unknown rank may broadcast differently against 4-D scores: leave the call
             aten = node.target is _ATEN_SDPA
@@ -70,6 +71,13 @@ class AttentionRank4Pass(GraphPass):
             node.meta[RANK] = 4
             modified = True
         return finish(gm, modified)
+
+
+def _rank(n: Any) -> int | None:
+    """:func:`rank`, looking through the ``quant_dequant`` nodes lowering adds (they keep their input's shape)."""
+    while isinstance(n, fx.Node) and rank(n) is None and n.op == "call_function" and is_quant_dequant(n.target):
+        n = n.args[0]
+    return rank(n)
 
 
 def _arg(node: fx.Node, index: int, name: str) -> Any:

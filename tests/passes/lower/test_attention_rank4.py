@@ -69,7 +69,7 @@ def test_four_d_attention_and_unknown_ranks_are_left_alone():
     assert not AttentionRank4Pass()(unknown).modified
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt", "qnn"])  # qnn: through lowering's Q/DQ copies
 def test_three_d_causal_attention_exports_and_matches_on_onnx_runtime(tmp_path, target):
     """torch.export capture (the mask's size comes from x.shape) -> dynamo exporter: it used to refuse 3-D sdpa."""
     torch.manual_seed(0)
