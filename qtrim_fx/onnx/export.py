@@ -409,8 +409,10 @@ def _attention_fix(gm: torch.nn.Module) -> str | None:
             n.op == "call_function" and is_sdpa(n.target) for n in graph.nodes):
         return None
     return ("scaled_dot_product_attention stays one op in torch and the exporter writes its scores (MatMul, Softmax) "
-            "in float: write attention as matmul/softmax (Hugging Face: attn_implementation='eager'; timm: "
-            "set the attention module's fused_attn = False) and prepare again")
+            "in float (prepare for an integer-only target writes it out, except with is_causal=True, dropout, "
+            "grouped-query heads, a mask of unknown dtype or no example inputs): write attention as matmul/softmax "
+            "(Hugging Face: attn_implementation='eager'; timm: set the attention module's fused_attn = False) and "
+            "prepare again")
 
 
 def _leaf_fix(gm: torch.nn.Module) -> str | None:

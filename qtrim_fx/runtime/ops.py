@@ -28,8 +28,26 @@ import torch.nn.functional as F
 
 from qtrim_fx.core.fakequant import channel_view
 
-__all__ = ["GATES", "GELU_STEPS", "bn_fold_factor", "channel_shape", "gate_product", "gelu_product", "gelu_steps",
-           "relu_keep_mask"]
+__all__ = ["GATES", "GELU_STEPS", "attention_defaults", "bn_fold_factor", "channel_shape", "gate_product",
+           "gelu_product", "gelu_steps", "relu_keep_mask"]
+
+
+@torch.fx.wrap
+def attention_defaults(x: torch.Tensor, attn_mask: Any = None, is_causal: Any = False) -> torch.Tensor:
+    """``x`` unchanged, after checking that an attention the graph wrote out for its defaults got them.
+
+    ``DecomposeAttentionPass`` writes ``scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=c)`` whose
+    ``m`` / ``c`` are forward arguments defaulting to ``None`` / ``False`` (timm's ``Attention.forward(x,
+    attn_mask=None)``) as the attention without a mask; a caller passing one would be ignored silently.
+
+    Raises:
+        ValueError: a mask or ``is_causal=True`` was passed.
+    """
+    if attn_mask is not None or (is_causal is not None and is_causal is not False and bool(is_causal)):
+        raise ValueError("this model was prepared for an integer-only target with its attention written out for "
+                         "attn_mask=None, is_causal=False (their defaults when prepared); call it without them, or "
+                         "prepare it with example inputs that pass them")
+    return x
 
 
 @torch.fx.wrap

@@ -19,13 +19,13 @@ from qtrim_fx.onnx.check_islands import FloatOpsWarning
 
 
 class _Sdpa(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, causal: bool = False) -> None:
         super().__init__()
-        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.qkv, self.proj, self.causal = nn.Linear(16, 48), nn.Linear(16, 16), causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, -1)
-        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v))
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal))
 
 
 class _Branchy(nn.Module):
@@ -49,7 +49,7 @@ class _WithLeaf(nn.Module):
         return self.out(self.block(torch.relu(self.inp(x))))
 
 
-def _warning(model: nn.Module, target: str | None, tmp_path) -> str:
+def _warnings(model: nn.Module, target: str | None, tmp_path) -> list[str]:
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
     with warnings.catch_warnings():
@@ -60,15 +60,24 @@ def _warning(model: nn.Module, target: str | None, tmp_path) -> str:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qtrim_fx.export_onnx(qm.eval(), (x,), tmp_path / "m.onnx", target="npu", verify=False)
-    found = [str(w.message) for w in caught if isinstance(w.message, FloatOpsWarning)]
+    return [str(w.message) for w in caught if isinstance(w.message, FloatOpsWarning)]
+
+
+def _warning(model: nn.Module, target: str | None, tmp_path) -> str:
+    found = _warnings(model, target, tmp_path)
     assert len(found) == 1
     return found[0]
 
 
 def test_attention_of_a_model_prepared_for_the_target_names_eager_attention(tmp_path):
-    msg = _warning(_Sdpa(), "npu", tmp_path)
+    """A causal attention stays one op (DecomposeAttentionPass writes non-causal ones out): its fix is named."""
+    msg = _warning(_Sdpa(causal=True), "npu", tmp_path)
     assert "scaled_dot_product_attention" in msg and "attn_implementation='eager'" in msg
     assert "prepare the model with" not in msg  # it was
+
+
+def test_attention_prepared_for_the_target_is_written_out_and_runs_on_integers(tmp_path):
+    assert _warnings(_Sdpa(), "npu", tmp_path) == []  # DecomposeAttentionPass: no float op left
 
 
 def test_a_model_not_prepared_for_the_target_gets_both_fixes(tmp_path):

@@ -48,6 +48,7 @@ from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.decompose_attention import DecomposeAttentionPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
@@ -363,6 +364,9 @@ CASES: dict[str, Case] = {
         lambda: DecomposeGatesPass(NPU), lambda **_: capture(SiluNet()).gm, lambda **_: capture(TanhMLP()).gm),
     "DecomposeGeluPass": Case(
         lambda: DecomposeGeluPass(NPU), lambda **_: capture(GeluNet()).gm, lambda **_: capture(TanhMLP()).gm),
+    "DecomposeAttentionPass": Case(
+        lambda: DecomposeAttentionPass(NPU), lambda **_: _ranked(Attention3d(), torch.randn(2, 3, 5, 8)),
+        lambda **_: _ranked(TanhMLP(), torch.randn(2, 6))),
     "DecomposeGroupNormPass": Case(
         lambda: DecomposeGroupNormPass(NPU), _group_norm_graph, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(

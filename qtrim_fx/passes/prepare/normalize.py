@@ -90,7 +90,7 @@ for _kind, _names in {
     "maxpool": (
         "max_pool1d max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d max_pool2d_with_indices"
     ),
-    "dropout": "dropout dropout_ feature_dropout alpha_dropout clone identity",
+    "dropout": "dropout dropout_ feature_dropout alpha_dropout clone identity attention_defaults",
     "reshape": (
         "view reshape permute transpose t contiguous flatten unflatten squeeze unsqueeze expand "
         "expand_as chunk split split_with_sizes unbind narrow slice select getitem _unsafe_view movedim "

@@ -7,6 +7,7 @@
       ─DecomposeGatesPass────────────▶ (target=qnn/npu) SiLU/HardSwish as gate_product(x, gate(x))
       ─DecomposeGeluPass─────────────▶ (target=npu) GELU as its primitives (Div, Erf, Add, Mul) + gelu_product
       ─DecomposeGroupNormPass────────▶ (target=qnn/npu) affine GroupNorm as group_norm(no affine) · γ + β
+      ─DecomposeAttentionPass────────▶ (target=qnn/npu) scaled_dot_product_attention as matmul, scale, softmax, matmul
       ─RewireInplacePass─────────────▶ readers after y.relu_() (result discarded) read that call's node
       ─NormalizeOpsPass──────────────▶ every op tagged with its kind (conv, linear, matmul, sdpa ...)
       ─FunctionalizeWeightedModulesPass▶ weighted modules as get_attr weight -> F.conv2d / F.linear
@@ -22,6 +23,7 @@ from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.passes.base import GraphPass, run_passes
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.decompose_attention import DecomposeAttentionPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
@@ -48,6 +50,8 @@ def prepare_passes(config: QuantConfig) -> list[GraphPass]:
           else []),
         *([DecomposeGroupNormPass(config)] if config.target is not None and get_profile(config.target).integer_only
           else []),
+        *([DecomposeAttentionPass(config)] if config.target is not None
+          and get_profile(config.target).integer_attention_scores else []),
         RewireInplacePass(),
         NormalizeOpsPass(),
         FunctionalizeWeightedModulesPass(),

@@ -21,12 +21,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["FLOATING", "RANK", "rank", "record_ranks"]
+__all__ = ["FLOATING", "LAST_DIM", "RANK", "last_dim", "rank", "record_ranks"]
 
 #: ``node.meta`` key of a tensor node's rank (``int``).
 RANK = "qtrim_rank"
 #: ``node.meta`` key: whether a tensor node holds floating-point values (``bool``; recorded with the rank).
 FLOATING = "qtrim_floating"
+#: ``node.meta`` key: the size of a tensor node's last dimension on the example inputs (``int``; an attention
+#: head's width, which sets its score scale).
+LAST_DIM = "qtrim_last_dim"
 
 
 class _RankInterpreter(fx.Interpreter):
@@ -35,6 +38,8 @@ class _RankInterpreter(fx.Interpreter):
         if isinstance(out, torch.Tensor):
             n.meta[RANK] = out.dim()
             n.meta[FLOATING] = out.is_floating_point()
+            if out.dim() and isinstance(out.shape[-1], int):
+                n.meta[LAST_DIM] = int(out.shape[-1])
         return out
 
 
@@ -77,6 +82,7 @@ def record_ranks(gm: fx.GraphModule, example_inputs: Any) -> bool:
         for n in gm.graph.nodes:
             n.meta.pop(RANK, None)
             n.meta.pop(FLOATING, None)
+            n.meta.pop(LAST_DIM, None)
         return False
     return True
 
@@ -90,3 +96,16 @@ def rank(n: object) -> int | None:
     val = n.meta.get("val")
     shape = getattr(val, "shape", None)
     return len(shape) if shape is not None and not isinstance(val, (tuple, list)) else None
+
+
+def last_dim(n: object) -> int | None:
+    """The size of a tensor node's last dimension: ``meta[LAST_DIM]``, else a static one of ``meta["val"]``."""
+    if not isinstance(n, fx.Node):
+        return None
+    if LAST_DIM in n.meta:
+        return int(n.meta[LAST_DIM])
+    shape = getattr(n.meta.get("val"), "shape", None)
+    if shape is None or not len(shape):
+        return None
+    size = shape[-1]
+    return int(size) if isinstance(size, int) else None
