@@ -132,7 +132,9 @@ def load(
             f"{path} was saved from another model or config ({payload['model']}, this is {type(model).__name__}): "
             "sites not in the file: "
             f"{', '.join(missing[:6]) or '-'}; sites in the file but not in this model: {', '.join(extra[:6]) or '-'}. "
-            "Pass the same model class and arguments (and config=) as when it was saved"
+            "Pass the same model class and arguments (and config=) as when it was saved; if they are the same, "
+            "the file comes from a qtrim_fx whose prepare placed sites differently (e.g. before attention, in-place "
+            "ops or clamps got sites on integer-only targets): start again from the float weights"
         )
     qm.load_state_dict(payload["state_dict"])
     return qm
