@@ -410,7 +410,7 @@ def _attention_fix(gm: torch.nn.Module) -> str | None:
         return None
     return ("scaled_dot_product_attention stays one op in torch and the exporter writes its scores (MatMul, Softmax) "
             "in float (prepare for an integer-only target writes it out, except with is_causal=True, dropout, "
-            "grouped-query heads, a mask of unknown dtype or no example inputs): write attention as matmul/softmax "
+            "grouped-query heads, a bool mask or no example inputs): write attention as matmul/softmax "
             "(Hugging Face: attn_implementation='eager'; timm: set the attention module's fused_attn = False) and "
             "prepare again")
 
