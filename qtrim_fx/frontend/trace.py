@@ -27,10 +27,11 @@ train/eval behaviour.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -349,6 +350,53 @@ def capture(model: nn.Module, example_inputs: Any = None) -> CaptureResult:
     _check_inputs(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    with _state_kept(model):
+        return _capture(model, example_inputs)
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Capture leaves the model's state as it found it, or refuses the model.
+
+    Symbolic tracing runs the forward's Python on proxies, but a buffer the forward reads as an attribute is
+    a real tensor, and an in-place op on it alone *runs* instead of being recorded (``self.ema.mul_(0.9)`` in a
+    ``if self.training:`` branch: torch.fx's own trace executes the ``mul_`` and records only the ``add_`` that
+    a traced value takes part in). The graph then lacks that op: the prepared model would train differently
+    from the user's, and the user's buffer came back changed. Buffers are restored and the model is refused
+    with the fix; so is a parameter changed in place (restoring it would need a copy of every weight).
+    """
+    buffers = [(name, b, b.detach().clone()) for name, b in model.named_buffers() if isinstance(b, torch.Tensor)]
+    params = [(name, p, p._version) for name, p in model.named_parameters()]
+    changed: list[str] = []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b, saved in buffers:
+                if b.shape == saved.shape and not _same(b, saved):
+                    b.copy_(saved)
+                    changed.append(name)
+    changed += [name for name, p, version in params if p._version != version]
+    if changed:
+        raise CaptureError(
+            f"tracing {type(model).__name__}.forward changed {', '.join(changed[:4])} in place for real: torch.fx runs "
+            "an in-place op on a buffer or parameter (x.mul_(0.9), .data.clamp_()) instead of recording it, so the "
+            "captured graph would not do it (restored; the model is unchanged). Fix: move that update out of forward "
+            "(e.g. into the training loop), or into a function decorated with @torch.fx.wrap, which is recorded "
+            "as one call")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN matching NaN."""
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def _capture(model: nn.Module, example_inputs: Any) -> CaptureResult:
     try:
         return _symbolic(model)
     except _RootNotTraceable as e:  # the root forward is not traceable: try torch.export
