@@ -350,8 +350,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> CaptureResult:
     _check_inputs(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    with _state_kept(model):
-        return _capture(model, example_inputs)
+    return _capture(model, example_inputs)
 
 
 @contextlib.contextmanager
@@ -398,7 +397,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _capture(model: nn.Module, example_inputs: Any) -> CaptureResult:
     try:
-        return _symbolic(model)
+        with _state_kept(model):  # a failed trace restores state silently; torch.export runs on fake tensors
+            return _symbolic(model)
     except _RootNotTraceable as e:  # the root forward is not traceable: try torch.export
         cause = e.__cause__
         trace_error = f"{type(cause).__name__}: {cause}".splitlines()[0]
