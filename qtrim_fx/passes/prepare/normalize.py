@@ -170,14 +170,31 @@ def is_tensor_node(node: Any, kinds: dict[fx.Node, str], modules: dict[str, nn.M
         return True
     if kind == "nontensor" or node.op == "output":
         return False
+    if node.op in ("call_function", "call_method") and _integer_result(node):
+        return False
     inputs = [a for a in node.all_input_nodes]
-    if node.target is operator.getitem or kind in ("add", "sub", "mul", "div", "pow", "reshape", "mask"):
+    if node.target is operator.getitem or kind in ("add", "sub", "mul", "div", "pow", "reshape", "mask", "relu"):
+        # ``relu`` kind: also a clamp to constant bounds, of indices as well as of activations
         return any(is_tensor_node(a, kinds, modules) for a in inputs[:2])
     if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
         # Python arithmetic (``%``, ``//``, comparisons ...) on sizes is shape bookkeeping (swin's padding:
         # ``(w - H % w) % w``); on tensors it is a tensor
         return any(is_tensor_node(a, kinds, modules) for a in inputs)
     return True
+
+
+#: calls whose result holds integers (or bools) whatever their inputs: indices, counts, casts
+_INTEGER_RESULTS = frozenset({"argmax", "argmin", "randint", "randperm", "nonzero", "bucketize", "searchsorted",
+                              "long", "int", "short", "bool", "byte"})
+
+
+def _integer_result(node: fx.Node) -> bool:
+    name = target_name(node)
+    if name == "arange":  # integer unless a bound or step is a float, or a float dtype is asked for
+        dtype = node.kwargs.get("dtype")
+        return not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and not any(
+            isinstance(a, float) for a in node.args)
+    return name in _INTEGER_RESULTS
 
 
 def _resolve(modules: dict[str, nn.Module], target: str) -> Any:

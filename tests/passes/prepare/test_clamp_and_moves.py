@@ -67,3 +67,27 @@ def test_hand_written_relu6_runs_on_integers_on_integer_targets(tmp_path, target
         want = qm(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert abs(got - want).max() <= 0.02 * abs(want).max()
+
+
+class IndexClamp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        idx = torch.arange(x.shape[-1]).clamp(1, 3)  # integer indices, clamped to constants
+        return self.fc(x)[..., idx].clamp(0.0, 6.0)
+
+
+@pytest.mark.parametrize("target", [None, "qnn"])
+@pytest.mark.parametrize("with_inputs", [True, False], ids=["example_inputs", "no_inputs"])
+def test_a_clamp_of_integer_indices_gets_no_site(tmp_path, target, with_inputs):
+    """Without example inputs float-ness is inferred: arange's result is integers, and so is its clamp (a site
+    there never saw data and the export failed: UncalibratedSitesError)."""
+    x = torch.randn(3, 5)
+    qm = qtrim_fx.prepare(IndexClamp().eval(), (x,) if with_inputs else None, target=target)
+    sites = [name for name, _ in qm.qtrim_sites.named_children()]
+    assert "clamp" not in sites and "clamp_1" in sites
+    qtrim_fx.calibrate(qm, [(x,)])
+    qtrim_fx.set_blend(qm, 1.0)
+    qtrim_fx.export_onnx(qm.eval(), (x,), tmp_path / "m.onnx", target=target or "onnxruntime")
