@@ -19,7 +19,9 @@ Rules (DESIGN.md):
   weighted ops (after a foldable BatchNorm) that no other site covers; a site whose value reaches
   no other site and no weighted op (logits) is marked ``model_output`` (float on float targets);
 * never: attention scores (QKᵀ, its scaling, the mask add, softmax in/out, the
-  probabilities entering P·V), non-tensors (shapes, Python scalars), constants.
+  probabilities entering P·V), non-tensors (shapes, Python scalars), constants. A softmax in such a region
+  reads the float tensor even where that tensor has a site for another reader (``InsertSitesPass``), and a
+  weighted op's output read only by such a softmax gets no output site (attention pooling).
 
 The graph walks behind these rules are in :mod:`qtrim_fx.passes.prepare.graph_walks`.
 """
@@ -321,6 +323,8 @@ class _Analysis:
             if op in self.region:
                 continue
             out = next(iter(op.users)) if op in self.folds else op
+            if out.users and all(u in self.region and self.kind[u] == "softmax" for u in out.users):
+                continue  # read only by a softmax whose scores stay float: nothing reads a quantizer here
             if not covered(out, self.candidates, self.kind):
                 self.add_candidate(out, "output", self.kind[op], self.owner(op))
 

@@ -16,7 +16,8 @@ Reads the :class:`~qtrim_fx.core.spec.SiteSpec` records written by
 Sites live in ``gm.qtrim_sites`` (an ``nn.ModuleDict``) and share the model's
 single :class:`~qtrim_fx.runtime.blend.BlendControl` ``gm.qtrim_blend``. A weight site
 rewires only the readers on the path to its weighted op; an activation site
-replaces every use of its tensor (one quantizer per tensor); a ``model_output`` site (logits) is
+replaces every use of its tensor (one quantizer per tensor) except a softmax whose scores stay float
+(``meta[FLOAT_REGION]``: it reads the float tensor); a ``model_output`` site (logits) is
 built observe-only (``float_output``) unless the config's target runs only integers. Already
 materialized sites are skipped, so the pass is idempotent.
 """
@@ -31,7 +32,7 @@ from torch import nn
 
 from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.profiles import get_profile
-from qtrim_fx.core.spec import ACT_SITE, SITE_NODE, WEIGHT_SITE, SiteSpec
+from qtrim_fx.core.spec import ACT_SITE, FLOAT_REGION, OP_KIND, SITE_NODE, WEIGHT_SITE, SiteSpec
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.runtime.blend import BlendControl
 from qtrim_fx.runtime.observer import EmaQuantileObserver
@@ -84,7 +85,9 @@ class InsertSitesPass(GraphPass):
             site = gm.graph.call_module(f"{SITES_ATTR}.{spec.key}", (node,))
         site.meta[SITE_NODE] = spec
         _copy_val(node, site)
-        node.replace_all_uses_with(site, delete_user_cb=lambda u: u is not site)
+        # A softmax in a float attention region (FLOAT_REGION, written by AnnotateSitesPass) keeps reading the
+        # float tensor: its scores stay float on this target, in training as in the file (no DQ feeds a Softmax).
+        node.replace_all_uses_with(site, delete_user_cb=lambda u: u is not site and not _float_softmax(u))
         # The blend's backward reads its saved output unless a reader may overwrite it.
         gm.get_submodule(str(site.target)).keep_output = not any(_may_write_in_place(gm, u) for u in site.users)
 
@@ -106,6 +109,10 @@ class InsertSitesPass(GraphPass):
         _copy_val(node, site)
         for u in users:
             u.replace_input_with(node, site)
+
+
+def _float_softmax(node: fx.Node) -> bool:
+    return bool(node.meta.get(FLOAT_REGION)) and node.meta.get(OP_KIND) == "softmax"
 
 
 #: readers that may return their input itself or a view of it (an in-place op further on writes through it)
