@@ -17,10 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
@@ -308,6 +309,33 @@ def _count_outputs(gm: torch.nn.Module, args: tuple[object, ...]) -> int:
         gm.train(was_training)
 
 
+@contextlib.contextmanager
+def _quiet_torchscript_log() -> Iterator[None]:
+    """Keep the TorchScript exporter from printing its whole IR graph to stderr when it fails.
+
+    torch 2.14's ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling it,
+    so every TorchScript export turns ONNX logging on (and leaves it on): a model the exporter cannot write
+    prints hundreds of lines of IR before our ExportError, even when ``exporter="auto"`` then succeeds with
+    dynamo. Here logging stays as it was (off unless the user turned it on).
+    """
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+    except ImportError:  # another torch layout: nothing to quiet
+        yield
+        return
+    original = getattr(ts_utils, "setup_onnx_logging", None)
+    was_on = bool(torch._C._jit_is_onnx_log_enabled())
+    if original is None:
+        yield
+        return
+    ts_utils.setup_onnx_logging = lambda verbose: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        ts_utils.setup_onnx_logging = original
+        torch._C._jit_set_onnx_log_enabled(was_on)
+
+
 def _torch_export(
     gm: torch.nn.Module,
     args: tuple[object, ...],
@@ -318,7 +346,7 @@ def _torch_export(
 ) -> onnx.ModelProto:
     buffer = io.BytesIO()
     dynamic_axes = {n: {0: _BATCH} for n in (*input_names, *output_names)} if dynamic_batch else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_torchscript_log():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # "legacy TorchScript-based export"
         # Opset 21 (INT4): the legacy exporter warns and emits opset-20 forms of ordinary ops, which
         # opset 21 only widened (types); checker and shape inference validate the result.

@@ -131,3 +131,31 @@ def test_a_lowering_that_fails_where_the_prepared_model_runs_is_called_a_defect(
     assert prepared.training and not prepared[1].training
     with pytest.raises(ExportError, match=r"does not run on the example inputs.*pass inputs with the shapes"):
         _dry_run(Broken(), (x,), Broken(), "qnn")
+
+
+class _TrackedInstanceNorm(nn.Module):
+    """InstanceNorm2d with running statistics: the TorchScript exporter refuses it at a dynamic batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_a_failed_torchscript_attempt_prints_no_ir_dump(tmp_path, capfd):
+    # torch 2.14 turns ONNX logging on for every TorchScript export (it tests a function object for truth), so a
+    # failure printed its whole IR graph to stderr before the auto exporter retried with dynamo.
+    model = _TrackedInstanceNorm()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    qm = _calibrated(model, x)
+    with pytest.raises(ExportError, match="TorchScript ONNX exporter cannot write"):
+        qtrim_fx.export_onnx(qm, (x,), tmp_path / "ts.onnx", exporter="torchscript")  # "auto" then tries dynamo
+    err = capfd.readouterr().err
+    assert "Torch IR graph" not in err
+    assert not torch._C._jit_is_onnx_log_enabled()  # left as it was
