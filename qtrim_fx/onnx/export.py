@@ -70,7 +70,7 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             MergeDuplicateQDQPass(),
             FuseGeluPass(profile),
             QuantizeGatherTablePass(profile),
-            RequantizeAfterShapeOpsPass(),
+            RequantizeAfterShapeOpsPass(profile),
             QuantizeBiasPass(profile),
             QuantizeInstanceNormPass(profile),
             QuantizeScalarOperandsPass(profile),

@@ -9,8 +9,16 @@ shape op between the DQ and the Gemm; ONNX Runtime then keeps the Gemm in float 
     attn_q -> DequantizeLinear -> Transpose -> Reshape -> Gemm (out_proj)
       =>  attn_q -> DequantizeLinear -> Transpose -> Reshape -> QuantizeLinear -> DequantizeLinear -> Gemm
 
-Exact: shape ops, Gather, Slice and MaxPool move, select or max on-grid values without changing
-them, so the new QuantizeLinear reproduces the same codes. It is the form ONNX Runtime's own
+On an integer-only target (``TargetProfile.integer_only``: qnn, npu) every op reading a dequantized tensor
+through data movement is rewired the same way (a pooling, a norm, an activation, an exporter's own
+decomposition: the dynamo exporter writes adaptive pooling as ``Transpose -> GatherND -> Transpose ->
+ReduceMean``), else the back end runs it in float::
+
+    pool_q -> DequantizeLinear -> Transpose -> GatherND -> Transpose -> ReduceMean -> Q
+      =>  ... -> Transpose -> QuantizeLinear -> DequantizeLinear -> ReduceMean -> Q
+
+Exact: shape ops, Gather / GatherND / GatherElements, Slice, Expand, Tile and MaxPool move, select, repeat or
+max on-grid values without changing them, so the new QuantizeLinear reproduces the same codes. It is the form ONNX Runtime's own
 quantizer writes around such ops (Q/DQ on both sides, same parameters); for TensorRT it is the
 canonical input quantization of the Conv/Gemm. Only per-tensor DQs with constant parameters
 qualify, and only the data input of ops with a dequantized constant weight is rewired (other
@@ -21,26 +29,39 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.onnx._graph import NameScope, const_array, dequantizes_constant, is_op, qdq_params
 
 __all__ = ["RequantizeAfterShapeOpsPass"]
 
 #: ops whose outputs are input values moved, selected or maxed: they keep values on the grid.
-_SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Identity", "MaxPool")
+_SHAPE_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "GatherND", "GatherElements",
+              "Slice", "Expand", "Tile", "Identity", "MaxPool")
+#: ops that never want a requantized input: quantizers, and readers of a shape only.
+_NOT_READERS = ("QuantizeLinear", "DequantizeLinear", "Shape", "Size", "ConstantOfShape", "EyeLike")
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ELEMENTWISE = ("Add", "Mul", "Concat")
 _DQ_SUFFIX = "/DequantizeLinear"
 
 
 class RequantizeAfterShapeOpsPass(ir.passes.InPlacePass):
-    """Per-tensor DQ -> shape ops -> weighted op  =>  ... shape ops -> Q -> DQ -> weighted op."""
+    """Per-tensor DQ -> shape ops -> weighted op  =>  ... shape ops -> Q -> DQ -> weighted op.
+
+    Args:
+        profile: with an integer-only profile every computing op is a reader (see the module doc); without
+            one (or a float-capable profile) weighted ops and Add / Mul / Concat.
+    """
+
+    def __init__(self, profile: TargetProfile | None = None) -> None:
+        super().__init__()
+        self.every_reader = profile is not None and profile.integer_only
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = NameScope(graph)
         made: dict[ir.Value, ir.Value] = {}  # shape-op output -> its new DQ output (shared by readers)
         for node in list(graph):
-            for i in _quantized_inputs(node):
+            for i in _quantized_inputs(node, self.every_reader):
                 x = node.inputs[i]
                 dq = _dq_behind_shape_ops(x)
                 if x is None or dq is None:
@@ -53,15 +74,18 @@ class RequantizeAfterShapeOpsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(made))
 
 
-def _quantized_inputs(node: ir.Node) -> range | tuple[int, ...]:
+def _quantized_inputs(node: ir.Node, every_reader: bool = False) -> range | tuple[int, ...]:
     """Inputs an integer kernel wants straight from a DequantizeLinear.
 
     The data input of weighted ops, and every input of residual Add / Mul / Concat
-    (QLinearAdd, QLinearMul, QLinearConcat need all of theirs dequantized).
+    (QLinearAdd, QLinearMul, QLinearConcat need all of theirs dequantized); with ``every_reader`` (an
+    integer-only target) every input of any op that is not itself data movement or a quantizer.
     """
     if _reads_weight_dq(node):
         return (0,)
     if is_op(node, *_ELEMENTWISE):
+        return range(len(node.inputs))
+    if every_reader and not is_op(node, *_SHAPE_OPS, *_NOT_READERS):
         return range(len(node.inputs))
     return ()
 

@@ -186,3 +186,21 @@ def test_qnn_file_runs_strictly_on_the_htp_with_no_cpu_node(tmp_path, name):
         assert res.status == "ok", res.message
         assert set(res.ep_nodes) == {"QNNExecutionProvider"} and res.ep_nodes["QNNExecutionProvider"] > 0
         assert res.outputs[0].sqnr_db >= 20, res.outputs[0]
+
+
+def test_exporter_decomposed_adaptive_pool_runs_on_integers(tmp_path, target="qnn"):
+    # AdaptiveAvgPool2d to a size the input does not divide (torchvision alexnet / vgg at small inputs): the
+    # dynamo exporter writes Transpose -> GatherND -> Transpose -> ReduceMean; the ReduceMean read the moved
+    # values without a DequantizeLinear and ran in float on the integer-only target.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d((6, 6)), torch.nn.Flatten(), torch.nn.Linear(144, 2)).eval()
+    x = torch.randn(2, 3, 3, 3)
+    qm = qtrim_fx.prepare(model, (x,), target=target)
+    qtrim_fx.calibrate(qm, [(x,), (torch.randn_like(x),)])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = tmp_path / f"{target}.onnx"
+    qtrim_fx.export_onnx(qm.eval(), (x,), path, target=target, exporter="dynamo")  # self-check included
+    graph = onnx.load(str(path)).graph
+    assert any(n.op_type == "GatherND" for n in graph.node)  # the exporter's decomposition
+    assert [v for v in check(str(path), target) if v.severity == "error"] == []

@@ -295,6 +295,42 @@ def test_requantize_leaves_other_patterns(kwargs):
     assert not modified and "QuantizeLinear" not in _op_types(out)[2:]
 
 
+def _gather_pool(reader="ReduceMean"):
+    """DQ -> Transpose -> GatherND -> Transpose -> reader -> Q: the dynamo exporter's adaptive pooling."""
+    inits = {"s": np.array(0.05, np.float32), "z": np.array(10, np.uint8),
+             "idx": np.array([[0], [2], [1]], np.int64), "os": np.array(0.04, np.float32),
+             "oz": np.array(3, np.uint8), "axes": np.array([3], np.int64)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="relu/QuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="relu/DequantizeLinear"),
+             helper.make_node("Transpose", ["xd"], ["xt"], perm=[2, 0, 1, 3]),
+             helper.make_node("GatherND", ["xt", "idx"], ["xg"]),
+             helper.make_node("Transpose", ["xg"], ["xb"], perm=[1, 2, 0, 3]),
+             helper.make_node(reader, ["xb", "axes"] if reader == "ReduceMean" else ["xb"], ["p"]),
+             helper.make_node("QuantizeLinear", ["p", "os", "oz"], ["pq"], name="pool/QuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["pq", "os", "oz"], ["y"], name="pool/DequantizeLinear")]
+    return _model(nodes, [helper.make_tensor_value_info("x", F32, [1, 2, 3, 4])],
+                  [helper.make_tensor_value_info("y", F32, None)], inits, opset=19)
+
+
+@pytest.mark.parametrize("reader", ["ReduceMean", "Sigmoid"])
+def test_requantize_every_reader_on_integer_only_targets(reader):
+    model = _gather_pool(reader)
+    same, modified = _run(RequantizeAfterShapeOpsPass(ORT), model)  # a float-capable target: left alone
+    assert not modified and _op_types(same) == _op_types(model)
+    out, modified = _run(RequantizeAfterShapeOpsPass(get_profile("qnn")), model)
+    assert modified
+    made_by = {o: n for n in out.graph.node for o in n.output}
+    (op,) = [n for n in out.graph.node if n.op_type == reader]
+    assert made_by[op.input[0]].op_type == "DequantizeLinear"  # reads a DQ: one integer group on the HTP
+    assert list(made_by[op.input[0]].input[1:]) == ["s", "z"]  # the source's own grid
+    x = torch.randn(1, 2, 3, 4) * 3
+    np.testing.assert_array_equal(run_ort(out, x)[0], run_ort(model, x)[0])  # exact: moved values stay on grid
+    from onnx.reference import ReferenceEvaluator
+    np.testing.assert_array_equal(ReferenceEvaluator(out).run(None, {"x": x.numpy()})[0],
+                                  ReferenceEvaluator(model).run(None, {"x": x.numpy()})[0])
+    assert not _run(RequantizeAfterShapeOpsPass(get_profile("qnn")), out)[1]
+
+
 # -- QuantizeBiasPass -----------------------------------------------------------------------------
 def test_quantize_bias_int32():
     qnn = get_profile("qnn")
