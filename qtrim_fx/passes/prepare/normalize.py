@@ -78,7 +78,7 @@ for _kind, _names in {
     "div": "div truediv itruediv div_ __truediv__ floordiv",
     "pow": "pow pow_ __pow__ __rpow__",
     "erf": "erf erf_",
-    "cat": "cat concat concatenate",
+    "cat": "cat concat concatenate stack",
     "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask",
     "activation": (
         "gelu silu silu_ hardswish hardswish_ hardsigmoid sigmoid sigmoid_ tanh tanh_ leaky_relu elu mish "
