@@ -44,6 +44,7 @@ from qtrim_fx.passes.lower.multiply_gates import MultiplyGatesPass
 from qtrim_fx.passes.lower.pipeline import lower_passes
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
 from qtrim_fx.passes.lower.quantize_norm_affine import QuantizeNormAffinePass
+from qtrim_fx.passes.lower.renorm_embeddings import RenormEmbeddingsPass
 from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
@@ -169,6 +170,17 @@ class InplaceRelu(nn.Module):
         return self.out(y)
 
 
+class MaxNormEmbedding(nn.Module):
+    """An embedding that renormalizes looked-up rows (RenormEmbeddingsPass renormalizes its whole table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, max_norm=0.5)
+
+    def forward(self, ids):
+        return self.emb(ids).sum(1)
+
+
 class Attention3d(nn.Module):
     """Attention on (N, L, E) queries: no head axis (AttentionRank4Pass gives it one)."""
 
@@ -256,9 +268,9 @@ def calibrated_gate_net() -> fx.GraphModule:
 
 
 def _gate_stage(calibrated_gate_net, **_) -> fx.GraphModule:
-    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the last but one pass."""
+    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the third pass from the end."""
     gm = copy.deepcopy(calibrated_gate_net).eval()
-    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-2]:
+    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-3]:
         gm = p(gm).graph_module
     return gm
 
@@ -342,7 +354,7 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
 #                 SplitNormAct only for a target with gated activations: qnn, npu)
 # (_convnet_prepare(k) runs SplitNormAct, RewireInplace and then k of the others)
 # lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
-#                 MultiplyGates, AttentionRank4
+#                 MultiplyGates, AttentionRank4, RenormEmbeddings
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
         FunctionalizeWeightedModulesPass, _convnet_prepare(1), _normalized(FunctionalLinear)),
@@ -374,6 +386,9 @@ CASES: dict[str, Case] = {
     "AttentionRank4Pass": Case(
         AttentionRank4Pass, lambda **_: _ranked(Attention3d(), torch.randn(2, 5, 8)),
         lambda **_: _ranked(Attention3d(), torch.randn(2, 3, 5, 8))),  # already 4-D
+    "RenormEmbeddingsPass": Case(
+        RenormEmbeddingsPass, lambda **_: fx.symbolic_trace(MaxNormEmbedding()),
+        lambda **_: fx.symbolic_trace(TanhMLP())),
     "RestoreReluPass": Case(
         RestoreReluPass, _convnet_lower(2), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 2)),
     "FoldBatchNormPass": Case(
@@ -432,7 +447,7 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
         "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
-        "MultiplyGatesPass", "AttentionRank4Pass"]
+        "MultiplyGatesPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 8)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)

@@ -14,6 +14,7 @@
       ─RoundBiasPass────▶ biases rounded to the int32 grid the target stores them on
       ─MultiplyGatesPass▶ gate products of SiLU/HardSwish prepared for qnn/npu -> torch.mul
       ─AttentionRank4Pass▶ 3-D scaled_dot_product_attention -> the 4-D form the exporters write (a head axis of 1)
+      ─RenormEmbeddingsPass▶ embeddings with max_norm -> lookups in a table renormalized once, in full
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
 from qtrim_fx.passes.lower.multiply_gates import MultiplyGatesPass
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
 from qtrim_fx.passes.lower.quantize_norm_affine import QuantizeNormAffinePass
+from qtrim_fx.passes.lower.renorm_embeddings import RenormEmbeddingsPass
 from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.require_opset import RequireOpsetPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
@@ -56,4 +58,5 @@ def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = No
         RoundBiasPass(profile),
         MultiplyGatesPass(),
         AttentionRank4Pass(),
+        RenormEmbeddingsPass(),
     ]
