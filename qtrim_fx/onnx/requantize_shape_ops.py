@@ -101,7 +101,8 @@ def _reads_weight_dq(node: ir.Node) -> bool:
 def _dq_behind_shape_ops(x: ir.Value | None) -> ir.Node | None:
     """The per-tensor activation DQ that ``x`` comes from through >= 1 shape op, if any."""
     hops = 0
-    while x is not None and is_op(x.producer(), *_SHAPE_OPS):
+    # Through each op's first output only: a MaxPool's second output holds int64 indices, not moved values.
+    while x is not None and is_op(x.producer(), *_SHAPE_OPS) and x.producer().outputs[0] is x:  # type: ignore[union-attr]
         x = x.producer().inputs[0]  # type: ignore[union-attr]
         hops += 1
     dq = x.producer() if x is not None and hops else None
