@@ -70,9 +70,9 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             MergeDuplicateQDQPass(),
             FuseGeluPass(profile),
             QuantizeGatherTablePass(profile),
+            QuantizeInstanceNormPass(profile),  # before the re-quantization: it matches DQ -> Reshape -> InstanceNorm
             RequantizeAfterShapeOpsPass(profile),
             QuantizeBiasPass(profile),
-            QuantizeInstanceNormPass(profile),
             QuantizeScalarOperandsPass(profile),
             RemoveUnusedNodesPass(),
             NameAfterSitesPass(),
@@ -371,7 +371,67 @@ def _torch_export(
                 "export_onnx(..., exporter='dynamo'); or dynamic_batch=False when an op needs the batch size "
                 "(BatchNorm without running statistics)"
             ) from e
-    return onnx.load_model_from_string(buffer.getvalue())
+    model = onnx.load_model_from_string(buffer.getvalue())
+    if dynamic_batch:
+        _forget_traced_shapes(model)
+    return model
+
+
+def _forget_traced_shapes(model: onnx.ModelProto) -> None:
+    """Replace the shapes the TorchScript exporter *traced* (with the example's batch size) by inferred ones.
+
+    The exporter infers shapes symbolically, but a qtrim::QDQ placeholder whose input shape it could not infer
+    (after a computed Reshape) gets the traced shape, batch size included, and its inference carries that into
+    every later op. ONNX Runtime trusts such shapes: a file exported at batch 2 failed at batch 1 in its
+    MatMul+Add -> Gemm fusion ("gemm_input_reshape"). Those values (such a placeholder's output when every size
+    in it is a number, and everything computed from it) get the shapes ONNX's own inference gives on a copy in which every placeholder is an
+    Identity (a fake-quantizer keeps its input's shape), or none; every other shape is kept as written.
+    """
+    known = {v.name: v for v in (*model.graph.input, *model.graph.value_info)}
+    known.update((t.name, t) for t in model.graph.initializer)
+
+    def has_shape(name: str) -> bool:
+        v = known.get(name)
+        return v is not None and (isinstance(v, onnx.TensorProto) or len(v.type.tensor_type.shape.dim) > 0)
+
+    def traced(name: str) -> bool:  # every size a number: the exporter lost track of which one is dynamic
+        v = known.get(name)
+        dims = v.type.tensor_type.shape.dim if v is not None and not isinstance(v, onnx.TensorProto) else ()
+        return len(dims) > 0 and all(d.HasField("dim_value") for d in dims)
+
+    tainted: set[str] = set()
+    dynamic = {v.name for v in model.graph.input}  # values computed from the model's inputs
+    for node in model.graph.node:
+        if any(i in dynamic for i in node.input):
+            dynamic.update(o for o in node.output if o)
+        if any(i in tainted for i in node.input) or (
+                node.domain == PLACEHOLDER_DOMAIN and node.input and node.input[0] in dynamic
+                and not has_shape(node.input[0]) and traced(node.output[0])):
+            tainted.update(o for o in node.output if o)
+    if not tainted:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    for out in probe.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    for node in probe.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN:
+            node.op_type, node.domain = "Identity", ""
+            del node.attribute[:]
+            del node.input[1:]
+    try:
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(probe, data_prop=True).graph.value_info}
+    except Exception:  # inference is an aid here; the finished file is validated strictly
+        inferred = {}
+    kept = [v if v.name not in tainted else inferred.get(v.name) for v in model.graph.value_info]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in kept if v is not None)
+    for out in model.graph.output:
+        if out.name in tainted:  # the rank stays; a size written as a number is inferred again at validation
+            for dim in out.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value"):
+                    dim.ClearField("dim_value")
 
 
 def _enforce(violations: list[Violation], prof: TargetProfile, gm: torch.nn.Module | None = None) -> None:
