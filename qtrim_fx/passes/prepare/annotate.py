@@ -20,8 +20,8 @@ Rules (DESIGN.md):
   no other site and no weighted op (logits) is marked ``model_output`` (float on float targets);
 * never: attention scores (QKᵀ, its scaling, the mask add, softmax in/out, the
   probabilities entering P·V), non-tensors (shapes, Python scalars), constants. A softmax in such a region
-  reads the float tensor even where that tensor has a site for another reader (``InsertSitesPass``), and a
-  weighted op's output read only by such a softmax gets no output site (attention pooling).
+  reads the float tensor even where that tensor has a site (``InsertSitesPass``; a model-output site, float
+  in training, keeps it as a reader); a site read by nothing else still observes.
 
 The graph walks behind these rules are in :mod:`qtrim_fx.passes.prepare.graph_walks`.
 """
@@ -323,8 +323,6 @@ class _Analysis:
             if op in self.region:
                 continue
             out = next(iter(op.users)) if op in self.folds else op
-            if out.users and all(u in self.region and self.kind[u] == "softmax" for u in out.users):
-                continue  # read only by a softmax whose scores stay float: nothing reads a quantizer here
             if not covered(out, self.candidates, self.kind):
                 self.add_candidate(out, "output", self.kind[op], self.owner(op))
 

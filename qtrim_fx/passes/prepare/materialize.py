@@ -17,7 +17,7 @@ Sites live in ``gm.qtrim_sites`` (an ``nn.ModuleDict``) and share the model's
 single :class:`~qtrim_fx.runtime.blend.BlendControl` ``gm.qtrim_blend``. A weight site
 rewires only the readers on the path to its weighted op; an activation site
 replaces every use of its tensor (one quantizer per tensor) except a softmax whose scores stay float
-(``meta[FLOAT_REGION]``: it reads the float tensor); a ``model_output`` site (logits) is
+(``meta[FLOAT_REGION]``: it reads the float tensor, unless the site is a model output); a ``model_output`` site (logits) is
 built observe-only (``float_output``) unless the config's target runs only integers. Already
 materialized sites are skipped, so the pass is idempotent.
 """
@@ -87,7 +87,10 @@ class InsertSitesPass(GraphPass):
         _copy_val(node, site)
         # A softmax in a float attention region (FLOAT_REGION, written by AnnotateSitesPass) keeps reading the
         # float tensor: its scores stay float on this target, in training as in the file (no DQ feeds a Softmax).
-        node.replace_all_uses_with(site, delete_user_cb=lambda u: u is not site and not _float_softmax(u))
+        # A model-output site (logits) is float in training anyway; it keeps its reader, so a file for an
+        # integer-only target, which quantizes the logits, still feeds the softmax from them.
+        float_reader = (lambda u: False) if spec.model_output else _float_softmax
+        node.replace_all_uses_with(site, delete_user_cb=lambda u: u is not site and not float_reader(u))
         # The blend's backward reads its saved output unless a reader may overwrite it.
         gm.get_submodule(str(site.target)).keep_output = not any(_may_write_in_place(gm, u) for u in site.users)
 
