@@ -316,7 +316,8 @@ def _quiet_torchscript_log() -> Iterator[None]:
     torch 2.14's ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling it,
     so every TorchScript export turns ONNX logging on (and leaves it on): a model the exporter cannot write
     prints hundreds of lines of IR before our ExportError, even when ``exporter="auto"`` then succeeds with
-    dynamo. Here logging stays as it was (off unless the user turned it on).
+    dynamo. Logging is off while qtrim_fx exports (an earlier export anywhere in the process may have left it
+    on) and is set back as it was afterwards.
     """
     try:
         from torch.onnx._internal.torchscript_exporter import utils as ts_utils
@@ -329,6 +330,7 @@ def _quiet_torchscript_log() -> Iterator[None]:
         yield
         return
     ts_utils.setup_onnx_logging = lambda verbose: contextlib.nullcontext()
+    torch._C._jit_set_onnx_log_enabled(False)
     try:
         yield
     finally:
