@@ -6,7 +6,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.fx
 from onnx import numpy_helper
+from torch import nn
 
 import qtrim_fx
 import qtrim_fx.onnx.export_model as export_model
@@ -142,3 +144,36 @@ def test_rounding_cascades_within_the_models_own_noise_floor_pass():
     one_channel = cascade.copy()
     one_channel[:, 7] += 1.0  # one element per row far off: beyond the noise's largest element
     assert len(compare_outputs(["y"], [one_channel], [ref], {"y": 0.005}, jittered)) == 1
+
+
+class _TopKHead(nn.Module):
+    """Top-3 of a ReLU output (many exact zeros) and their indices: ties that either side breaks its own way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(3, 2)
+
+    def forward(self, x):
+        values, idx = torch.topk(torch.relu(self.fc(x)), 3, dim=-1)
+        return self.out(values), idx, torch.argmax(torch.relu(self.fc(x)) * 0.0, dim=-1)
+
+
+def test_indices_of_tied_values_are_not_a_disagreement(tmp_path):
+    torch.manual_seed(0)
+    model, x = _TopKHead().eval(), torch.randn(6, 8)
+    qm = qtrim_fx.prepare(model, (x,))
+    qtrim_fx.calibrate(qm, [(x,)])
+    qtrim_fx.set_blend(qm, 1.0)
+    qtrim_fx.export_onnx(qm.eval(), (x,), tmp_path / "m.onnx")  # raised ExportError: the indices "differed"
+
+
+def test_indices_of_different_values_are_still_a_disagreement():
+    from qtrim_fx.onnx.self_check import _tied_index_outputs
+
+    gm = torch.fx.symbolic_trace(_TopKHead().eval())
+    x = torch.randn(4, 8)
+    ref = [t.detach().numpy() for t in gm(x)]
+    got = [r.copy() for r in ref]
+    assert _tied_index_outputs(gm, (x,), got, ref) == {1, 2}  # the same answers: trivially "tied"
+    got[1] = (ref[1] + 1) % 8  # other positions: other values (the relu output is not all ties)
+    assert 1 not in _tied_index_outputs(gm, (x,), got, ref)
