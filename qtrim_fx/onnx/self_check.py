@@ -344,14 +344,18 @@ def verify_export(gm: torch.nn.Module, args: tuple[Any, ...], path: str | os.Pat
 #: index ops whose ties either side may break its own way: target -> (position of the dim argument, default dim)
 _INDEX_OPS: dict[Any, tuple[int, int | None]] = {
     torch.topk: (2, -1), torch.argmax: (1, None), torch.argmin: (1, None), torch.sort: (1, -1),
-    torch.argsort: (1, -1), "topk": (2, -1), "argmax": (1, None), "argmin": (1, None), "sort": (1, -1),
-    "argsort": (1, -1),
+    torch.argsort: (1, -1), torch.max: (1, None), torch.min: (1, None),  # max/min(x, dim)[1]
+    "topk": (2, -1), "argmax": (1, None), "argmin": (1, None), "sort": (1, -1), "argsort": (1, -1),
+    "max": (1, None), "min": (1, None),
+    torch.ops.aten.topk.default: (2, -1), torch.ops.aten.argmax.default: (1, None),
+    torch.ops.aten.argmin.default: (1, None), torch.ops.aten.sort.default: (1, -1),
+    torch.ops.aten.max.dim: (1, None), torch.ops.aten.min.dim: (1, None),
 }
 
 
 def _tied_index_outputs(gm: torch.nn.Module, args: tuple[Any, ...], got: Sequence[np.ndarray],
                         ref: Sequence[np.ndarray]) -> set[int]:
-    """Integer outputs of topk / argmax / argmin / sort whose two answers point at equal values.
+    """Integer outputs of topk / argmax / argmin / sort / max(dim) whose two answers point at equal values.
 
     ``torch.topk(x, k)`` and ONNX ``TopK`` (likewise arg-max/min and sorting) may order equal values
     differently; quantized values are equal often (one code per step). The indices then differ while
@@ -389,12 +393,15 @@ def _tied_index_outputs(gm: torch.nn.Module, args: tuple[Any, ...], got: Sequenc
 
     was_training = gm.training
     try:
+        with contextlib.suppress(NotImplementedError):  # torch.export's modules refuse train()/eval()
+            gm.eval()
         with torch.no_grad():
-            _Record(gm.eval()).run(*args)
+            _Record(gm).run(*args)
     except Exception:
         return set()
     finally:
-        gm.train(was_training)
+        with contextlib.suppress(NotImplementedError):
+            gm.train(was_training)
     tied = set()
     for i, (node, dim, keepdim) in wanted.items():
         x = values.get(node)

@@ -155,7 +155,8 @@ class _TopKHead(nn.Module):
 
     def forward(self, x):
         values, idx = torch.topk(torch.relu(self.fc(x)), 3, dim=-1)
-        return self.out(values), idx, torch.argmax(torch.relu(self.fc(x)) * 0.0, dim=-1)
+        return (self.out(values), idx, torch.argmax(torch.relu(self.fc(x)) * 0.0, dim=-1),
+                torch.max(torch.relu(self.fc(x)) * 0.0, 1)[1])
 
 
 def test_indices_of_tied_values_are_not_a_disagreement(tmp_path):
@@ -174,6 +175,19 @@ def test_indices_of_different_values_are_still_a_disagreement():
     x = torch.randn(4, 8)
     ref = [t.detach().numpy() for t in gm(x)]
     got = [r.copy() for r in ref]
-    assert _tied_index_outputs(gm, (x,), got, ref) == {1, 2}  # the same answers: trivially "tied"
+    assert _tied_index_outputs(gm, (x,), got, ref) == {1, 2, 3}  # the same answers: trivially "tied"
     got[1] = (ref[1] + 1) % 8  # other positions: other values (the relu output is not all ties)
     assert 1 not in _tied_index_outputs(gm, (x,), got, ref)
+
+
+def test_ties_are_recognised_in_torch_export_graphs_too():
+    from qtrim_fx.onnx.self_check import _tied_index_outputs
+
+    x = torch.randn(4, 8)
+    gm = torch.export.export(_TopKHead().eval(), (x,)).module()  # aten.topk / aten.argmax / aten.max.dim
+    assert isinstance(gm, torch.fx.GraphModule)
+    ref = [t.detach().numpy() for t in gm(x)]
+    got = [r.copy() for r in ref]
+    got[2] = (ref[2] + 3) % 8  # argmax of an all-zero row: every index selects the same value
+    got[3] = (ref[3] + 5) % 8
+    assert {2, 3} <= _tied_index_outputs(gm, (x,), got, ref)
