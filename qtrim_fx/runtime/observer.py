@@ -49,12 +49,46 @@ from qtrim_fx.runtime.observer_support import (
 from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS, mse_range_into, tail_levels
 from qtrim_fx.runtime.subsample import subsample_rows
 
-__all__ = ["EmaQuantileObserver", "is_distributed"]
+__all__ = ["EmaQuantileObserver", "is_distributed", "masked_scores_bound"]
 
 Mode = Literal["range", "abs"]
 ActRange = Literal["quantile", "mse"]
 WeightRange = Literal["quantile", "max"]
 _UINT8 = QuantScheme(bits=8, signed=False, symmetric=False)
+
+
+#: exp(x) of float32 is 0 below this: an entry this far below its row's max adds exactly nothing to a
+#: float32 softmax (it is masked, as by -inf).
+_SOFTMAX_UNDERFLOW = 104.0
+
+
+def masked_scores_bound(x: torch.Tensor, dim: int, bits: int | None) -> torch.Tensor:
+    """A softmax input as its observer sees it: masked entries at the bound a grid must reach.
+
+    An attention mask adds ``-inf``, ``finfo.min`` or ``-1e4`` to the scores it hides. Observed as they
+    are, those values put the grid's low end at -3.4e38 (scale ~1e36: every real score rounds to one
+    code, the attention becomes an average). An entry below its row's max by more than
+    :data:`_SOFTMAX_UNDERFLOW` is masked (its float32 softmax weight is exactly 0), and so is every entry of
+    a row whose max lies that far below the tensor's (a fully masked row: its softmax is uniform for
+    any one value). Each is observed at ``row max − T`` instead, ``T = (bits + 1)·ln 2 + ln n`` for ``n``
+    entries along ``dim``: a masked entry saturating there (at the grid's low end) keeps at most
+    2^-(bits+1) of a row's mass, half a step of the 8-bit probabilities, instead of exactly 0.
+    Unmasked entries are observed as they are. ``bits=None`` (the mask operand itself, see the observer's
+    ``mask_operand``): ``T`` is the underflow distance, 104, so that the mask's grid holds a value that
+    hides any score within 104 of its row's best, on a scale integer kernels can rescale (``finfo.min``'s
+    grid, scale ~1e36, made ONNX Runtime's fused QLinearAdd return garbage).
+    """
+    x = x.detach()
+    if x.dim() == 0:
+        return x
+    n = x.shape[dim]
+    bound = _SOFTMAX_UNDERFLOW if bits is None else (bits + 1) * math.log(2.0) + math.log(max(n, 1))
+    row_max = x.amax(dim, keepdim=True)
+    top = row_max.amax()
+    masked_row = row_max < top - _SOFTMAX_UNDERFLOW
+    ref = torch.where(masked_row, top, row_max)
+    masked = (x < row_max - _SOFTMAX_UNDERFLOW).logical_or_(masked_row)
+    return torch.where(masked, ref - bound, x)
 
 
 def _check_p(name: str, p: float) -> float:
@@ -121,6 +155,8 @@ class EmaQuantileObserver(nn.Module):
         grid: QuantScheme | None = None,
         clip: bool = True,
         weight_range: WeightRange = "quantile",
+        softmax_dim: int | None = None,
+        mask_operand: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("range", "abs"):
@@ -153,6 +189,11 @@ class EmaQuantileObserver(nn.Module):
                               f"{weight_range!r}")
         self.weight_range = weight_range
         self._absmax = mode == "abs" and weight_range == "max"
+        # The tensor is a softmax's input along this dim: masked entries are observed at their bound.
+        self.softmax_dim = None if softmax_dim is None or mode != "range" else int(softmax_dim)
+        # The mask operand of the scores' add (``softmax(s + mask)`` along this dim): masked entries are
+        # observed 104 below their row's max, and the range is its min / max (a masking value must stay).
+        self.mask_operand = None if mask_operand is None or mode != "range" else int(mask_operand)
         # Set by calibrate: unclipped sites take the min / max of the calibration set, not an envelope
         # of per-batch extremes (host-side, never saved: it is a mode of one call, not a statistic).
         self.running_extremes = False
@@ -231,6 +272,10 @@ class EmaQuantileObserver(nn.Module):
         sync = self.sync_ranks and is_distributed()
         if x.numel() == 0 and not sync:
             return
+        if self.softmax_dim is not None and x.numel() and x.is_floating_point():
+            x = masked_scores_bound(x, self.softmax_dim, self.grid.bits)
+        elif self.mask_operand is not None and x.numel() and x.is_floating_point():
+            x = masked_scores_bound(x, self.mask_operand, None)
         # The EMA'd statistics: the range itself (quantile rule) or the tail nodes it is chosen from.
         ema_lo, ema_hi = (self.tail_lo, self.tail_hi) if self._mse else (lo, hi)
         if self._cpu_fast_path and x.device.type == "cpu" and not sync and lo.shape == self._stat_shape(x):

@@ -42,11 +42,15 @@ from qtrim_fx.runtime.site import QuantSite
 
 __all__ = ["InsertSitesPass"]
 
-def _make_site(spec: SiteSpec, config: QuantConfig, control: BlendControl, graph_output: bool = False) -> QuantSite:
+def _make_site(spec: SiteSpec, config: QuantConfig, control: BlendControl, graph_output: bool = False,
+               softmax_dim: int | None = None, mask_operand: int | None = None) -> QuantSite:
     seed = (config.seed * 7919 + zlib.crc32(spec.name.encode())) % (2**31)
     mode = "abs" if spec.kind == "weight" else "range"
     # An activation's range rule works for its own grid; a model output is never clipped.
-    obs = EmaQuantileObserver(mode=mode, axis=spec.scheme.axis, seed=seed, grid=spec.scheme, clip=not graph_output,
+    # A model output is never clipped, nor is an attention mask (its masking value must survive).
+    obs = EmaQuantileObserver(mode=mode, axis=spec.scheme.axis, seed=seed, grid=spec.scheme,
+                              clip=not graph_output and mask_operand is None,
+                              softmax_dim=softmax_dim, mask_operand=mask_operand,
                               **config.observer_kwargs())
     site = QuantSite(spec.scheme, obs, control, kind=spec.kind, eps=config.eps)
     site._qtrim_name = spec.name
@@ -72,7 +76,10 @@ class InsertSitesPass(GraphPass):
                 control, sites = blend_control(gm), site_modules(gm)
                 if spec.key not in sites:
                     out = key == ACT_SITE and any(u.op == "output" for u in node.users)
-                    sites[spec.key] = _make_site(spec, self.config, control, graph_output=out)
+                    act = key == ACT_SITE
+                    sites[spec.key] = _make_site(spec, self.config, control, graph_output=out,
+                                                 softmax_dim=_softmax_dim(gm, node) if act else None,
+                                                 mask_operand=_mask_operand(gm, node) if act else None)
                 if key == WEIGHT_SITE:
                     self._insert_weight(gm, node, spec)
                 else:
@@ -112,6 +119,47 @@ class InsertSitesPass(GraphPass):
         _copy_val(node, site)
         for u in users:
             u.replace_input_with(node, site)
+
+
+def _softmax_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The dim of a softmax that reads ``node`` (an attention mask's sentinels then do not set its grid), else None."""
+    for u in node.users:
+        if u.meta.get(OP_KIND) != "softmax" or not u.args or u.args[0] is not node:
+            continue
+        if u.op == "call_module":
+            dim = getattr(gm.get_submodule(str(u.target)), "dim", None)
+        else:
+            dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            return dim
+    return None
+
+
+def _mask_operand(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The softmax dim when ``node`` is the mask of ``softmax(scores + mask)`` (an operand of that add not
+    computed from a matmul: the scores are), else None."""
+    if _from_matmul(node):
+        return None
+    for u in node.users:
+        if u.meta.get(OP_KIND) == "add" and (dim := _softmax_dim(gm, u)) is not None:
+            return dim
+    return None
+
+
+def _from_matmul(node: fx.Node, depth: int = 6) -> bool:
+    """``node`` is a matmul, or computed from one within ``depth`` ops (the scores, scaled / masked / viewed)."""
+    seen, frontier = set(), [node]
+    for _ in range(depth + 1):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.meta.get(OP_KIND) in ("matmul", "bmm", "linear"):
+                return True
+            nxt += [a for a in n.all_input_nodes if a.op != "get_attr"]
+        frontier = nxt
+    return False
 
 
 def _float_softmax(node: fx.Node) -> bool:

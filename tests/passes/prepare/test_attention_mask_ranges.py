@@ -1,0 +1,124 @@
+"""An additive attention mask does not set the grid of the scores it hides (integer-only targets).
+
+Regression: with a padding mask in the calibration batches (``finfo.min``, ``-inf`` or ``-1e4`` added to the
+scores of padded keys, as Hugging Face eager attention does), the scores-plus-mask site of a ``qnn`` / ``npu``
+model took the range [-3.4e38, max]: scale ~1e36, every real score on one code, the attention an average of the
+values — in training, in the lowered model and in the file, with no error; an ``-inf`` mask was excluded as
+non-finite and its grid hid nothing. The observer of a softmax input now sees masked entries at the bound a grid
+must reach, and the mask operand's at 104 below its row's max (``masked_scores_bound``): a scale integer kernels
+can rescale (``finfo.min``'s, ~1e36, made ONNX Runtime's fused QLinearAdd return garbage).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qtrim_fx
+from qtrim_fx.runtime.observer import masked_scores_bound
+
+
+class MaskedAttention(nn.Module):
+    """Single-head attention with an additive mask built from a 0/1 padding mask, no residual."""
+
+    def __init__(self, dim: int = 32, fill: float = torch.finfo(torch.float32).min) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.fill = fill
+        self.scale = 1.0 / math.sqrt(dim)
+        with torch.no_grad():  # scores spanning a few units, as in a trained model
+            self.q.weight.mul_(4.0)
+            self.k.weight.mul_(4.0)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        add = torch.where(keep[:, None, :] > 0, 0.0, self.fill)
+        s = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) * self.scale
+        p = torch.softmax(s + add, dim=-1)
+        return torch.matmul(p, self.v(x))
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 12, 32, generator=g)
+    keep = torch.ones(4, 12)
+    keep[1, 7:] = 0
+    keep[3, 4:] = 0
+    return x, keep
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum().clamp_min(1e-30)))
+
+
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, float("-inf"), -1e4])
+@pytest.mark.parametrize("target", ["qnn", "npu"])
+def test_padding_mask_keeps_the_scores_grid(target: str, fill: float) -> None:
+    torch.manual_seed(0)
+    model = MaskedAttention(fill=fill).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0), target=target)
+        qtrim_fx.calibrate(qm, [_batch(s) for s in range(1, 5)])
+    qtrim_fx.set_blend(qm, 1.0)
+    qm.eval()
+    x, keep = _batch(9)
+    with torch.no_grad():
+        ref = model(x, keep)
+        deployed = qtrim_fx.lower(qm, target)(x, keep)
+    # every site's grid is a usable one (the bug: scale ~1e36 on the scores-plus-mask site)
+    for spec, site, _ in qtrim_fx.iter_sites(qm):
+        scale, _ = site.qparams()
+        assert float(scale.max()) < 1.0 or spec.kind == "weight", (spec.key, scale)
+    assert _sqnr(ref, deployed) > 25.0  # HEAD before the fix: ~4 dB (uniform attention)
+    assert torch.isfinite(deployed).all()
+
+
+def test_padding_mask_file_on_onnx_runtime(tmp_path) -> None:
+    """The ``qnn`` file itself, run by ONNX Runtime, tracks the float model on padded batches."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0), target="qnn")
+        qtrim_fx.calibrate(qm, [_batch(s) for s in range(1, 5)])
+        qtrim_fx.set_blend(qm, 1.0)
+        path = tmp_path / "m.onnx"
+        qtrim_fx.export_onnx(qm.eval(), _batch(0), path, target="qnn")
+    # only the mask's construction from the float 0/1 input (Unsqueeze, Greater) is left in float
+    assert all("Softmax" not in v.node and "MatMul" not in v.node for v in qtrim_fx.onnx.check(path, "qnn"))
+    x, keep = _batch(9)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in sess.get_inputs()], [x.numpy(), keep.numpy()], strict=True))
+    out = torch.from_numpy(sess.run(None, feeds)[0])
+    with torch.no_grad():
+        assert _sqnr(model(x, keep), out) > 25.0
+
+
+def test_masked_scores_bound_values() -> None:
+    x = torch.tensor([[1.0, 2.0, -3.4e38, float("-inf")], [0.5, -1e4, 0.0, 1.0],
+                      [-3.4e38, -3.4e38, -3.4e38, -3.4e38]])
+    y = masked_scores_bound(x, -1, 8)
+    bound = 9 * math.log(2.0) + math.log(4.0)
+    np.testing.assert_allclose(y[0].tolist(), [1.0, 2.0, 2.0 - bound, 2.0 - bound], rtol=1e-6)
+    np.testing.assert_allclose(y[1].tolist(), [0.5, 1.0 - bound, 0.0, 1.0], rtol=1e-6)
+    # a fully masked row (its softmax is uniform for any one value) is observed at the tensor's bound
+    np.testing.assert_allclose(y[2].tolist(), [2.0 - bound] * 4, rtol=1e-6)
+    # unmasked scores, whatever their spread below 104, are observed as they are
+    z = torch.tensor([[10.0, -90.0, 3.0]])
+    assert torch.equal(masked_scores_bound(z, 1, 8), z)
+
+
+def test_default_target_scores_stay_float() -> None:
+    """On targets that keep attention scores in float the mask never meets a grid (unchanged)."""
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0))
+    assert all(site.observer.softmax_dim is None for _, site, _ in qtrim_fx.iter_sites(qm))
