@@ -40,6 +40,9 @@ class _RankInterpreter(fx.Interpreter):
             n.meta[FLOATING] = out.is_floating_point()
             if out.dim() and isinstance(out.shape[-1], int):
                 n.meta[LAST_DIM] = int(out.shape[-1])
+        elif isinstance(out, (bool, int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
+            # A Python number (shape arithmetic: ``1 / math.sqrt(x.shape[-1])``): not a tensor, never a site.
+            n.meta[FLOATING] = False
         return out
 
 

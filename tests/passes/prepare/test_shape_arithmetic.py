@@ -46,3 +46,37 @@ def test_no_site_on_size_arithmetic_and_the_export_runs(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qtrim_fx.export_onnx(qm.eval(), (x,), tmp_path / f"{target}.onnx", target=target)  # used to raise
+
+
+class _ScaleFromShape(nn.Module):
+    """Attention scaled by ``1 / math.sqrt(x.shape[-1])``: a Python float computed from a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import math
+
+        s = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) * (1.0 / math.sqrt(x.shape[-1]))
+        return torch.softmax(s, -1)
+
+
+def test_no_site_on_a_float_computed_from_a_size(tmp_path):
+    """Regression (session-35 probe): ``math.sqrt`` of a size got a ``truediv`` site on qnn / npu that never saw
+    data, so ``lower`` / ``export`` failed with ``UncalibratedSitesError`` after a calibration."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    for target in ("qnn", "npu"):
+        model = _ScaleFromShape().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qm = qtrim_fx.prepare(model, (x,), target=target)
+            assert not any("truediv" in s.name or "sqrt" in s.name for s, _, _ in iter_sites(qm))
+            qtrim_fx.calibrate(qm, [x, torch.randn(2, 5, 16)])
+            qtrim_fx.set_blend(qm, 1.0)
+            qtrim_fx.export_onnx(qm.eval(), (x,), tmp_path / f"{target}.onnx", target=target)
+        assert qtrim_fx.onnx.check(tmp_path / f"{target}.onnx", target) == []
+        with torch.no_grad():
+            ref, out = model(x), qtrim_fx.lower(qm, target)(x)
+        assert float((ref - out).abs().max()) < 0.05
