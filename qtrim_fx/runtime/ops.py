@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from qtrim_fx.core.fakequant import channel_view
 
-__all__ = ["GATES", "GELU_STEPS", "attention_defaults", "bn_fold_factor", "channel_shape", "gate_product",
+__all__ = ["GATES", "GELU_STEPS", "attention_defaults", "bn_fold_factor", "causal_keep", "channel_shape", "gate_product",
            "gelu_product", "gelu_steps", "relu_keep_mask"]
 
 
@@ -48,6 +48,15 @@ def attention_defaults(x: torch.Tensor, attn_mask: Any = None, is_causal: Any = 
                          "attn_mask=None, is_causal=False (their defaults when prepared); call it without them, or "
                          "prepare it with example inputs that pass them")
     return x
+
+
+@torch.fx.wrap
+def causal_keep(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The (L, S) bool mask of ``scaled_dot_product_attention(..., is_causal=True)``: query i sees keys 0..i.
+
+    torch's own math attention builds it as ``ones(L, S, dtype=bool).tril(diagonal=0)``; so does this.
+    """
+    return torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril(diagonal=0)
 
 
 @torch.fx.wrap

@@ -66,3 +66,49 @@ def test_gpt2_qnn_file_loads_strictly_on_the_htp_and_matches_lowering(tmp_path):
     out = sess.run(None, {"input_ids": ids})[0].astype(np.float64)
     sqnr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((out - ref) ** 2))
     assert sqnr >= 30, sqnr
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_default_sdpa_attention_runs_on_the_htp_with_no_float_op(tmp_path, name):
+    """Hugging Face's default attention (``sdpa``: a bool mask for BERT, causal for GPT-2, dropout in training only).
+
+    Before: left as one SDPA op, the file kept 12 float ops (6 check errors: the score MatMuls, Mul, Add, Softmax)
+    and the HTP could not finalize it (``QNN_COMMON_ERROR_MEM_ALLOC``, 1002). Now written out at prepare with torch's
+    own additive mask and ``_safe_softmax`` (``DecomposeAttentionPass``): no violation, strict, no CPU node.
+    """
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
+        pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+    import onnxruntime as ort
+
+    from qtrim_fx.verification.backend_worker import _assignment_info, _qnn_session
+
+    torch.manual_seed(0)
+    if name == "bert":
+        model = transformers.BertModel(transformers.BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16)).eval()
+    else:
+        model = transformers.GPT2Model(transformers.GPT2Config(
+            vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=16, use_cache=False, bos_token_id=0,
+            eos_token_id=0)).eval()
+    assert model.config._attn_implementation == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0), target="qnn")
+        qtrim_fx.calibrate(qm, [_batch(s) for s in range(1, 4)])
+        qtrim_fx.set_blend(qm, 1.0)
+        qm.eval()
+        path = tmp_path / f"{name}.qnn.onnx"
+        qtrim_fx.export_onnx(qm, _batch(0), path, target="qnn")
+    assert qtrim_fx.onnx.check(path, "qnn") == []
+    test = _batch(9)
+    with torch.no_grad():
+        ref = qtrim_fx.lower(qm, "qnn")(**test)[0].numpy().astype(np.float64)
+    ids = test["input_ids"].numpy()
+    sess, _ = _qnn_session(ort, str(path), [ids], {})  # default options, strict (CPU fallback disabled)
+    assert set(_assignment_info(sess)[1]) == {"QNNExecutionProvider"}
+    out = sess.run(None, {"input_ids": ids})[0].astype(np.float64)
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((out - ref) ** 2)) >= 30

@@ -48,6 +48,7 @@ from qtrim_fx.passes.lower.renorm_embeddings import RenormEmbeddingsPass
 from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
+from qtrim_fx.passes.lower.safe_softmax import SafeSoftmaxPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
 from qtrim_fx.passes.prepare.decompose_attention import DecomposeAttentionPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
@@ -193,6 +194,36 @@ class Attention3d(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+class CausalAttention(nn.Module):
+    """Causal (N, H, L, E) attention: written out with ``_safe_softmax`` for integer-only targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.fixture(scope="module")
+def calibrated_causal_net() -> fx.GraphModule:
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 5, 8)
+    qm = qtrim_fx.prepare(CausalAttention().eval(), (x,), config=NPU)  # example inputs: the head width is known
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    return qm.eval()
+
+
+def _safe_softmax_stage(calibrated_causal_net, **_) -> fx.GraphModule:
+    """CausalAttention lowered for npu up to (not including) SafeSoftmaxPass, the third pass from the end."""
+    gm = copy.deepcopy(calibrated_causal_net).eval()
+    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-3]:
+        gm = p(gm).graph_module
+    return gm
+
+
 def _ranked(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
     gm = fx.symbolic_trace(model)
     assert record_ranks(gm, inputs)
@@ -268,9 +299,9 @@ def calibrated_gate_net() -> fx.GraphModule:
 
 
 def _gate_stage(calibrated_gate_net, **_) -> fx.GraphModule:
-    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the third pass from the end."""
+    """SiluNet lowered for npu up to (not including) MultiplyGatesPass, the fourth pass from the end."""
     gm = copy.deepcopy(calibrated_gate_net).eval()
-    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-3]:
+    for p in lower_passes(get_profile("npu"), prepared_for=get_profile("npu"))[:-4]:
         gm = p(gm).graph_module
     return gm
 
@@ -383,6 +414,8 @@ CASES: dict[str, Case] = {
         lambda: DecomposeGroupNormPass(NPU), _group_norm_graph, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(
         MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
+    "SafeSoftmaxPass": Case(
+        SafeSoftmaxPass, _safe_softmax_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
     "AttentionRank4Pass": Case(
         AttentionRank4Pass, lambda **_: _ranked(Attention3d(), torch.randn(2, 5, 8)),
         lambda **_: _ranked(Attention3d(), torch.randn(2, 3, 5, 8))),  # already 4-D
@@ -447,7 +480,7 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
         "InsertSitesPass", "LeanReluPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
         "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
-        "MultiplyGatesPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]
+        "MultiplyGatesPass", "SafeSoftmaxPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 8)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)

@@ -13,6 +13,7 @@
       ─QuantizeNormAffinePass▶ (same) LayerNorm γ on the target's 8-bit activation grid, β on the int32 grid
       ─RoundBiasPass────▶ biases rounded to the int32 grid the target stores them on
       ─MultiplyGatesPass▶ gate products of SiLU/HardSwish prepared for qnn/npu -> torch.mul
+      ─SafeSoftmaxPass──▶ _safe_softmax of a quantized tensor (bool-masked / causal attention) -> softmax
       ─AttentionRank4Pass▶ 3-D scaled_dot_product_attention -> the 4-D form the exporters write (a head axis of 1)
       ─RenormEmbeddingsPass▶ embeddings with max_norm -> lookups in a table renormalized once, in full
 """
@@ -33,6 +34,7 @@ from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.require_opset import RequireOpsetPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
+from qtrim_fx.passes.lower.safe_softmax import SafeSoftmaxPass
 
 __all__ = ["lower_passes"]
 
@@ -57,6 +59,7 @@ def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = No
         *([RequantizeViewsPass(), QuantizeNormAffinePass(profile)] if integer else []),
         RoundBiasPass(profile),
         MultiplyGatesPass(),
+        SafeSoftmaxPass(),
         AttentionRank4Pass(),
         RenormEmbeddingsPass(),
     ]

@@ -75,18 +75,42 @@ def test_a_mask_argument_left_at_its_default_is_refused_when_given():
         gm(x, torch.zeros(2, 2, 5, 5))
 
 
-def test_causal_attention_and_other_targets_are_left_whole():
+@pytest.mark.parametrize("mask,causal", [("bool", False), ("none", True)])
+def test_bool_and_causal_masks_are_written_out_with_torchs_values(mask, causal):
+    """A bool mask / ``is_causal=True``: the additive -inf mask and ``_safe_softmax`` of torch's math attention,
+    including a row masked entirely (torch gives 0 there, a plain softmax NaN)."""
+    torch.manual_seed(0)
+    model = Attention(mask, causal=causal).eval()
     x = torch.randn(2, 5, 16)
-    assert not DecomposeAttentionPass(NPU)(_traced(Attention(causal=True).eval(), x)).modified
-    assert not DecomposeAttentionPass(NPU)(_traced(Attention("bool").eval(), x)).modified  # a row may be all masked
+    x[0, 1, 0] = 10.0  # with the bool mask, query 1 of sample 0 sees no key (x[..., 0] < 10 everywhere)
+    gm = _traced(model, x)
+    with torch.no_grad():
+        want = model(x)
+    assert DecomposeAttentionPass(NPU)(gm).modified
+    gm.graph.lint()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert F.scaled_dot_product_attention not in targets
+    assert torch.ops.aten._safe_softmax.default in targets and torch.add in targets
+    with torch.no_grad():
+        got = gm(x)
+        for xx in (x, torch.randn(3, 7, 16)):  # another batch and length: the causal mask follows the shapes
+            torch.testing.assert_close(gm(xx), model(xx), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if mask == "bool":
+        assert bool((x[0, :, 0] > x[0, 1, 0]).logical_not().all())  # the fully masked row is there
+
+
+def test_other_targets_are_left_whole():
+    x = torch.randn(2, 5, 16)
     assert not DecomposeAttentionPass(qtrim_fx.QuantConfig(target="onnxruntime"))(_traced(Attention(), x)).modified
     assert not DecomposeAttentionPass(NPU)(fx.symbolic_trace(Attention())).modified  # no ranks: width unknown
 
 
+@pytest.mark.parametrize("mask,causal", [("float", False), ("bool", False), ("none", True)])
 @pytest.mark.parametrize("target", ["qnn", "npu"])
-def test_attention_runs_on_integers_in_the_file(tmp_path, target):
+def test_attention_runs_on_integers_in_the_file(tmp_path, target, mask, causal):
     torch.manual_seed(0)
-    model = Attention("float").eval()
+    model = Attention(mask, causal=causal).eval()
     x = torch.randn(4, 6, 16)
     qm = qtrim_fx.prepare(model, (x,), target=target)
     qtrim_fx.calibrate(qm, [(x,), (torch.randn_like(x),)])
@@ -102,3 +126,32 @@ def test_attention_runs_on_integers_in_the_file(tmp_path, target):
         want = qtrim_fx.lower(qm, target)(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert abs(got - want).max() <= 0.05 * abs(want).max()
+
+
+class DropoutAttention(nn.Module):
+    """``dropout_p=self.p if self.training else 0.0``, as Hugging Face's sdpa attention passes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.p = nn.Linear(16, 48), 0.5
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+
+
+def test_training_only_dropout_is_written_as_dropout_of_the_probabilities():
+    torch.manual_seed(0)
+    model = DropoutAttention().eval()
+    x = torch.randn(2, 5, 16)
+    qm = qtrim_fx.prepare(model, (x,), target="npu")
+    calls = [n.target for n in qm.graph.nodes if n.op == "call_function"]
+    assert F.scaled_dot_product_attention not in calls and F.dropout in calls
+    qtrim_fx.calibrate(qm, [x])
+    with torch.no_grad():
+        qtrim_fx.set_blend(qm, 0.0)
+        torch.testing.assert_close(qm.eval()(x), model(x), rtol=1e-5, atol=1e-6)  # eval: no dropout
+        qm.train()
+        a, b = qm(x), qm(x)
+    assert not torch.equal(a, b)  # training: dropout on the probabilities, as sdpa does
