@@ -169,8 +169,13 @@ class QuantSite(nn.Module):
         if f is None:
             if relu is not None and one and obs.clip and bounds is not None and bounds[0] == 0.0:
                 relu_read_masked(relu)  # this backward blocks x̃ <= lo = 0, which covers relu's y <= 0
-            return BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
-                                      bounds)
+            out = BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
+                                     bounds)
+            if not one and (obs.softmax_dim is not None or obs.mask_operand is not None):
+                # An attention mask's -inf: lerp(-inf, lo, λ) is NaN below λ = 1/2; the blend of a masked
+                # entry is -inf for every λ < 1 (masked, as in float), the grid's bound at λ = 1.
+                out = torch.where(torch.isinf(x), x, out)
+            return out
         return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
 
     def observer_name(self) -> str:

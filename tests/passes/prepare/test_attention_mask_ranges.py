@@ -122,3 +122,63 @@ def test_default_target_scores_stay_float() -> None:
         warnings.simplefilter("ignore")
         qm = qtrim_fx.prepare(model, _batch(0))
     assert all(site.observer.softmax_dim is None for _, site, _ in qtrim_fx.iter_sites(qm))
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.7])
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min])
+def test_training_between_the_ends_stays_finite(lam: float, fill: float) -> None:
+    """``lerp(-inf, lo, λ)`` is NaN for λ < 1/2: a masked entry blends to -inf (masked) until λ = 1."""
+    torch.manual_seed(0)
+    model = MaskedAttention(fill=fill)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0), target="qnn")
+        qtrim_fx.calibrate(qm, [_batch(s) for s in range(1, 3)])
+    qtrim_fx.set_blend(qm, lam)
+    qm.train()
+    x, keep = _batch(5)
+    keep[2] = 0  # a sample whose every key is masked: each row -inf (or finfo.min) throughout
+    out = qm(x, keep)
+    out.sum().backward()
+    rows = [0, 1, 3] if fill == float("-inf") else [0, 1, 2, 3]  # softmax over all -inf is NaN in torch too
+    assert torch.isfinite(out[rows]).all()
+    with torch.no_grad():
+        assert _sqnr(model(x[rows], keep[rows]), out[rows].detach()) > 20.0
+    if fill != float("-inf"):
+        assert all(torch.isfinite(p.grad).all() for p in qm.parameters() if p.grad is not None)
+
+
+def test_bool_mask_attention_with_a_fully_masked_row_trains_at_every_blend() -> None:
+    """sdpa with a bool mask, written out for qnn (``_safe_softmax``): a row with no key gives 0, never NaN."""
+    import torch.nn.functional as F
+
+    class BoolMaskAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x, keep):
+            n, t, _ = x.shape
+            q, k, v = self.qkv(x).view(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :] > 0)
+
+    torch.manual_seed(0)
+    model = BoolMaskAttention()
+    x = torch.randn(3, 6, 16)
+    keep = torch.ones(3, 6)
+    keep[1, 3:] = 0
+    keep[2] = 0  # sample 2 sees no key: torch's attention gives 0 there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, (x, keep), target="qnn")
+        qtrim_fx.calibrate(qm, [(x, keep), (torch.randn(3, 6, 16), keep)])
+    for lam in (0.0, 0.3, 0.7, 1.0):
+        qtrim_fx.set_blend(qm, lam)
+        qm.train()
+        qm.zero_grad()
+        out = qm(x, keep)
+        out.sum().backward()
+        assert torch.isfinite(out).all(), lam
+        assert all(torch.isfinite(p.grad).all() for p in qm.parameters() if p.grad is not None), lam
+        if lam < 1.0:
+            assert torch.equal(out[2], torch.zeros_like(out[2]))  # masked entirely: 0, as torch gives
