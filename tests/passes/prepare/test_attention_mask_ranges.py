@@ -26,8 +26,9 @@ from qtrim_fx.runtime.observer import masked_scores_bound
 class MaskedAttention(nn.Module):
     """Single-head attention with an additive mask built from a 0/1 padding mask, no residual."""
 
-    def __init__(self, dim: int = 32, fill: float = torch.finfo(torch.float32).min) -> None:
+    def __init__(self, dim: int = 32, fill: float = torch.finfo(torch.float32).min, arithmetic: bool = False) -> None:
         super().__init__()
+        self.arithmetic = arithmetic  # ``(1 - keep) * fill``, as older BERT code writes its mask
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.fill = fill
         self.scale = 1.0 / math.sqrt(dim)
@@ -36,7 +37,10 @@ class MaskedAttention(nn.Module):
             self.k.weight.mul_(4.0)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        add = torch.where(keep[:, None, :] > 0, 0.0, self.fill)
+        if self.arithmetic:
+            add = (1.0 - keep[:, None, :]) * self.fill
+        else:
+            add = torch.where(keep[:, None, :] > 0, 0.0, self.fill)
         s = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) * self.scale
         p = torch.softmax(s + add, dim=-1)
         return torch.matmul(p, self.v(x))
@@ -55,11 +59,12 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum().clamp_min(1e-30)))
 
 
-@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, float("-inf"), -1e4])
+@pytest.mark.parametrize("fill,arithmetic", [(torch.finfo(torch.float32).min, False), (float("-inf"), False),
+                                             (-1e4, False), (-1e4, True), (-1e9, True)])
 @pytest.mark.parametrize("target", ["qnn", "npu"])
-def test_padding_mask_keeps_the_scores_grid(target: str, fill: float) -> None:
+def test_padding_mask_keeps_the_scores_grid(target: str, fill: float, arithmetic: bool) -> None:
     torch.manual_seed(0)
-    model = MaskedAttention(fill=fill).eval()
+    model = MaskedAttention(fill=fill, arithmetic=arithmetic).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qtrim_fx.prepare(model, _batch(0), target=target)
