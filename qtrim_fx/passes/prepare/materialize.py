@@ -78,7 +78,8 @@ class InsertSitesPass(GraphPass):
                     out = key == ACT_SITE and any(u.op == "output" for u in node.users)
                     act = key == ACT_SITE
                     sites[spec.key] = _make_site(spec, self.config, control, graph_output=out,
-                                                 softmax_dim=_softmax_dim(gm, node) if act else None,
+                                                 # a model output (logits) is never clipped nor re-observed
+                                                 softmax_dim=_softmax_dim(gm, node) if act and not out else None,
                                                  mask_operand=_mask_operand(gm, node) if act else None)
                 if key == WEIGHT_SITE:
                     self._insert_weight(gm, node, spec)

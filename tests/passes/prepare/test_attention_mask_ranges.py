@@ -11,6 +11,7 @@ can rescale (``finfo.min``'s, ~1e36, made ONNX Runtime's fused QLinearAdd return
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -187,3 +188,33 @@ def test_bool_mask_attention_with_a_fully_masked_row_trains_at_every_blend() -> 
         assert all(torch.isfinite(p.grad).all() for p in qm.parameters() if p.grad is not None), lam
         if lam < 1.0:
             assert torch.equal(out[2], torch.zeros_like(out[2]))  # masked entirely: 0, as torch gives
+
+
+def test_logits_that_a_softmax_reads_are_observed_as_they_are() -> None:
+    """A model output is never clipped: rows of very different offsets (confident logits) are not 'masked'."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return z, torch.softmax(z, -1)
+
+    x = torch.randn(4, 8)
+    head = Head().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(copy.deepcopy(head), (x,), target="qnn")
+    x[0] *= 1000.0  # one sample's logits ~1000x the others': its row max is far above theirs
+    qtrim_fx.calibrate(qm, [(x,)])
+    # the model's outputs: logits (read by the softmax too) and the probabilities, both unclipped
+    outs = [site for spec, site, _ in qtrim_fx.iter_sites(qm) if spec.kind != "weight" and not site.observer.clip]
+    assert len(outs) == 2 and all(site.observer.softmax_dim is None for site in outs)
+    with torch.no_grad():
+        z = head(x)[0]
+    # every output range holds the float logits of every row (the far-below rows are not observed elsewhere)
+    assert any(float(site.observer.lo) <= float(z.min()) and float(site.observer.hi) >= float(z.max())
+               for site in outs)
+    assert float(z[1:].abs().max()) < float(z[0].abs().max()) - 104.0  # the rows the masked-row rule would move
