@@ -223,6 +223,9 @@ class EmaQuantileObserver(nn.Module):
 
     def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: reachable from graphs too
         super().__setstate__(state)
+        # pickled before the attention-mask rules existed (a whole prepared model saved with torch.save)
+        self.__dict__.setdefault("softmax_dim", None)
+        self.__dict__.setdefault("mask_operand", None)
         LIVE[id(self)] = self
 
     # -- state ---------------------------------------------------------------

@@ -490,3 +490,18 @@ def test_observer_made_and_used_under_inference_mode():
             obs.observe(x)
             ref.observe(x)
         assert torch.equal(obs.lo, ref.lo) and torch.equal(obs.hi, ref.hi)
+
+
+def test_an_observer_pickled_before_the_attention_mask_rules_loads():
+    """A whole prepared model saved with ``torch.save`` by an older qtrim_fx: its observers lack the new attributes."""
+    from qtrim_fx.runtime.observer import EmaQuantileObserver
+
+    old = EmaQuantileObserver()
+    state = old.__dict__.copy()
+    del state["softmax_dim"], state["mask_operand"]
+    obs = EmaQuantileObserver.__new__(EmaQuantileObserver)
+    obs.__setstate__(state)
+    assert obs.softmax_dim is None and obs.mask_operand is None
+    obs.train()
+    obs(torch.randn(64))
+    assert obs.initialized
