@@ -63,32 +63,36 @@ _SOFTMAX_UNDERFLOW = 104.0
 
 
 def masked_scores_bound(x: torch.Tensor, dim: int, bits: int | None) -> torch.Tensor:
-    """A softmax input as its observer sees it: masked entries at the bound a grid must reach.
+    """A softmax input as its observer sees it: no entry below the bound a grid must reach.
 
     An attention mask adds ``-inf``, ``finfo.min`` or ``-1e4`` to the scores it hides. Observed as they
     are, those values put the grid's low end at -3.4e38 (scale ~1e36: every real score rounds to one
-    code, the attention becomes an average). An entry below its row's max by more than
-    :data:`_SOFTMAX_UNDERFLOW` is masked (its float32 softmax weight is exactly 0), and so is every entry of
-    a row whose max lies that far below the tensor's (a fully masked row: its softmax is uniform for
-    any one value). Each is observed at ``row max − T`` instead, ``T = (bits + 1)·ln 2 + ln n`` for ``n``
-    entries along ``dim``: a masked entry saturating there (at the grid's low end) keeps at most
-    2^-(bits+1) of a row's mass, half a step of the 8-bit probabilities, instead of exactly 0.
-    Unmasked entries are observed as they are. ``bits=None`` (the mask operand itself, see the observer's
-    ``mask_operand``): ``T`` is the underflow distance, 104, so that the mask's grid holds a value that
-    hides any score within 104 of its row's best, on a scale integer kernels can rescale (``finfo.min``'s
-    grid, scale ~1e36, made ONNX Runtime's fused QLinearAdd return garbage).
+    code, the attention becomes an average). A softmax needs no grid below ``row max − T``,
+    ``T = (bits + 1)·ln 2 + ln n`` for ``n`` entries along ``dim``: an entry saturating there (at the grid's
+    low end) keeps at most 2^-(bits+1) of its row's mass, half a step of the 8-bit probabilities. So every
+    entry below it (a masked one, or a real score that far below its row's best) is observed at
+    ``row max − T``, and every entry of a row whose max lies more than :data:`_SOFTMAX_UNDERFLOW` below the
+    tensor's (a fully masked row: its softmax is uniform for any one value) at ``tensor max − T``.
+
+    ``bits=None`` (the mask operand itself, see the observer's ``mask_operand``): only masked entries (more than
+    :data:`_SOFTMAX_UNDERFLOW` = 104 below their row's max, where a float32 softmax weight is exactly 0) move, to
+    ``row max − 104``: the mask's grid then holds a value that pushes any score within ~90 of its row's best below
+    the sum's bound, on a scale integer kernels can rescale (``finfo.min``'s grid, scale ~1e36, made ONNX
+    Runtime's fused QLinearAdd return garbage); a bias added with the mask (T5) keeps its values.
     """
     x = x.detach()
     if x.dim() == 0:
         return x
-    n = x.shape[dim]
-    bound = _SOFTMAX_UNDERFLOW if bits is None else (bits + 1) * math.log(2.0) + math.log(max(n, 1))
     row_max = x.amax(dim, keepdim=True)
     top = row_max.amax()
     masked_row = row_max < top - _SOFTMAX_UNDERFLOW
     ref = torch.where(masked_row, top, row_max)
-    masked = (x < row_max - _SOFTMAX_UNDERFLOW).logical_or_(masked_row)
-    return torch.where(masked, ref - bound, x)
+    if bits is None:
+        masked = (x < row_max - _SOFTMAX_UNDERFLOW).logical_or_(masked_row)
+        return torch.where(masked, ref - _SOFTMAX_UNDERFLOW, x)
+    bound = (bits + 1) * math.log(2.0) + math.log(max(x.shape[dim], 1))
+    floor = ref - bound
+    return torch.where(masked_row, floor, torch.maximum(x, floor))
 
 
 def _check_p(name: str, p: float) -> float:

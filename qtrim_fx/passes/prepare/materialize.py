@@ -137,13 +137,22 @@ def _softmax_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
 
 
 def _mask_operand(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """The softmax dim when ``node`` is the mask of ``softmax(scores + mask)`` (an operand of that add not
-    computed from a matmul: the scores are), else None."""
+    """The softmax dim when ``node`` is the mask of ``softmax(scores + mask)`` (an operand of that add, or of what it
+    adds, not computed from a matmul: the scores are), else None."""
     if _from_matmul(node):
         return None
-    for u in node.users:
-        if u.meta.get(OP_KIND) == "add" and (dim := _softmax_dim(gm, u)) is not None:
-            return dim
+    # through views, casts and further adds (T5: ``scores + (position_bias + mask)``), a few ops deep
+    frontier, seen = list(node.users), set()
+    for _ in range(4):
+        nxt = []
+        for u in frontier:
+            if u in seen or u.meta.get(OP_KIND) not in ("add", "reshape"):
+                continue
+            seen.add(u)
+            if u.meta.get(OP_KIND) == "add" and (dim := _softmax_dim(gm, u)) is not None:
+                return dim
+            nxt += list(u.users)
+        frontier = nxt
     return None
 
 

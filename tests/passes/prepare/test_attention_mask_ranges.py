@@ -115,9 +115,14 @@ def test_masked_scores_bound_values() -> None:
     np.testing.assert_allclose(y[1].tolist(), [0.5, 1.0 - bound, 0.0, 1.0], rtol=1e-6)
     # a fully masked row (its softmax is uniform for any one value) is observed at the tensor's bound
     np.testing.assert_allclose(y[2].tolist(), [2.0 - bound] * 4, rtol=1e-6)
-    # unmasked scores, whatever their spread below 104, are observed as they are
+    # a real score further below its row's best than T is observed at the bound too (its weight is below half a
+    # step of the probabilities either way); the others as they are
     z = torch.tensor([[10.0, -90.0, 3.0]])
-    assert torch.equal(masked_scores_bound(z, 1, 8), z)
+    t = 9 * math.log(2.0) + math.log(3.0)
+    np.testing.assert_allclose(masked_scores_bound(z, 1, 8)[0].tolist(), [10.0, 10.0 - t, 3.0], rtol=1e-6)
+    # the mask operand (bits=None): only masked entries move, to 104 below their row's max; a bias keeps its values
+    m = torch.tensor([[0.5, -2.0, -3.4e38, 1.0]])
+    np.testing.assert_allclose(masked_scores_bound(m, 1, None)[0].tolist(), [0.5, -2.0, 1.0 - 104.0, 1.0], rtol=1e-6)
 
 
 def test_default_target_scores_stay_float() -> None:
@@ -218,3 +223,33 @@ def test_logits_that_a_softmax_reads_are_observed_as_they_are() -> None:
     assert any(float(site.observer.lo) <= float(z.min()) and float(site.observer.hi) >= float(z.max())
                for site in outs)
     assert float(z[1:].abs().max()) < float(z[0].abs().max()) - 104.0  # the rows the masked-row rule would move
+
+
+class BiasedMaskedAttention(MaskedAttention):
+    """T5's form: ``scores + (position_bias + mask)``, the mask added to a learned bias first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(12, 12))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        mask = (1.0 - keep[:, None, :]) * torch.finfo(torch.float32).min  # as T5 builds it: a Mul, a site of its own
+        bias = self.bias + mask
+        s = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) * self.scale
+        return torch.matmul(torch.softmax(s + bias, dim=-1), self.v(x))
+
+
+@pytest.mark.parametrize("target", ["qnn", "npu"])
+def test_a_mask_added_to_a_bias_first_keeps_every_grid(target: str) -> None:
+    torch.manual_seed(0)
+    model = BiasedMaskedAttention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0), target=target)
+        qtrim_fx.calibrate(qm, [_batch(s) for s in range(1, 5)])
+    qtrim_fx.set_blend(qm, 1.0)
+    for spec, site, _ in qtrim_fx.iter_sites(qm):
+        assert float(site.qparams()[0].max()) < 1.0, spec.key  # before: the mask's site at scale ~1e36
+    x, keep = _batch(9)
+    with torch.no_grad():
+        assert _sqnr(model(x, keep), qtrim_fx.lower(qm.eval(), target)(x, keep)) > 20.0
