@@ -20,7 +20,7 @@ is one opaque op in the graph (see ``qtrim_fx.runtime.observer``).
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -173,8 +173,15 @@ class QuantSite(nn.Module):
                                      bounds)
             if not one and (obs.softmax_dim is not None or obs.mask_operand is not None):
                 # An attention mask's -inf: lerp(-inf, lo, λ) is NaN below λ = 1/2; the blend of a masked
-                # entry is -inf for every λ < 1 (masked, as in float), the grid's bound at λ = 1.
-                out = torch.where(torch.isinf(x), x, out)
+                # entry is -inf for every λ < 1 (masked, as in float), the grid's bound at λ = 1. Compiled
+                # graphs know λ only as a tensor (no guard on it) and always lerp, which is NaN at an infinite x
+                # for λ = 1 too: there the value is chosen on the tensor, the grid's end at λ = 1.
+                masked = x
+                if compiling:
+                    z: Any = 0.0 if zp is None else zp
+                    end = torch.where(x > 0, (s.qmax - z) * scale, (s.qmin - z) * scale).to(x.dtype)
+                    masked = torch.where(control.value < 1.0, x, end)
+                out = torch.where(torch.isinf(x), masked, out)
             return out
         return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
 

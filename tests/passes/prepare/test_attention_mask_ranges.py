@@ -253,3 +253,22 @@ def test_a_mask_added_to_a_bias_first_keeps_every_grid(target: str) -> None:
     x, keep = _batch(9)
     with torch.no_grad():
         assert _sqnr(model(x, keep), qtrim_fx.lower(qm.eval(), target)(x, keep)) > 20.0
+
+
+def test_compiled_training_masks_like_eager_at_both_blends() -> None:
+    """Under ``torch.compile`` (λ a tensor, no host mirror) a masked entry is -inf below λ = 1, the grid's bound at 1."""
+    torch.manual_seed(0)
+    model = MaskedAttention(fill=float("-inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, _batch(0), target="qnn")
+        qtrim_fx.calibrate(qm, [_batch(1)])
+    compiled = torch.compile(qm)
+    x, keep = _batch(2)
+    for lam in (0.4, 1.0):
+        qtrim_fx.set_blend(qm, lam)
+        qm.train()
+        eager = qm(x, keep)
+        out = compiled(x, keep)
+        assert torch.isfinite(out).all(), lam
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
