@@ -121,11 +121,17 @@ def _feeds(session, qm, inputs) -> dict:
     return {i.name: np.asarray(named[i.name].numpy()) for i in session.get_inputs()}
 
 
+def _ort_optimize() -> bool:
+    """--ort-optimize: parity measured on ONNX Runtime's default optimizations (fused integer kernels)."""
+    return os.environ.get("QTRIM_ZOO_ORT_OPTIMIZE") == "1"
+
+
 def _session(path: str):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if _ort_optimize()
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = 1
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
@@ -190,7 +196,7 @@ def _parity(qm, target: str, path: str, model, inputs) -> dict:
     copy = path + ".check.onnx"
     shutil.copyfile(path, copy)
     try:
-        verify_export(lowered, _positional(qm, inputs), copy)
+        verify_export(lowered, _positional(qm, inputs), copy, optimize=_ort_optimize())
     except ExportError as e:
         res["verdict"], res["disagree"] = "MISMATCH", str(e).splitlines()[1:3]
     ref64 = _float64_reference(lowered, inputs)
@@ -442,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per worker")
     ap.add_argument("--all-torchvision", action="store_true", help="every torchvision width/depth variant")
     ap.add_argument("--exporter", default="", help="export_onnx(exporter=...) when it takes one (default: its default)")
+    ap.add_argument("--ort-optimize", action="store_true",
+                    help="parity on ONNX Runtime with its default graph optimizations (ORT_ENABLE_ALL: fused "
+                         "integer kernels) instead of ORT_DISABLE_ALL")
     ap.add_argument("--jobs", type=int, default=1, help="models run side by side")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
     ap.add_argument("--json", default="", help="also write the rows as JSON here")
@@ -450,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.targets = tuple(t for t in args.targets.split(",") if t)
+    if args.ort_optimize:
+        os.environ["QTRIM_ZOO_ORT_OPTIMIZE"] = "1"  # read by the workers (_session, _parity)
     if args.worker:
         Path(args.out).write_text(json.dumps(run_one(args.worker, args.targets, args.all_torchvision, args.exporter)))
         return 0

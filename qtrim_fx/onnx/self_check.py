@@ -289,7 +289,8 @@ def _feeds(session: Any, gm: torch.nn.Module, args: tuple[Any, ...]) -> dict[str
     return None
 
 
-def verify_export(gm: torch.nn.Module, args: tuple[Any, ...], path: str | os.PathLike[str]) -> None:
+def verify_export(gm: torch.nn.Module, args: tuple[Any, ...], path: str | os.PathLike[str], *,
+                  optimize: bool = False) -> None:
     """Run the written file on ONNX Runtime (no graph optimizations) against ``gm`` on ``args``.
 
     Args:
@@ -306,7 +307,8 @@ def verify_export(gm: torch.nn.Module, args: tuple[Any, ...], path: str | os.Pat
     path = Path(path)
     try:
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 3
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         feeds = _feeds(session, gm, args)
