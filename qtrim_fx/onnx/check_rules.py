@@ -119,6 +119,99 @@ def _scale_values(ctx: RuleContext) -> Iterator[Violation]:
                         "re-calibrate (an all-zero tensor needs a floor on its scale, e.g. 1e-8)")
 
 
+#: a grid wider than this (scale x number of steps) holds no trained tensor: masks or infinities set it
+MAX_GRID_SPAN = 1e6
+
+
+def _scale_spans(ctx: RuleContext) -> Iterator[Violation]:
+    """A grid so wide that every ordinary value rounds to its zero point (``finfo.min`` masks calibrated in)."""
+    for node, p in ctx.qdq_nodes():
+        if p is None or p.storage is None or p.storage.bits > 16 or p.scale.size == 0:
+            continue
+        with np.errstate(all="ignore"):
+            scale = np.abs(p.scale.astype(np.float64).reshape(-1))
+        steps = float(2 ** p.storage.bits - 1)
+        span = scale * steps
+        wide = np.isfinite(span) & (span > MAX_GRID_SPAN)
+        if not wide.any():
+            continue
+        i = int(np.flatnonzero(wide)[0])
+        where = f"scale {scale[i]:.3g}" if scale.size == 1 else f"channel {i}'s scale {scale[i]:.3g}"
+        yield Violation("scale_range", _name(node), f"{where} spans {span[i]:.3g} over {int(steps)} {p.storage.name} "
+                        f"steps: every value smaller than {scale[i] / 2:.3g} in magnitude rounds to the zero point, "
+                        "so the tensor carries nothing (no trained network needs a range beyond "
+                        f"{MAX_GRID_SPAN:g}); the range was calibrated over a mask's finfo.min or -1e9, or over "
+                        "infinite values — re-calibrate without them (qtrim_fx bounds masked attention scores)")
+
+
+def _qdq_pairs(ctx: RuleContext) -> Iterator[Violation]:
+    """A DequantizeLinear reading a QuantizeLinear must read the codes on the grid they were written on."""
+    for node, p in ctx.qdq_nodes():
+        if not is_op(node, "DequantizeLinear") or p is None or node.inputs[0] is None:
+            continue
+        q = node.inputs[0].producer()
+        if q is None or not is_op(q, "QuantizeLinear"):
+            continue
+        qp = qdq_params(q, value_rank(q.inputs[0]))
+        if qp is None:
+            continue
+        scale_q, scale_d = qp.scale.astype(np.float64), p.scale.astype(np.float64)
+        if not (np.all(np.isfinite(scale_q)) and np.all(np.isfinite(scale_d))):
+            continue  # scale_value names it
+        same_scale = scale_q.shape == scale_d.shape and bool(np.allclose(scale_q, scale_d, rtol=1e-6, atol=0.0))
+        zp_q = None if qp.zero_point is None else qp.zero_point.astype(np.int64)
+        zp_d = None if p.zero_point is None else p.zero_point.astype(np.int64)
+        same_zp = (zp_q is None and zp_d is None) or (zp_q is not None and zp_d is not None and zp_q.shape ==
+                                                      zp_d.shape and bool(np.array_equal(zp_q, zp_d)))
+        if not same_zp and zp_q is not None and zp_d is None:
+            same_zp = not np.any(zp_q)
+        if not same_zp and zp_d is not None and zp_q is None:
+            same_zp = not np.any(zp_d)
+        same_axis = qp.axis == p.axis or scale_d.size == 1
+        if same_scale and same_zp and same_axis:
+            continue
+        if not same_scale and scale_q.size == 1 and scale_d.size == 1:
+            what = (f"scale {float(scale_q.reshape(-1)[0]):.6g} (QuantizeLinear) vs {float(scale_d.reshape(-1)[0]):.6g}"
+                    f" (DequantizeLinear): every value comes out multiplied by "
+                    f"{float(scale_d.reshape(-1)[0] / scale_q.reshape(-1)[0]):.4g}")
+        elif not same_scale:
+            what = f"scales differ (shapes {scale_q.shape} vs {scale_d.shape}): values come out rescaled"
+        elif not same_zp:
+            what = (f"zero points differ ({zp_q.reshape(-1)[:4].tolist() if zp_q is not None else None} vs "
+                    f"{zp_d.reshape(-1)[:4].tolist() if zp_d is not None else None}): values come out shifted")
+        else:
+            what = f"per-channel axes differ ({qp.axis} vs {p.axis}): channels come out on other channels' scales"
+        yield Violation("qdq_pair_mismatch", _name(node), f"reads {_name(q)!r} on another grid — {what}; a Q/DQ "
+                        "pair must share scale, zero point and axis (a runtime that fuses the pair drops the "
+                        "difference, one that does not applies it): give both the same parameters")
+
+
+def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
+    """Stored weight codes: all zero (the op outputs its bias only), or -2^(b-1) on a narrow-range target."""
+    prof = ctx.profile
+    for node, p in ctx.qdq_nodes():
+        if p is None or p.storage is None or not p.storage.signed or not is_op(node, "DequantizeLinear") or \
+                _gather_table(node) or _norm_scale(node) or p.storage.bits > 8:
+            continue
+        codes = const_array(node.inputs[0])
+        if codes is None or codes.size < 2 or not np.issubdtype(codes.dtype, np.integer):
+            continue
+        users = [u for u, _ in node.outputs[0].uses()]
+        if not any(is_op(u, *_WEIGHTED) for u in users):
+            continue
+        if not np.any(codes):
+            yield Violation("weight_all_zero", _name(node), f"every one of the {codes.size} weight codes is 0: "
+                            f"{', '.join(sorted({u.op_type for u in users}))} outputs its bias only; the weight "
+                            "was lost (a scale far above the weights' range, or a broken file) — re-export",
+                            "warning")
+        elif prof.weight_narrow and np.any(codes.astype(np.int64) == -(2 ** (p.storage.bits - 1))):
+            n = int(np.sum(codes.astype(np.int64) == -(2 ** (p.storage.bits - 1))))
+            yield Violation("weight_narrow_range", _name(node), f"{n} weight code(s) are "
+                            f"{-(2 ** (p.storage.bits - 1))}; target {prof.name!r} takes symmetric weights on "
+                            f"[-{2 ** (p.storage.bits - 1) - 1}, {2 ** (p.storage.bits - 1) - 1}] (u8 x s8 kernels "
+                            "without VNNI can saturate on the extra code): clamp the codes", "warning")
+
+
 def _non_standard_ops(ctx: RuleContext) -> Iterator[Violation]:
     for node in ctx.graph.all_nodes():
         if node.domain not in ("", "ai.onnx"):
@@ -401,6 +494,6 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
 
 
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (
-    quantized_ops, _scale_values, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
+    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _weight_codes, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
     _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops, _float_ops,
 )

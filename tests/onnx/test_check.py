@@ -49,6 +49,9 @@ def _build(
     opset=17,
     ir_version=10,
     drop_act_zp=False,
+    x_dq_scale: float | None = None,
+    y_scale: float = 0.05,
+    w_codes: np.ndarray | None = None,
     float_op_before=False,
     extra_nodes=(),
 ):
@@ -61,14 +64,18 @@ def _build(
     inits = {
         "xs": np.full(x_scale_shape, 0.02, np.float32), "xz": np.full(x_scale_shape, act_zp, act_dtype),
         "ws": w_scale, "wz": np.full(w_scale.shape, w_zp, w_dtype),
-        "ys": np.array(0.05, np.float32), "yz": np.array(act_zp, act_dtype),
+        "ys": np.array(y_scale, np.float32), "yz": np.array(act_zp, act_dtype),
     }
+    if x_dq_scale is not None:  # the DQ reads x's codes on a grid of its own
+        inits["xs_dq"] = np.full(x_scale_shape, x_dq_scale, np.float32)
     axis = {} if w_axis is None else {"axis": w_axis}
     xq_inputs = ["x", "xs"] if drop_act_zp else ["x", "xs", "xz"]
     nodes = [helper.make_node("QuantizeLinear", xq_inputs, ["xq"], name="x/QuantizeLinear"),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="x/DequantizeLinear")]
+             helper.make_node("DequantizeLinear", ["xq", "xs" if x_dq_scale is None else "xs_dq", "xz"], ["xd"],
+                              name="x/DequantizeLinear")]
     if weight_storage == "integer":
-        inits["wq"] = rng.integers(-7, 8, w_shape).astype(w_dtype)
+        inits["wq"] = (rng.integers(-7, 8, w_shape) if w_codes is None else np.broadcast_to(w_codes, w_shape)
+                       ).astype(w_dtype)
     else:
         inits["wf"] = rng.standard_normal(w_shape).astype(np.float32) * 0.05
         nodes.append(helper.make_node("QuantizeLinear", ["wf", "ws", "wz"], ["wq"], name="w/QuantizeLinear", **axis))
@@ -106,8 +113,18 @@ def test_hand_made_baseline_is_clean():
 @pytest.mark.parametrize(
     ("kwargs", "target", "expected"),
     [
-        ({"drop_act_zp": True}, "onnxruntime", [("zero_point_missing", "error")]),
+        # the Q without a zero point writes on zero point 0, its DQ reads on 128: a shifted pair as well
+        ({"drop_act_zp": True}, "onnxruntime", [("qdq_pair_mismatch", "error"), ("zero_point_missing", "error")]),
         ({"x_scale_shape": (1,)}, "onnxruntime", [("scale_not_scalar", "error")]),
+        ({"x_dq_scale": 0.03}, "onnxruntime", [("qdq_pair_mismatch", "error")]),  # every x read as 1.5 x
+        ({"x_dq_scale": 0.02 * (1 + 1e-8)}, "onnxruntime", []),  # float noise in a re-written scale
+        ({"y_scale": 1e30}, "onnxruntime", [("scale_range", "error")]),  # a finfo.min mask calibrated in
+        ({"y_scale": 4e6}, "onnxruntime", [("scale_range", "error")]),  # 255 steps span 1e9: a -1e9 mask
+        ({"y_scale": 3e3}, "onnxruntime", []),  # 255 steps span 7.7e5: below the rule's 1e6
+        ({"y_scale": 100.0}, "onnxruntime", []),  # outliers of a large transformer: |x| up to 2.5e4
+        ({"w_codes": np.zeros(1)}, "onnxruntime", [("weight_all_zero", "warning")]),
+        ({"w_codes": np.array([-128, 5, 127]).reshape(1, 3, 1, 1), "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt",
+         [("weight_narrow_range", "warning")]),
         ({"out_q": False}, "tensorrt", [("activation_dtype", "error")]),
         ({"act_dtype": np.int8, "act_zp": 3, "out_q": False}, "tensorrt", [("activation_zero_point", "error")]),
         ({"act_dtype": np.uint8, "act_zp": 0}, "qnn", []),
@@ -221,3 +238,19 @@ def test_tensorrt_view_requantized_is_an_input_q(tmp_path):
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert ops.count("QuantizeLinear") >= 3 and "Flatten" in ops  # the view is re-quantized
     assert [str(v) for v in check(str(path), "tensorrt")] == []
+
+
+def test_mismatched_pair_changes_what_onnx_runtime_computes():
+    """The pair rule names a real change: ONNX Runtime's output moves with the DQ's own scale."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 2, 2)).astype(np.float32)
+    outs = []
+    for model in (_build(), _build(x_dq_scale=0.03)):
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {"x": x})[0])
+    assert not np.allclose(outs[0], outs[1])  # the file computes something else
+    assert _rules(_build(), "onnxruntime") == []
+    assert [v.rule for v in check(_build(x_dq_scale=0.03), "onnxruntime")] == ["qdq_pair_mismatch"]
