@@ -186,6 +186,56 @@ def _qdq_pairs(ctx: RuleContext) -> Iterator[Violation]:
                         "difference, one that does not applies it): give both the same parameters")
 
 
+def _dq_scale(value: ir.Value | None) -> np.ndarray | None:
+    """The scale of the DequantizeLinear producing ``value`` (float64, flat), else ``None``."""
+    node = value.producer() if value is not None else None
+    if node is None or not is_op(node, "DequantizeLinear"):
+        return None
+    p = qdq_params(node, value_rank(node.inputs[0]))
+    return None if p is None else p.scale.astype(np.float64).reshape(-1)
+
+
+def _bias_grids(ctx: RuleContext) -> Iterator[Violation]:
+    """An int32 bias must sit on the grid input scale x weight scale, zero point 0.
+
+    Fused integer kernels (ONNX Runtime's QLinearConv, QNN's Conv) add the int32 codes to the int32
+    accumulator as they are, whatever scale the bias's DequantizeLinear says: a bias on another grid
+    is one model without graph optimizations and another with them.
+    """
+    for node in ctx.graph.all_nodes():
+        if not is_op(node, "Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        dq = node.inputs[2].producer()
+        if dq is None or not is_op(dq, "DequantizeLinear"):
+            continue
+        p = qdq_params(dq, value_rank(dq.inputs[0]))
+        codes = const_array(dq.inputs[0])
+        if p is None or codes is None or codes.dtype != np.int32:
+            continue
+        sx, sw = _dq_scale(node.inputs[0]), _dq_scale(node.inputs[1])
+        if sx is None or sw is None or sx.size != 1:
+            continue
+        want = sx * sw
+        have = p.scale.astype(np.float64).reshape(-1)
+        if have.size not in (1, want.size) or not np.all(np.isfinite(have)):
+            continue
+        zp = p.zero_point
+        if zp is not None and np.any(zp.astype(np.int64) != 0):
+            yield Violation("bias_grid", _name(dq), f"int32 bias of {node.op_type} {_name(node)!r} has zero point "
+                            f"{zp.astype(np.int64).reshape(-1)[:4].tolist()}; fused kernels take it as 0: write 0")
+            continue
+        if want.size > 1 and have.size == 1:
+            have = np.broadcast_to(have, want.shape)
+        rel = np.abs(have - want) / np.maximum(np.abs(want), np.finfo(np.float64).tiny)
+        if float(rel.max()) > 1e-5:
+            i = int(np.argmax(rel))
+            yield Violation("bias_grid", _name(dq), f"int32 bias of {node.op_type} {_name(node)!r} has scale "
+                            f"{have[i]:.6g} where input scale x weight scale is {want[i]:.6g}"
+                            f"{f' (channel {i})' if want.size > 1 else ''}: fused integer kernels add the codes "
+                            "on the input x weight grid regardless, so the file computes one bias without graph "
+                            "optimizations and another with them; quantize the bias with that scale")
+
+
 def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
     """Stored weight codes: all zero (the op outputs its bias only), or -2^(b-1) on a narrow-range target."""
     prof = ctx.profile
@@ -494,6 +544,6 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
 
 
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (
-    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _weight_codes, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
+    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _bias_grids, _weight_codes, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
     _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops, _float_ops,
 )

@@ -52,6 +52,7 @@ def _build(
     x_dq_scale: float | None = None,
     y_scale: float = 0.05,
     w_codes: np.ndarray | None = None,
+    bias_scale: float | None = None,
     float_op_before=False,
     extra_nodes=(),
 ):
@@ -82,7 +83,15 @@ def _build(
     nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="w/DequantizeLinear", **axis))
     if float_op_before:
         nodes.append(helper.make_node("Relu", ["xd"], ["xr"], name="m/Relu_in"))
-    nodes.append(helper.make_node(op, ["xr" if float_op_before else "xd", "wd"], ["c"], name=f"m/{op}"))
+    op_inputs = ["xr" if float_op_before else "xd", "wd"]
+    if bias_scale is not None:  # an int32 bias on its own grid (input x weight scale: 0.02 x 0.01 = 2e-4)
+        c_out = w_shape[1] if op in ("ConvTranspose", "Gemm") else w_shape[0]
+        inits["bq"] = rng.integers(-3000, 3000, c_out).astype(np.int32)
+        inits["bs"] = np.array(bias_scale, np.float32)
+        inits["bz"] = np.array(0, np.int32)
+        nodes.append(helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], name="b/DequantizeLinear"))
+        op_inputs.append("bd")
+    nodes.append(helper.make_node(op, op_inputs, ["c"], name=f"m/{op}"))
     src = "c"
     if out_q:
         nodes += [helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"], name="c/QuantizeLinear"),
@@ -122,6 +131,9 @@ def test_hand_made_baseline_is_clean():
         ({"y_scale": 4e6}, "onnxruntime", [("scale_range", "error")]),  # 255 steps span 1e9: a -1e9 mask
         ({"y_scale": 3e3}, "onnxruntime", []),  # 255 steps span 7.7e5: below the rule's 1e6
         ({"y_scale": 100.0}, "onnxruntime", []),  # outliers of a large transformer: |x| up to 2.5e4
+        ({"bias_scale": 0.02 * 0.01}, "onnxruntime", []),
+        ({"bias_scale": 3 * 0.02 * 0.01}, "onnxruntime", [("bias_grid", "error")]),
+        ({"bias_scale": 3 * 0.02 * 0.01, "op": "Gemm", "w_axis": 1}, "onnxruntime", [("bias_grid", "error")]),
         ({"w_codes": np.zeros(1)}, "onnxruntime", [("weight_all_zero", "warning")]),
         ({"w_codes": np.array([-128, 5, 127]).reshape(1, 3, 1, 1), "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt",
          [("weight_narrow_range", "warning")]),
@@ -254,3 +266,24 @@ def test_mismatched_pair_changes_what_onnx_runtime_computes():
     assert not np.allclose(outs[0], outs[1])  # the file computes something else
     assert _rules(_build(), "onnxruntime") == []
     assert [v.rule for v in check(_build(x_dq_scale=0.03), "onnxruntime")] == ["qdq_pair_mismatch"]
+
+
+def test_a_bias_off_its_grid_is_two_models_in_onnx_runtime():
+    """Why bias_grid is an error: ONNX Runtime's fused QGemm adds the int32 codes on x_scale * w_scale."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(2).uniform(0, 1, (1, 3)).astype(np.float32)
+
+    def run(model, level):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    off, on = ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    kw = {"op": "Gemm", "w_axis": 1, "out_consumer": "Identity"}
+    good, bad = _build(bias_scale=0.02 * 0.01, **kw), _build(bias_scale=3 * 0.02 * 0.01, **kw)
+    np.testing.assert_allclose(run(good, off), run(good, on), atol=0.05 + 1e-6)  # one output step at most
+    assert np.abs(run(bad, off) - run(bad, on)).max() > 0.2  # the fused kernel reads the bias on another grid
+    assert [v.rule for v in check(good, "onnxruntime")] == []
+    assert [v.rule for v in check(bad, "onnxruntime")] == ["bias_grid"]
