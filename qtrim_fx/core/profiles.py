@@ -142,6 +142,9 @@ class TargetProfile:
         integer_attention_scores: the attention scores (QKᵀ, its scaling and mask, softmax, the
             probabilities entering P·V) are quantized too when a model is prepared for this target;
             otherwise they stay float (DESIGN.md), as for every target by default.
+        constant_qparams: the back end takes a Q/DQ only with constant scale and zero point
+            (TensorRT's explicit quantization, compiled NPU graphs): ``check`` reports one computed at
+            run time as an error (elsewhere a warning: the op runs in float).
         matmul_weights_per_tensor: the weights of ops the file writes as ONNX ``MatMul`` (a Linear whose
             input has 3 or more dims, ``x @ W`` with a parameter ``W``) get one scale per tensor when a
             model is prepared for this target (a Linear on 2-D input, a ``Gemm``, keeps
@@ -175,6 +178,7 @@ class TargetProfile:
     activation_sites: tuple[tuple[str, str], ...] = ()
     integer_attention_scores: bool = False
     matmul_weights_per_tensor: bool = False
+    constant_qparams: bool = False
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -259,7 +263,7 @@ def _check_types(p: TargetProfile) -> None:
             raise ProfileError(f"profile {p.name!r}: {f} must be an int, got {v!r}")
     for f in ("activation_signed", "activation_symmetric", "weight_per_channel", "weight_narrow",
               "quantize_op_outputs", "enforce_op_outputs", "allow_int4", "quantize_gather_tables",
-              "integer_only", "integer_attention_scores", "matmul_weights_per_tensor"):
+              "integer_only", "integer_attention_scores", "matmul_weights_per_tensor", "constant_qparams"):
         if not isinstance(getattr(p, f), bool):
             raise ProfileError(f"profile {p.name!r}: {f} must be True or False, got {getattr(p, f)!r}")
     if not isinstance(p.weight_axes, WeightAxes):
@@ -346,13 +350,13 @@ _BUILTIN = (
         "tensorrt", "TensorRT 10: int8 symmetric activations (z = 0), per-channel weights, Q/DQ on "
         "inputs only, opset <= 20",
         activation_signed=True, activation_symmetric=True, weight_axes=WeightAxes(conv_transpose=0),
-        quantize_op_outputs=False, max_opset=20),
+        quantize_op_outputs=False, max_opset=20, constant_qparams=True),
     TargetProfile(
         "qnn", "ONNX Runtime QNN (Qualcomm HTP): uint8 asym activations (uint16 accepted), full QDQ "
         "groups with int32 bias, GELU as one Gelu op (opset 20), per-tensor MatMul weights when prepared for it",
         extra_activation_dtypes=("uint16",), bias="int32", allow_int4=True, opset=20, fused_ops=("Gelu",),
         integer_only=True, activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True,
-        matmul_weights_per_tensor=True),
+        matmul_weights_per_tensor=True, constant_qparams=True),
     TargetProfile(
         "openvino", "OpenVINO CPU: uint8 asym activations, per-channel weights; Q/DQ on inputs is "
         "enough, outputs may be quantized",
@@ -362,7 +366,7 @@ _BUILTIN = (
         "npu", "Generic edge NPU (RKNN-like): int8 asym activations, per-tensor int8 weights, full "
         "QDQ, opset <= 19",
         activation_signed=True, weight_per_channel=False, opset=13, max_opset=19, integer_only=True,
-        activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True),
+        activation_sites=INTEGER_ACTIVATION_SITES, integer_attention_scores=True, constant_qparams=True),
 )
 _REGISTRY: dict[str, TargetProfile] = {p.name: p for p in _BUILTIN}
 _ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}

@@ -262,6 +262,39 @@ def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
                             "without VNNI can saturate on the extra code): clamp the codes", "warning")
 
 
+def _runtime_qparams(ctx: RuleContext) -> Iterator[Violation]:
+    """A scale or zero point computed at run time (dynamic quantization) is no static QDQ grid."""
+    prof = ctx.profile
+    for node, p in ctx.qdq_nodes():
+        if p is not None or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        which = "scale" if const_array(node.inputs[1]) is None else "zero point"
+        src = (node.inputs[1] if which == "scale" else node.inputs[2]).producer()
+        made = f" (made by {src.op_type} {_name(src)!r})" if src is not None else " (a graph input)"
+        yield Violation("runtime_qparams", _name(node), f"its {which} is computed at run time{made}: "
+                        f"{'target ' + repr(prof.name) + ' takes only constant Q/DQ parameters' if prof.constant_qparams else 'the back end cannot fuse it into an integer kernel and runs the op in float'}"
+                        "; check cannot judge this grid either — export static Q/DQ (constant scale and zero "
+                        "point, e.g. qtrim_fx.export_onnx after calibrate)",
+                        "error" if prof.constant_qparams else "warning")
+
+
+def _channel_counts(ctx: RuleContext) -> Iterator[Violation]:
+    """A per-channel scale needs one entry per channel of the quantized axis."""
+    for node, p in ctx.qdq_nodes():
+        if p is None or not p.per_channel or p.axis is None or node.inputs[0] is None:
+            continue
+        arr = const_array(node.inputs[0])
+        shape = arr.shape if arr is not None else node.inputs[0].shape
+        if shape is None or not (-len(shape) <= p.axis < len(shape)):
+            continue
+        dim = shape[p.axis]
+        if not isinstance(dim, int) and getattr(dim, "value", None) is not None:
+            dim = dim.value
+        if isinstance(dim, int) and p.scale.size != dim and "block_size" not in dict(p.extra):
+            yield Violation("scale_channels", _name(node), f"{p.scale.size} per-channel scales for axis {p.axis} "
+                            f"of size {dim}: runtimes refuse it — one scale (and zero point) per channel")
+
+
 def _non_standard_ops(ctx: RuleContext) -> Iterator[Violation]:
     for node in ctx.graph.all_nodes():
         if node.domain not in ("", "ai.onnx"):
@@ -544,6 +577,7 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
 
 
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (
-    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _bias_grids, _weight_codes, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
+    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _bias_grids, _weight_codes, _runtime_qparams,
+    _channel_counts, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
     _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops, _float_ops,
 )

@@ -53,6 +53,8 @@ def _build(
     y_scale: float = 0.05,
     w_codes: np.ndarray | None = None,
     bias_scale: float | None = None,
+    w_scale_drop: int = 0,
+    dynamic_x_scale: bool = False,
     float_op_before=False,
     extra_nodes=(),
 ):
@@ -61,7 +63,7 @@ def _build(
     w_shape = {"Conv": (4, 3, 1, 1), "ConvTranspose": (3, 4, 1, 1), "Gemm": (3, 4)}[op]
     x_shape = [1, 3] if op == "Gemm" else [1, 3, 2, 2]
     c = w_shape[w_axis] if w_axis is not None else 1
-    w_scale = np.full(c, 0.01, np.float32) if w_axis is not None else np.array(0.01, np.float32)
+    w_scale = np.full(c - w_scale_drop, 0.01, np.float32) if w_axis is not None else np.array(0.01, np.float32)
     inits = {
         "xs": np.full(x_scale_shape, 0.02, np.float32), "xz": np.full(x_scale_shape, act_zp, act_dtype),
         "ws": w_scale, "wz": np.full(w_scale.shape, w_zp, w_dtype),
@@ -71,8 +73,15 @@ def _build(
         inits["xs_dq"] = np.full(x_scale_shape, x_dq_scale, np.float32)
     axis = {} if w_axis is None else {"axis": w_axis}
     xq_inputs = ["x", "xs"] if drop_act_zp else ["x", "xs", "xz"]
-    nodes = [helper.make_node("QuantizeLinear", xq_inputs, ["xq"], name="x/QuantizeLinear"),
-             helper.make_node("DequantizeLinear", ["xq", "xs" if x_dq_scale is None else "xs_dq", "xz"], ["xd"],
+    nodes = []
+    if dynamic_x_scale:  # dynamic quantization: the scale is max|x| / 127 of each run
+        inits["c127"] = np.array(127.0, np.float32)
+        nodes += [helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0, name="x/ReduceMax"),
+                  helper.make_node("Div", ["xmax", "c127"], ["xs_dyn"], name="x/Div")]
+        xq_inputs[1] = "xs_dyn"
+    nodes += [helper.make_node("QuantizeLinear", xq_inputs, ["xq"], name="x/QuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["xq", "xs_dyn" if dynamic_x_scale else "xs" if x_dq_scale is None
+                                                      else "xs_dq", "xz"], ["xd"],
                               name="x/DequantizeLinear")]
     if weight_storage == "integer":
         inits["wq"] = (rng.integers(-7, 8, w_shape) if w_codes is None else np.broadcast_to(w_codes, w_shape)
@@ -134,6 +143,10 @@ def test_hand_made_baseline_is_clean():
         ({"bias_scale": 0.02 * 0.01}, "onnxruntime", []),
         ({"bias_scale": 3 * 0.02 * 0.01}, "onnxruntime", [("bias_grid", "error")]),
         ({"bias_scale": 3 * 0.02 * 0.01, "op": "Gemm", "w_axis": 1}, "onnxruntime", [("bias_grid", "error")]),
+        ({"w_scale_drop": 1}, "onnxruntime", [("scale_channels", "error")]),  # 3 scales for 4 channels
+        ({"dynamic_x_scale": True}, "onnxruntime", [("runtime_qparams", "warning")]),  # runs, in float
+        ({"dynamic_x_scale": True, "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt",
+         [("runtime_qparams", "error")]),
         ({"w_codes": np.zeros(1)}, "onnxruntime", [("weight_all_zero", "warning")]),
         ({"w_codes": np.array([-128, 5, 127]).reshape(1, 3, 1, 1), "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt",
          [("weight_narrow_range", "warning")]),
