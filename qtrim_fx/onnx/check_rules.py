@@ -236,6 +236,43 @@ def _bias_grids(ctx: RuleContext) -> Iterator[Violation]:
                             "optimizations and another with them; quantize the bias with that scale")
 
 
+#: ops between a stored weight and the op that reads it that change its layout, not its values.
+_LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
+
+
+def _float_constant(value: ir.Value | None, depth: int = 0) -> bool:
+    """``value`` is a float constant (an initializer / Constant, through layout ops), not a dequantized one."""
+    if value is None or depth > 6:
+        return False
+    node = value.producer()
+    if node is None or is_op(node, "Constant"):
+        array = const_array(value)
+        return array is not None and array.dtype.kind == "f" and array.size > 1
+    if is_op(node, *_LAYOUT_OPS) and node.inputs:
+        return _float_constant(node.inputs[0], depth + 1)
+    return False
+
+
+def _float_weights(ctx: RuleContext) -> Iterator[Violation]:
+    """A Conv / ConvTranspose / Gemm / MatMul of a quantized file whose weight is stored in float."""
+    prof = ctx.profile
+    if not any(is_op(n, *_QDQ) for n in ctx.graph.all_nodes()):
+        return  # a float model: quantized_ops says so once
+    for node in ctx.graph.all_nodes():
+        if not is_op(node, *_WEIGHTED):
+            continue
+        slots = (0, 1) if is_op(node, "MatMul", "Gemm") else (1,)
+        for i in slots:
+            if i < len(node.inputs) and _float_constant(node.inputs[i]):
+                where = ("runs in float on an integer-only target (the back end converts around it or runs it on its "
+                         "CPU)" if prof.integer_only else "cannot run as an integer kernel: the op stays float")
+                yield Violation("weight_float", _name(node), f"{node.op_type}'s weight {node.inputs[i].name!r} is "
+                                f"stored in float, not through a DequantizeLinear: it {where}; quantize it (a "
+                                "qtrim_fx export quantizes every weight unless an Override excludes the layer)",
+                                "error" if prof.integer_only else "warning")
+                break
+
+
 def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
     """Stored weight codes: all zero (the op outputs its bias only), or -2^(b-1) on a narrow-range target."""
     prof = ctx.profile
@@ -577,7 +614,7 @@ def _float_ops(ctx: RuleContext) -> Iterator[Violation]:
 
 
 RULES: tuple[Callable[[RuleContext], Iterator[Violation]], ...] = (
-    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _bias_grids, _weight_codes, _runtime_qparams,
+    quantized_ops, _scale_values, _scale_spans, _qdq_pairs, _bias_grids, _float_weights, _weight_codes, _runtime_qparams,
     _channel_counts, _non_standard_ops, _zero_points, _qparam_shapes, _activation_grids, _weight_grids, _weight_axes,
     _softmax, _op_outputs, _op_inputs, _versions, _narrow_types, _unfused_ops, _float_ops,
 )

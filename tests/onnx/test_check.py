@@ -83,13 +83,18 @@ def _build(
              helper.make_node("DequantizeLinear", ["xq", "xs_dyn" if dynamic_x_scale else "xs" if x_dq_scale is None
                                                       else "xs_dq", "xz"], ["xd"],
                               name="x/DequantizeLinear")]
-    if weight_storage == "integer":
+    if weight_storage == "none":  # the weight never quantized: a float initializer read by the op itself
+        inits["wd"] = rng.standard_normal(w_shape).astype(np.float32) * 0.05
+        inits.pop("ws"), inits.pop("wz")
+    elif weight_storage == "integer":
         inits["wq"] = (rng.integers(-7, 8, w_shape) if w_codes is None else np.broadcast_to(w_codes, w_shape)
                        ).astype(w_dtype)
     else:
         inits["wf"] = rng.standard_normal(w_shape).astype(np.float32) * 0.05
         nodes.append(helper.make_node("QuantizeLinear", ["wf", "ws", "wz"], ["wq"], name="w/QuantizeLinear", **axis))
-    nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="w/DequantizeLinear", **axis))
+    if weight_storage != "none":
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="w/DequantizeLinear",
+                                      **axis))
     if float_op_before:
         nodes.append(helper.make_node("Relu", ["xd"], ["xr"], name="m/Relu_in"))
     op_inputs = ["xr" if float_op_before else "xd", "wd"]
@@ -154,6 +159,9 @@ def test_hand_made_baseline_is_clean():
         ({"act_dtype": np.int8, "act_zp": 3, "out_q": False}, "tensorrt", [("activation_zero_point", "error")]),
         ({"act_dtype": np.uint8, "act_zp": 0}, "qnn", []),
         ({"weight_storage": "float"}, "onnxruntime", [("weight_float_storage", "warning")]),
+        ({"weight_storage": "none"}, "onnxruntime", [("weight_float", "warning")]),  # runs, as a float Conv
+        ({"weight_storage": "none", "act_dtype": np.uint8, "act_zp": 0}, "qnn", [("weight_float", "error")]),
+        ({"weight_storage": "none", "op": "Gemm", "w_axis": None}, "onnxruntime", [("weight_float", "warning")]),
         ({"w_dtype": np.uint8, "w_zp": 0, "act_dtype": np.int8, "act_zp": 0, "out_q": False}, "tensorrt",
          [("weight_dtype", "error")]),
         ({"w_zp": 2}, "onnxruntime", [("weight_zero_point", "error")]),
@@ -300,3 +308,33 @@ def test_a_bias_off_its_grid_is_two_models_in_onnx_runtime():
     assert np.abs(run(bad, off) - run(bad, on)).max() > 0.2  # the fused kernel reads the bias on another grid
     assert [v.rule for v in check(good, "onnxruntime")] == []
     assert [v.rule for v in check(bad, "onnxruntime")] == ["bias_grid"]
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "qnn"])
+def test_an_excluded_layer_exports_with_its_float_weight_named(tmp_path, target):
+    """A layer an Override excludes keeps a float weight: export writes the file and names it; check names it
+    as a warning on ONNX Runtime (a float Gemm) and as an error on an integer-only target."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import qtrim_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 6)
+    config = qtrim_fx.QuantConfig(target=target, overrides=(qtrim_fx.Override(name="2", exclude=True),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, (x,), config=config)
+        qtrim_fx.calibrate(qm, [(torch.randn(4, 6),) for _ in range(2)])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qtrim_fx.export_onnx(qm.eval(), (x,), str(path), target=target)
+    assert any("weight_float" in str(w.message) and "'2.weight'" in str(w.message) for w in caught)
+    found = [v for v in check(str(path), target) if v.rule == "weight_float"]
+    assert len(found) == 1 and "'2.weight'" in found[0].message
+    assert found[0].severity == ("error" if target == "qnn" else "warning")
