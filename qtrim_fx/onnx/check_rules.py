@@ -119,12 +119,19 @@ def _scale_values(ctx: RuleContext) -> Iterator[Violation]:
                         "re-calibrate (an all-zero tensor needs a floor on its scale, e.g. 1e-8)")
 
 
-#: a grid wider than this (scale x number of steps) holds no trained tensor: masks or infinities set it
+#: a grid wider than this (scale x number of steps) is reported: ranges of trained activations stay far below
 MAX_GRID_SPAN = 1e6
+#: ... and one reaching float32's end (±3.4e38) is an error: only a mask's ``finfo.min`` or a clamped infinity
+BROKEN_GRID_SPAN = 1e38
 
 
 def _scale_spans(ctx: RuleContext) -> Iterator[Violation]:
-    """A grid so wide that every ordinary value rounds to its zero point (``finfo.min`` masks calibrated in)."""
+    """A grid so wide that ordinary values all round to its zero point (``finfo.min`` masks calibrated in).
+
+    Above :data:`MAX_GRID_SPAN` a warning: a model may hold such values (a diverging random-init net reaches
+    1e30), a -1e9 mask calibrated in looks the same. Above :data:`BROKEN_GRID_SPAN` an error: the grid reaches
+    float32's end, where only ``finfo.min`` / ``finfo.max`` (masks) or clamped infinities lie.
+    """
     for node, p in ctx.qdq_nodes():
         if p is None or p.storage is None or p.storage.bits > 16 or p.scale.size == 0:
             continue
@@ -135,13 +142,17 @@ def _scale_spans(ctx: RuleContext) -> Iterator[Violation]:
         wide = np.isfinite(span) & (span > MAX_GRID_SPAN)
         if not wide.any():
             continue
-        i = int(np.flatnonzero(wide)[0])
+        i = int(np.argmax(np.where(wide, span, 0.0)))
+        broken = span[i] > BROKEN_GRID_SPAN
         where = f"scale {scale[i]:.3g}" if scale.size == 1 else f"channel {i}'s scale {scale[i]:.3g}"
+        why = ("that is float32's end: the range was calibrated over a mask's finfo.min, a clamped infinity or a "
+               "diverged model"
+               if broken else f"trained activations stay far below {MAX_GRID_SPAN:g}, so unless the tensor really "
+               "holds values this large the range was calibrated over a mask (-1e9, finfo.min) or diverging values")
         yield Violation("scale_range", _name(node), f"{where} spans {span[i]:.3g} over {int(steps)} {p.storage.name} "
-                        f"steps: every value smaller than {scale[i] / 2:.3g} in magnitude rounds to the zero point, "
-                        "so the tensor carries nothing (no trained network needs a range beyond "
-                        f"{MAX_GRID_SPAN:g}); the range was calibrated over a mask's finfo.min or -1e9, or over "
-                        "infinite values — re-calibrate without them (qtrim_fx bounds masked attention scores)")
+                        f"steps: every value smaller than {scale[i] / 2:.3g} in magnitude rounds to the zero point; "
+                        f"{why} — re-calibrate without them (qtrim_fx bounds masked attention scores)",
+                        "error" if broken else "warning")
 
 
 def _qdq_pairs(ctx: RuleContext) -> Iterator[Violation]:
@@ -289,7 +300,8 @@ def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
         if not np.any(codes):
             yield Violation("weight_all_zero", _name(node), f"every one of the {codes.size} weight codes is 0: "
                             f"{', '.join(sorted({u.op_type for u in users}))} outputs its bias only; the weight "
-                            "was lost (a scale far above the weights' range, or a broken file) — re-export",
+                            "was lost (a scale far above the weights' range, a broken file) or the layer is still at a zero "
+                            "initialisation — train it or re-export",
                             "warning")
         elif prof.weight_narrow and np.any(codes.astype(np.int64) == -(2 ** (p.storage.bits - 1))):
             n = int(np.sum(codes.astype(np.int64) == -(2 ** (p.storage.bits - 1))))

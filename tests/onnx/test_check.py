@@ -141,8 +141,9 @@ def test_hand_made_baseline_is_clean():
         ({"x_scale_shape": (1,)}, "onnxruntime", [("scale_not_scalar", "error")]),
         ({"x_dq_scale": 0.03}, "onnxruntime", [("qdq_pair_mismatch", "error")]),  # every x read as 1.5 x
         ({"x_dq_scale": 0.02 * (1 + 1e-8)}, "onnxruntime", []),  # float noise in a re-written scale
-        ({"y_scale": 1e30}, "onnxruntime", [("scale_range", "error")]),  # a finfo.min mask calibrated in
-        ({"y_scale": 4e6}, "onnxruntime", [("scale_range", "error")]),  # 255 steps span 1e9: a -1e9 mask
+        ({"y_scale": 1e30}, "onnxruntime", [("scale_range", "warning")]),  # a diverged net's activations, or a mask
+        ({"y_scale": 1.3e36}, "onnxruntime", [("scale_range", "error")]),  # finfo.min calibrated in (session 35)
+        ({"y_scale": 4e6}, "onnxruntime", [("scale_range", "warning")]),  # 255 steps span 1e9: a -1e9 mask?
         ({"y_scale": 3e3}, "onnxruntime", []),  # 255 steps span 7.7e5: below the rule's 1e6
         ({"y_scale": 100.0}, "onnxruntime", []),  # outliers of a large transformer: |x| up to 2.5e4
         ({"bias_scale": 0.02 * 0.01}, "onnxruntime", []),
