@@ -191,3 +191,19 @@ def test_ties_are_recognised_in_torch_export_graphs_too():
     got[2] = (ref[2] + 3) % 8  # argmax of an all-zero row: every index selects the same value
     got[3] = (ref[3] + 5) % 8
     assert {2, 3} <= _tied_index_outputs(gm, (x,), got, ref)
+
+
+@pytest.mark.parametrize(("name", "target"), [("tiny_convnet", "onnxruntime"), ("tiny_mlp", "qnn")])
+def test_fused_kernels_agree_within_rounding_on_small_models(tmp_path, name, target):
+    """``verify_export(optimize=True)`` (``benchmarks/zoo.py --ort-optimize``): ONNX Runtime's fused integer
+    kernels (QLinearConv, QGemm) requantize in fixed point, so they may flip roundings, never more."""
+    from qtrim_fx.onnx.self_check import verify_export
+
+    qm, ex = _calibrated(name)
+    path = tmp_path / "m.onnx"
+    qtrim_fx.export_onnx(qm, ex, path, target=target)
+    verify_export(qtrim_fx.lower(qm, target), ex, path, optimize=True)  # raises ExportError on a disagreement
+    assert path.exists()
+    _corrupt_one_dequantize(path)
+    with pytest.raises(ExportError):
+        verify_export(qtrim_fx.lower(qm, target), ex, path, optimize=True)
