@@ -166,30 +166,25 @@ def _qdq_pairs(ctx: RuleContext) -> Iterator[Violation]:
         qp = qdq_params(q, value_rank(q.inputs[0]))
         if qp is None:
             continue
-        scale_q, scale_d = qp.scale.astype(np.float64), p.scale.astype(np.float64)
+        # compared flat: a scale of shape (1,) on one side and () on the other is the same grid
+        scale_q, scale_d = qp.scale.astype(np.float64).reshape(-1), p.scale.astype(np.float64).reshape(-1)
         if not (np.all(np.isfinite(scale_q)) and np.all(np.isfinite(scale_d))):
             continue  # scale_value names it
-        same_scale = scale_q.shape == scale_d.shape and bool(np.allclose(scale_q, scale_d, rtol=1e-6, atol=0.0))
-        zp_q = None if qp.zero_point is None else qp.zero_point.astype(np.int64)
-        zp_d = None if p.zero_point is None else p.zero_point.astype(np.int64)
-        same_zp = (zp_q is None and zp_d is None) or (zp_q is not None and zp_d is not None and zp_q.shape ==
-                                                      zp_d.shape and bool(np.array_equal(zp_q, zp_d)))
-        if not same_zp and zp_q is not None and zp_d is None:
-            same_zp = not np.any(zp_q)
-        if not same_zp and zp_d is not None and zp_q is None:
-            same_zp = not np.any(zp_d)
+        same_scale = scale_q.size == scale_d.size and bool(np.allclose(scale_q, scale_d, rtol=1e-6, atol=0.0))
+        # an absent zero point is 0 (the spec's default)
+        zp_q = np.zeros(scale_q.size, np.int64) if qp.zero_point is None else qp.zero_point.astype(np.int64).reshape(-1)
+        zp_d = np.zeros(scale_d.size, np.int64) if p.zero_point is None else p.zero_point.astype(np.int64).reshape(-1)
+        same_zp = zp_q.size == zp_d.size and bool(np.array_equal(zp_q, zp_d))
         same_axis = qp.axis == p.axis or scale_d.size == 1
         if same_scale and same_zp and same_axis:
             continue
         if not same_scale and scale_q.size == 1 and scale_d.size == 1:
-            what = (f"scale {float(scale_q.reshape(-1)[0]):.6g} (QuantizeLinear) vs {float(scale_d.reshape(-1)[0]):.6g}"
-                    f" (DequantizeLinear): every value comes out multiplied by "
-                    f"{float(scale_d.reshape(-1)[0] / scale_q.reshape(-1)[0]):.4g}")
+            what = (f"scale {scale_q[0]:.6g} (QuantizeLinear) vs {scale_d[0]:.6g} (DequantizeLinear): every value "
+                    f"comes out multiplied by {scale_d[0] / scale_q[0]:.4g}")
         elif not same_scale:
-            what = f"scales differ (shapes {scale_q.shape} vs {scale_d.shape}): values come out rescaled"
+            what = f"scales differ ({scale_q.size} vs {scale_d.size} entries): values come out rescaled"
         elif not same_zp:
-            what = (f"zero points differ ({zp_q.reshape(-1)[:4].tolist() if zp_q is not None else None} vs "
-                    f"{zp_d.reshape(-1)[:4].tolist() if zp_d is not None else None}): values come out shifted")
+            what = f"zero points differ ({zp_q[:4].tolist()} vs {zp_d[:4].tolist()}): values come out shifted"
         else:
             what = f"per-channel axes differ ({qp.axis} vs {p.axis}): channels come out on other channels' scales"
         yield Violation("qdq_pair_mismatch", _name(node), f"reads {_name(q)!r} on another grid — {what}; a Q/DQ "

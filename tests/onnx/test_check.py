@@ -339,3 +339,10 @@ def test_an_excluded_layer_exports_with_its_float_weight_named(tmp_path, target)
     found = [v for v in check(str(path), target) if v.rule == "weight_float"]
     assert len(found) == 1 and "'2.weight'" in found[0].message
     assert found[0].severity == ("error" if target == "qnn" else "warning")
+
+
+def test_a_pair_whose_scales_differ_only_in_shape_is_one_grid():
+    model = _build(x_dq_scale=0.02)  # the DQ reads its own initializer, same value
+    init = next(t for t in model.graph.initializer if t.name == "xs_dq")
+    init.CopyFrom(numpy_helper.from_array(np.array([0.02], np.float32), "xs_dq"))  # shape (1,) vs ()
+    assert "qdq_pair_mismatch" not in {v.rule for v in check(model, "onnxruntime")}
