@@ -315,11 +315,11 @@ def _runtime_qparams(ctx: RuleContext) -> Iterator[Violation]:
         which = "scale" if const_array(node.inputs[1]) is None else "zero point"
         src = (node.inputs[1] if which == "scale" else node.inputs[2]).producer()
         made = f" (made by {src.op_type} {_name(src)!r})" if src is not None else " (a graph input)"
-        yield Violation("runtime_qparams", _name(node), f"its {which} is computed at run time{made}: "
-                        f"{'target ' + repr(prof.name) + ' takes only constant Q/DQ parameters' if prof.constant_qparams else 'the back end cannot fuse it into an integer kernel and runs the op in float'}"
-                        "; check cannot judge this grid either — export static Q/DQ (constant scale and zero "
-                        "point, e.g. qtrim_fx.export_onnx after calibrate)",
-                        "error" if prof.constant_qparams else "warning")
+        effect = (f"target {prof.name!r} takes only constant Q/DQ parameters" if prof.constant_qparams
+                  else "the back end cannot fuse it into an integer kernel and runs the op in float")
+        yield Violation("runtime_qparams", _name(node), f"its {which} is computed at run time{made}: {effect}; "
+                        "check cannot judge this grid either — export static Q/DQ (constant scale and zero point, "
+                        "e.g. qtrim_fx.export_onnx after calibrate)", "error" if prof.constant_qparams else "warning")
 
 
 def _channel_counts(ctx: RuleContext) -> Iterator[Violation]:
