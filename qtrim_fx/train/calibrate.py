@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qtrim_fx.core.errors import ConfigError, QtrimError
 from qtrim_fx.runtime.nonfinite import nonfinite_counts, warn_nonfinite
 from qtrim_fx.runtime.prepared import iter_sites, require_prepared, unwrap
 from qtrim_fx.train.bn_check import watch_batchnorm
@@ -39,6 +40,42 @@ def call_model(model: nn.Module, batch: Any) -> Any:
         f"a calibration batch must be a tensor, a tuple/list of inputs or a dict of keyword inputs, got "
         f"{type(batch).__name__}; pass input_fn= to turn your batches into model inputs"
     )
+
+
+def describe_batch(batch: Any) -> str:
+    """``float32 (2, 3, 9, 9)`` for a tensor; the items of a tuple / list / dict the same way, one level deep."""
+    def one(t: Any) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else \
+            type(t).__name__
+    if isinstance(batch, Mapping):
+        return "a dict {" + ", ".join(f"{k!r}: {one(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}: " + ", ".join(one(t) for t in batch)
+    return one(batch)
+
+
+def run_batch(model: nn.Module, batch: Any, index: int, caller: str, has_input_fn: bool) -> Any:
+    """:func:`call_model`, with a failure of the model on the batch reported as the caller's input error.
+
+    The model's own exception (a shape or dtype mismatch, a forward called with the wrong number of
+    arguments) becomes a :class:`~qtrim_fx.core.errors.ConfigError` naming the batch, what it held and
+    the fix, chained to the original; qtrim_fx's own errors and running out of memory pass unchanged.
+    """
+    if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
+        return call_model(model, batch)  # its TypeError names the batch kinds it takes
+    try:
+        return call_model(model, batch)
+    except (QtrimError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        pairs = isinstance(batch, (tuple, list)) and len(batch) > 1 and not has_input_fn
+        fix = ("it calls model(*batch) for a tuple or list, so (inputs, labels) pairs pass the labels as a second "
+               "input: pass input_fn=lambda b: b[0] (or batches of inputs only)" if pairs else
+               "pass batches the model's forward takes (a tensor, a tuple of positional inputs or a dict of keyword "
+               "inputs, with the shapes and dtypes of your data), or input_fn= to turn your batches into them")
+        raise ConfigError(f"{caller}: the model does not run on batch {index} ({why}); the batch is "
+                          f"{describe_batch(batch)}; {fix}") from e
 
 
 def _is_empty(batch: Any) -> bool:
@@ -136,6 +173,8 @@ def calibrate(
     Raises:
         ValueError: no non-empty batch at all.
         TypeError: a batch that is not a tensor, tuple/list or dict (use ``input_fn``).
+        ConfigError: (a ``ValueError``) the model fails on a batch: wrong shapes or dtypes, or (inputs,
+            labels) pairs without ``input_fn`` (the model's own error is chained).
     """
     model = unwrap(model)
     require_prepared(model, "calibrate")
@@ -163,7 +202,7 @@ def calibrate(
             for s in sites:
                 s.observer.momentum = 1.0 / (used + 1)
             # Under DDP a rank whose own batch is empty still runs it: its sites join the others' all-reduce.
-            call_model(model, batch)
+            run_batch(model, batch, used, "calibrate", input_fn is not None)
             used += 1
     warn_nonfinite(before, nonfinite_counts(model), "during calibrate", stacklevel=3)
     if used == 0:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from qtrim_fx.core.errors import ConfigError
+from qtrim_fx.core.errors import ConfigError, QtrimError
 from qtrim_fx.core.fileio import require_regular_input
 from qtrim_fx.verification import backend_worker as worker
 from qtrim_fx.verification.backend_worker import Batch
@@ -79,11 +79,34 @@ def to_numpy_batches(inputs, graph_inputs, model_path: str) -> list[Batch]:
             want = onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)
             if a.dtype != want and np.issubdtype(a.dtype, np.floating) and np.issubdtype(want, np.floating):
                 a = a.astype(want)
+            elif a.dtype != want and np.can_cast(a.dtype, want, "safe") and not np.issubdtype(want, np.floating):
+                a = a.astype(want)  # int32 token ids for an int64 input: lossless
+            elif a.dtype != want:
+                raise ConfigError(
+                    f"batch {bi}, input {spec.name!r} holds {a.dtype} values but {model_path} takes {np.dtype(want)}; "
+                    f"pass {np.dtype(want)} data (e.g. x.float() for images, x.long() for token ids)"
+                )
+            _check_shape(a, spec, bi, model_path)
             arrays.append(a)
         batches.append(arrays)
     if not batches:
         raise ConfigError("inputs is empty: pass a list of input batches (tensors or tuples of tensors)")
     return batches
+
+
+def _check_shape(a: np.ndarray, spec, batch_index: int, model_path: str) -> None:
+    """Refuse an array whose rank or fixed dimensions differ from the graph input's (a named or unknown one
+    takes any size): every runtime would refuse it, each with its own message."""
+    tensor_type = spec.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    want = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+    if len(dims) != a.ndim or any(d is not None and d != n for d, n in zip(dims, a.shape, strict=False)):
+        raise ConfigError(
+            f"batch {batch_index}, input {spec.name!r} has shape {tuple(a.shape)} but {model_path} takes {want} "
+            "(? = any size); pass inputs shaped like the ones the file was exported with"
+        )
 
 
 def random_inputs(
@@ -169,7 +192,20 @@ def _run_torch(module: torch.nn.Module, batches: Sequence[Batch]) -> list[Batch]
 
     try:
         with torch.no_grad():
-            outputs = [run(b) for b in batches]
+            outputs = []
+            for i, b in enumerate(batches):
+                try:
+                    outputs.append(run(b))
+                except (QtrimError, torch.OutOfMemoryError):
+                    raise
+                except Exception as e:  # the torch reference does not take the inputs the ONNX file takes
+                    why = f"{type(e).__name__}: {e}".splitlines()[0]
+                    got = ", ".join(f"{a.dtype} {tuple(a.shape)}" for a in b)
+                    raise ConfigError(
+                        f"the torch reference {type(module).__name__} does not run on batch {i} ({why}); the batch "
+                        f"holds {got}; pass the reference that takes the ONNX file's inputs (the model it was "
+                        "exported from), or its FP32 ONNX file"
+                    ) from e
             again = run(batches[0])
     finally:
         module.train(was_training)

@@ -3,6 +3,7 @@ message names the problem and the fix, and leaves no partially written file behi
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -353,3 +354,55 @@ def test_names_fx_can_write_still_prepare():
     model.add_module("a'b c-d", torch.nn.Linear(4, 4))
     qm = qtrim_fx.prepare(model)
     assert any(spec.kind == "weight" for spec, _, _ in qtrim_fx.iter_sites(qm))
+
+
+# -- data the model does not take: calibrate and verify name the batch and the fix --------------------------
+
+
+def test_calibrate_on_batches_the_model_does_not_take():
+    model, (x,) = get_model("tiny_convnet")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size=2)
+    cases = [
+        (loader, ("does not run on batch 0", "TypeError", "a list of 2: float32 (2, 3, 16, 16), float32 (2,)",
+                  "input_fn=lambda b: b[0]")),
+        ([x, torch.randn(2, 5, 9, 9)], ("does not run on batch 1", "5 channels", "float32 (2, 5, 9, 9)",
+                                       "shapes and dtypes of your data")),
+        ([torch.randint(0, 3, x.shape)], ("does not run on batch 0", "int64 (2, 3, 16, 16)", "input_fn=")),
+        ([{"y": x}], ("unexpected keyword argument 'y'", "a dict {'y': float32 (2, 3, 16, 16)}")),
+    ]
+    for batches, fragments in cases:
+        qm = qtrim_fx.prepare(copy.deepcopy(model))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            msg = _raises(qtrim_fx.ConfigError, lambda qm=qm, b=batches: qtrim_fx.calibrate(qm, b), "calibrate:",
+                          *fragments)
+        assert "Traceback" not in msg
+    qm = qtrim_fx.prepare(copy.deepcopy(model))  # the fix the message names works
+    assert qtrim_fx.calibrate(qm, loader, input_fn=lambda b: b[0]) == 1
+
+
+def test_calibrate_keeps_the_model_error_chained():
+    qm = qtrim_fx.prepare(get_model("tiny_convnet")[0])
+    with pytest.raises(qtrim_fx.ConfigError) as info:
+        qtrim_fx.calibrate(qm, [torch.randn(2, 5, 9, 9)])
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, for whoever needs it
+
+
+def test_verify_on_inputs_the_file_or_reference_does_not_take(tmp_path):
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    path = tmp_path / "m.onnx"
+    qtrim_fx.export_onnx(qm, (x,), path)
+    run = [("onnxruntime",)]
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.verify(path, qm, (torch.randn(2, 5, 9, 9),), backends=run[0]),
+            "input 'x' has shape (2, 5, 9, 9)", "takes (?, 3, 16, 16)", "shaped like the ones the file was exported with")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.verify(path, qm, (x[0],), backends=run[0]),
+            "has shape (3, 16, 16)", "takes (?, 3, 16, 16)")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.verify(path, qm, (x.long(),), backends=run[0]),
+            "holds int64 values", "takes float32", "x.float()")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.verify(path, get_model("tiny_mlp")[0], (x,), backends=run[0]),
+            "the torch reference TinyMLP does not run on batch 0", "cannot be multiplied",
+            "float32 (2, 3, 16, 16)", "the model it was exported from")
+    report = qtrim_fx.verify(path, qm, (x.double(),), backends=run[0])  # float64 data: cast, as before
+    assert report.ok()
