@@ -406,3 +406,26 @@ def test_verify_on_inputs_the_file_or_reference_does_not_take(tmp_path):
             "float32 (2, 3, 16, 16)", "the model it was exported from")
     report = qtrim_fx.verify(path, qm, (x.double(),), backends=run[0])  # float64 data: cast, as before
     assert report.ok()
+
+
+def test_an_override_that_matches_nothing_is_named():
+    model, _ = get_model("tiny_convnet")
+    typo = qtrim_fx.Override(name="fcc", exclude=True)
+    with pytest.warns(qtrim_fx.core.errors.QtrimWarning, match="matches no op of TinyConvNet") as rec:
+        qm = qtrim_fx.prepare(model, config=qtrim_fx.QuantConfig(overrides=(typo,)))
+    text = next(str(r.message) for r in rec if "matches no op" in str(r.message))
+    assert "Override(name='fcc', exclude=True)" in text and "changes nothing" in text
+    assert "conv1, conv2, fc" in text  # the names it could have meant
+    assert all(r.filename == __file__ for r in rec if "matches no op" in str(r.message))  # the user's prepare call
+    assert any(spec.name == "fc.weight" for spec, _, _ in qtrim_fx.iter_sites(qm))  # quantized: nothing excluded
+    kinds = [qtrim_fx.Override(module_type=nn.LSTM, weight_bits=4), qtrim_fx.Override(op="embedding", exclude=True)]
+    for o in kinds:
+        with pytest.warns(qtrim_fx.core.errors.QtrimWarning, match="matches no op"):
+            qtrim_fx.prepare(model, config=qtrim_fx.QuantConfig(overrides=(o,)))
+    with warnings.catch_warnings(record=True) as rec:  # overrides that match warn nothing
+        warnings.simplefilter("always")
+        qm = qtrim_fx.prepare(model, config=qtrim_fx.QuantConfig(overrides=(
+            qtrim_fx.Override(name="fc", exclude=True), qtrim_fx.Override(module_type=nn.Conv2d, weight_bits=4),
+            qtrim_fx.Override(op="add", act_bits=16))))
+    assert not [r for r in rec if "matches no op" in str(r.message)]
+    assert not any(spec.name == "fc.weight" for spec, _, _ in qtrim_fx.iter_sites(qm))

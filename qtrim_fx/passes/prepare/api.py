@@ -35,9 +35,10 @@ from qtrim_fx.core.errors import (
     TracedBranchWarning,
 )
 from qtrim_fx.core.profiles import get_profile
+from qtrim_fx.core.spec import OP_KIND
 from qtrim_fx.frontend.trace import Fallback, capture
 from qtrim_fx.passes.prepare.coverage import FloatWeight, float_weights, summarize
-from qtrim_fx.passes.prepare.graph_walks import static_value
+from qtrim_fx.passes.prepare.graph_walks import node_owner, static_value
 from qtrim_fx.passes.prepare.pipeline import prepare_passes, run_passes
 from qtrim_fx.passes.prepare.ranks import record_ranks
 from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, is_prepared, iter_sites, unwrap
@@ -118,6 +119,7 @@ def prepare(
         raise NoSitesError(f"{model.__class__.__name__} has no quantizable site{found}check the model and the "
                            "config's exclude overrides")
     _warn_unknown_matmul_form(gm, config, ranks_known)
+    _warn_unmatched_overrides(gm, config, model)
     floats = _check_coverage(gm, config, result.fallbacks, model)
     blend_control(gm)
     gm.__dict__[INFO_ATTR] = PrepareInfo(result.frontend, result.fallbacks, config, floats)
@@ -143,6 +145,34 @@ def _warn_unknown_matmul_form(gm: fx.GraphModule, config: QuantConfig, ranks_kno
             "(input with 3+ dims): they keep per-channel weights, which the target runs several times slower "
             "than per-tensor ones. Pass example_inputs to prepare(model, example_inputs, target=...)"),
             stacklevel=3)
+
+
+def _warn_unmatched_overrides(gm: fx.GraphModule, config: QuantConfig, model: nn.Module) -> None:
+    """A :class:`QtrimWarning` for each ``Override`` that matches no op of the model: it changes nothing, which
+    for a mistyped ``name=`` means the layer meant to stay float (or to get other bits) is quantized as usual."""
+    if not config.overrides:
+        return
+    modules = dict(gm.named_modules())
+    ops = {(node_owner(n), n.meta.get(OP_KIND)) for n in gm.graph.nodes if n.meta.get(OP_KIND) is not None}
+    seen = [(owner, type(modules.get(owner or "")), kind) for owner, kind in ops]
+    unmatched = [o for o in config.overrides if not any(o.matches(*t) for t in seen)]
+    if not unmatched:
+        return
+    weighted = sorted({o for o, _, k in seen if o and k in ("conv", "conv_transpose", "linear", "matmul")})
+    names = ", ".join(weighted[:6]) + (", ..." if len(weighted) > 6 else "")
+    for o in unmatched:
+        warnings.warn(QtrimWarning(
+            f"QuantConfig: {_short(o)} matches no op of {type(model).__name__}, so it changes nothing; Override(name=...) "
+            f"is a regex matched against the whole qualified module name (its weighted ops: {names or 'none'}), "
+            "module_type= against the module's class and op= against the op kind (qtrim_fx.inspect lists every "
+            "site with its module and op)"), stacklevel=3)
+
+
+def _short(o: object) -> str:
+    """``Override(name='fcc', exclude=True)``: the fields that are set."""
+    fields = ", ".join(f"{f.name}={getattr(o, f.name)!r}" for f in dataclasses.fields(o)  # type: ignore[arg-type]
+                       if getattr(o, f.name) is not None)
+    return f"{type(o).__name__}({fields})"
 
 
 def _with_target(config: QuantConfig, target: str | None) -> QuantConfig:
