@@ -429,3 +429,20 @@ def test_an_override_that_matches_nothing_is_named():
             qtrim_fx.Override(op="add", act_bits=16))))
     assert not [r for r in rec if "matches no op" in str(r.message)]
     assert not any(spec.name == "fc.weight" for spec, _, _ in qtrim_fx.iter_sites(qm))
+
+
+def test_prepare_for_a_target_with_example_inputs_the_model_does_not_take():
+    """The ranks a target's weight grids depend on come from the example inputs: wrong ones are an error, not
+    a silent fallback whose warning then asks for the example inputs the user gave."""
+    model, (x,) = get_model("tiny_convnet")
+    model.train()
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.prepare(model, (torch.randn(2, 5, 9, 9),), target="qnn"),
+            "prepare: TinyConvNet does not run on example_inputs", "RuntimeError", "5 channels",
+            "a tuple of 1: float32 (2, 5, 9, 9)", "pass one batch the model's forward takes")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.prepare(model, (x.long(),), target="npu"),
+            "does not run on example_inputs", "int64 (2, 3, 16, 16)")
+    assert model.training  # modes restored
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        qtrim_fx.prepare(model, (x,), target="qnn")
+    assert not [r for r in rec if "could not tell" in str(r.message)]  # good inputs: ranks known

@@ -106,7 +106,10 @@ def prepare(
     if example_inputs is not None and profile is not None and (profile.matmul_weights_per_tensor
                                                               or profile.integer_only):
         # MatMul vs Gemm form of each Linear (the profile's weight grid); GroupNorm's γ/β shape
-        ranks_known = record_ranks(gm, example_inputs) or ranks_known
+        recorded = record_ranks(gm, example_inputs)
+        if not recorded:  # fake tensors fail on some ops; real ones failing too means the inputs are wrong
+            _require_runs(gm, example_inputs, model)
+        ranks_known = recorded or ranks_known
     try:
         gm = run_passes(gm, prepare_passes(config))
     except SyntaxError as e:
@@ -145,6 +148,30 @@ def _warn_unknown_matmul_form(gm: fx.GraphModule, config: QuantConfig, ranks_kno
             "(input with 3+ dims): they keep per-channel weights, which the target runs several times slower "
             "than per-tensor ones. Pass example_inputs to prepare(model, example_inputs, target=...)"),
             stacklevel=3)
+
+
+def _require_runs(gm: fx.GraphModule, example_inputs: Any, model: nn.Module) -> None:
+    """Run the captured graph once on ``example_inputs`` (eval, no grad, every module's mode restored).
+
+    Raises:
+        ConfigError: it does not run: the inputs do not fit the model (wrong shapes, dtypes or count), so
+            what prepare derives from them (the ranks a target's weight grids depend on) would be wrong.
+    """
+    from qtrim_fx.train.calibrate import describe_batch, run_batch
+
+    modes = [(m, m.training) for m in gm.modules()]
+    args = example_inputs if isinstance(example_inputs, (dict, tuple, list)) else (example_inputs,)
+    try:
+        with torch.no_grad():
+            run_batch(gm.eval(), args, 0, "prepare", False)
+    except ConfigError as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"prepare: {type(model).__name__} does not run on example_inputs "
+                          f"({type(cause).__name__}: {str(cause).splitlines()[0]}); they are {describe_batch(args)}; pass one "
+                          "batch the model's forward takes, e.g. prepare(model, (x,)) with x from your data") from e
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _warn_unmatched_overrides(gm: fx.GraphModule, config: QuantConfig, model: nn.Module) -> None:
