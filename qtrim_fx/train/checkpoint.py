@@ -61,6 +61,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         OutputPathError: ``path`` is a directory, FIFO, device or socket, or a read-only file.
     """
     model = unwrap(model)
+    _model_first(model, path, "save")
     require_prepared(model, "save")
     info = model.__dict__.get(INFO_ATTR)
     payload = {
@@ -95,6 +96,13 @@ def _resolved(model: nn.Module, config: QuantConfig) -> QuantConfig:
     return dataclasses.replace(config, overrides=config.overrides + pinned) if pinned else config
 
 
+def _model_first(model: object, path: object, caller: str) -> None:
+    """Refuse swapped arguments (``load(path, model)``) with the order, not pathlib's ``TypeError``."""
+    if isinstance(path, nn.Module) and not isinstance(model, nn.Module):
+        raise TypeError(f"checkpoint.{caller}(model, path) takes the model first and the file second; got "
+                        f"{caller}({type(model).__name__}, {type(path).__name__}): swap the arguments")
+
+
 def load(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -120,6 +128,7 @@ def load(
         CheckpointError: the file is unreadable or not a qtrim_fx checkpoint, or it belongs to another
             model or config (the message names the sites or shapes that differ).
     """
+    _model_first(model, path, "load")
     payload = _read(Path(path), map_location)
     if config is None:
         config = config_from_plain(payload.get("config"), model=model)

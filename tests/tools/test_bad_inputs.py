@@ -446,3 +446,16 @@ def test_prepare_for_a_target_with_example_inputs_the_model_does_not_take():
         warnings.simplefilter("always")
         qtrim_fx.prepare(model, (x,), target="qnn")
     assert not [r for r in rec if "could not tell" in str(r.message)]  # good inputs: ranks known
+
+
+def test_checkpoint_with_swapped_arguments(tmp_path):
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    path = tmp_path / "c.pt"
+    _raises(TypeError, lambda: checkpoint.save(path, qm), "checkpoint.save(model, path) takes the model first",
+            "swap the arguments")
+    checkpoint.save(qm, path)
+    _raises(TypeError, lambda: checkpoint.load(path, get_model("tiny_convnet")[0]),
+            "checkpoint.load(model, path) takes the model first", "load(PosixPath, TinyConvNet)")
+    assert qtrim_fx.is_prepared(checkpoint.load(get_model("tiny_convnet")[0], path))
