@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qtrim_fx.core.errors import ConfigError
 from qtrim_fx.core.fileio import write_atomically, write_text_atomically
 from qtrim_fx.core.profiles import profile_names
 
@@ -297,6 +298,11 @@ def vendor_sweep(
 
     Returns:
         :class:`VendorReport` (``table()``, ``spread()``, ``to_json()``, ``plot()``).
+
+    Raises:
+        ValueError: no calibration or no evaluation batch.
+        ConfigError: (a ``ValueError``) batches whose shapes differ beyond the batch size (every variant would
+            fail on them).
     """
     from tqdm.auto import tqdm
 
@@ -306,6 +312,15 @@ def vendor_sweep(
     eval_x = [b.detach().float() for b in _as_batches(evaluation)]
     if not calib or not eval_x:
         raise ValueError("vendor_sweep needs non-empty calibration and evaluation batches")
+    want = tuple(eval_x[0].shape[1:])
+    for name, batches in (("calibration", calib), ("evaluation", eval_x)):
+        bad = next(((i, tuple(b.shape)) for i, b in enumerate(batches) if tuple(b.shape[1:]) != want), None)
+        if bad is not None:  # every variant would fail on it, each in its own words
+            raise ConfigError(
+                f"vendor_sweep: {name} batch {bad[0]} has shape {bad[1]} but the first evaluation batch is "
+                f"{tuple(eval_x[0].shape)}: every batch must be one input of the model, (N, {', '.join(map(str, want))}) "
+                "(pass inputs, or (inputs, labels) pairs)"
+            )
     if labels is None and all(isinstance(d, (tuple, list)) and len(d) > 1 for d in evaluation):
         labels = torch.cat([d[1] for d in evaluation])
     with tempfile.TemporaryDirectory() as tmp_dir:

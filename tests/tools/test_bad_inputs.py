@@ -459,3 +459,11 @@ def test_checkpoint_with_swapped_arguments(tmp_path):
     _raises(TypeError, lambda: checkpoint.load(path, get_model("tiny_convnet")[0]),
             "checkpoint.load(model, path) takes the model first", "load(PosixPath, TinyConvNet)")
     assert qtrim_fx.is_prepared(checkpoint.load(get_model("tiny_convnet")[0], path))
+
+
+def test_vendor_sweep_on_batches_of_another_shape():
+    model, (x,) = get_model("tiny_convnet")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.vendor_sweep(model, [torch.randn(2, 5, 9, 9)], [x]),
+            "calibration batch 0 has shape (2, 5, 9, 9)", "first evaluation batch is (2, 3, 16, 16)", "(N, 3, 16, 16)")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.vendor_sweep(model, [x], [x, x[:, :2]]),
+            "evaluation batch 1 has shape (2, 2, 16, 16)")
