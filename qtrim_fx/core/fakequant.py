@@ -189,6 +189,20 @@ def _check_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             raise SchemeError(
                 f"per-channel scale must be 1-D with {c} entries (axis {scheme.axis}), got {tuple(scale.shape)}"
             )
+    # QuantizeLinear divides by the scale and stores the zero point in the integer type: a scale of 0 (x / 0 is
+    # ±inf, every code saturates) or a zero point off the grid gives codes no runtime reproduces. One host read.
+    s, z = scale.detach().float(), zero_point.detach().float()
+    bad_s = ~(torch.isfinite(s) & (s > 0))
+    bad_z = ~((z == torch.round(z)) & (z >= scheme.qmin) & (z <= scheme.qmax))
+    flags = torch.stack([bad_s.any(), bad_z.any()]).tolist() if s.numel() else [False, False]
+    if flags[0]:
+        first = s.reshape(-1)[bad_s.reshape(-1)][0].item()
+        raise SchemeError(f"scale must be finite and positive, got {first!r} (in {int(bad_s.sum())} of {s.numel()} "
+                          "entries); derive it with qtrim_fx.derive_qparams, which floors it at eps")
+    if flags[1]:
+        first = z.reshape(-1)[bad_z.reshape(-1)][0].item()
+        raise SchemeError(f"zero_point must be an integer in [{scheme.qmin}, {scheme.qmax}] for {scheme.describe()}, "
+                          f"got {first!r}; derive it with qtrim_fx.derive_qparams for this scheme")
 
 
 def derive_qparams(

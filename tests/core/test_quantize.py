@@ -255,3 +255,24 @@ class TestDeriveQparams:
         levels = 127 if symmetric else 255
         assert scale.item() == np.float32(np.float32(1e-6) / np.float32(levels))
         assert torch.isfinite(zp).all()
+
+
+@pytest.mark.parametrize("fn", ["quantize", "fake_quantize"])
+def test_qparams_no_runtime_reproduces_are_refused(fn):
+    """A scale of 0 / NaN / inf or a zero point off the integer grid: a SchemeError naming the value, not codes."""
+    import qtrim_fx
+
+    call = getattr(qtrim_fx, fn)
+    x = torch.randn(2, 3)
+    u8 = QuantScheme(bits=8, signed=False, symmetric=False)
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(SchemeError, match="scale must be finite and positive"):
+            call(x, torch.tensor(bad), torch.tensor(128.0), u8)
+    for zp in (256.0, -1.0, 3.5):
+        with pytest.raises(SchemeError, match=r"zero_point must be an integer in \[0, 255\]"):
+            call(x, torch.tensor(0.1), torch.tensor(zp), u8)
+    pc = QuantScheme(bits=8, signed=True, symmetric=True, axis=1)
+    with pytest.raises(SchemeError, match="in 1 of 3 entries"):
+        call(x, torch.tensor([0.1, 0.0, 0.2]), torch.zeros(3), pc)
+    scale, zp = qtrim_fx.derive_qparams(u8, torch.tensor(-1.0), torch.tensor(0.0))  # degenerate but derived
+    call(x, scale, zp, u8)
