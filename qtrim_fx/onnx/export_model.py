@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from qtrim_fx.core.errors import ExportError, ProfileError
+from qtrim_fx.core.errors import ExportError, ProfileError, QtrimWarning
 from qtrim_fx.core.fileio import check_output_path
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.onnx.export import EXPORTERS, export_lowered
@@ -79,6 +80,7 @@ def export_onnx(
             raise ProfileError(f"opset must be an int such as 17 or 21, got {opset!r}")
         profile = profile.replace(opset=opset)
     model = unwrap(model)
+    _warn_partial_blend(model)
     if opset is None:
         profile = default_opset(model, profile)
     args = _positional_inputs(model, example_inputs)
@@ -93,6 +95,23 @@ def export_onnx(
     if verify:  # the file, on ONNX Runtime, against the lowered model
         verify_export(gm, args, path)
     return written
+
+
+def _warn_partial_blend(model: nn.Module) -> None:
+    """A :class:`QtrimWarning` when the model's blend λ lies strictly between 0 and 1 (mid-curriculum).
+
+    The file always quantizes fully (λ = 1). At λ = 0 (post-training quantization right after ``calibrate``)
+    and at λ = 1 (the end of the curriculum) that is what the user meant; in between the model in hand
+    computes a blend the file does not, so the file's accuracy is not the training loop's.
+    """
+    control = getattr(model, "qtrim_blend", None)
+    if control is None or control.is_zero or control.is_one:
+        return
+    warnings.warn(QtrimWarning(
+        f"export_onnx at blend λ = {control.get():.3g}: the file quantizes every site fully (λ = 1), which this "
+        "model has not been trained as, so its accuracy is the file's, not the training loop's; finish the "
+        "curriculum (λ = 1), or qtrim_fx.set_blend(model, 1.0) and evaluate the model before exporting"),
+        stacklevel=3)
 
 
 def _from_keywords(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Any, ...]:

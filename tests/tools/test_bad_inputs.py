@@ -467,3 +467,20 @@ def test_vendor_sweep_on_batches_of_another_shape():
             "calibration batch 0 has shape (2, 5, 9, 9)", "first evaluation batch is (2, 3, 16, 16)", "(N, 3, 16, 16)")
     _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.vendor_sweep(model, [x], [x, x[:, :2]]),
             "evaluation batch 1 has shape (2, 2, 16, 16)")
+
+
+def test_export_mid_curriculum_says_the_file_is_fully_quantized(tmp_path):
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    for lam, warned in ((0.0, False), (0.4, True), (1.0, False)):  # PTQ right after calibrate / mid-curriculum / done
+        qtrim_fx.set_blend(qm, lam)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            qtrim_fx.export_onnx(qm, (x,), tmp_path / f"m{lam}.onnx")
+        hits = [r for r in rec if "export_onnx at blend" in str(r.message)]
+        assert bool(hits) == warned
+        if warned:
+            assert "λ = 0.4" in str(hits[0].message) and "quantizes every site fully" in str(hits[0].message)
+            assert issubclass(hits[0].category, qtrim_fx.core.errors.QtrimWarning)
+            assert hits[0].filename == __file__  # points at the user's export call
