@@ -96,3 +96,20 @@ def activation_site_ops(qm: nn.Module) -> dict[str, str]:
 def decomposed_activations(qm: nn.Module, product: object) -> list[str]:
     """The activation names passed to every ``product`` node (``gate_product``, ``gelu_product``) of ``qm``."""
     return [n.args[2] for n in qm.graph.nodes if n.target is product]
+
+
+def assert_exact_at_lambda_0(model: nn.Module, qm: nn.Module, x: torch.Tensor) -> None:
+    """At λ = 0 the prepared model is the float one bit for bit, in value and input gradient, in eval and train
+    mode; at λ = 1 (eval) it differs (what the file computes). Leaves ``qm`` at λ = 1 in eval mode."""
+    qtrim_fx.set_blend(qm, 0.0)
+    for training in (False, True):
+        model.train(training), qm.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = model(xa), qm(xb)
+        assert torch.equal(ya, yb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert torch.equal(xa.grad, xb.grad)
+    qtrim_fx.set_blend(qm, 1.0)
+    qm.eval()
+    assert not torch.equal(qm(x), model.eval()(x))

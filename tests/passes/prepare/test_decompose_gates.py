@@ -15,7 +15,12 @@ from torch import nn
 import qtrim_fx
 from qtrim_fx.core.profiles import GATED_ACTIVATIONS, get_profile
 from qtrim_fx.runtime.ops import GATES, gate_product
-from tests.helpers.qmodels import activation_site_ops, decomposed_activations, image_batch
+from tests.helpers.qmodels import (
+    activation_site_ops,
+    assert_exact_at_lambda_0,
+    decomposed_activations,
+    image_batch,
+)
 
 
 def _net(act: nn.Module) -> nn.Module:
@@ -85,19 +90,7 @@ def test_lambda_0_is_exact_fp32_in_value_and_gradient(act):
     (x,) = _x()
     qm = qtrim_fx.prepare(model, (x,), target="npu")
     qtrim_fx.calibrate(qm, [(x,), (0.5 * x,)])
-    qtrim_fx.set_blend(qm, 0.0)
-    for training in (False, True):
-        model.train(training), qm.train(training)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = model(xa), qm(xb)
-        assert torch.equal(ya, yb)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        assert torch.equal(xa.grad, xb.grad)
-    # at λ = 1 the gate is quantized and the product follows it (what the file computes)
-    qtrim_fx.set_blend(qm, 1.0)
-    qm.eval()
-    assert not torch.equal(qm(x), model.eval()(x))
+    assert_exact_at_lambda_0(model, qm, x)  # at λ = 1 the quantized pieces change the value: what the file computes
 
 
 def test_functional_silu_is_decomposed_and_named_after_its_node():

@@ -17,7 +17,12 @@ import qtrim_fx
 from qtrim_fx.core.profiles import get_profile, profile_names
 from qtrim_fx.runtime.ops import GELU_STEPS, gelu_product, gelu_steps
 from qtrim_fx.runtime.prepared import iter_sites
-from tests.helpers.qmodels import activation_site_ops, decomposed_activations, image_batch
+from tests.helpers.qmodels import (
+    activation_site_ops,
+    assert_exact_at_lambda_0,
+    decomposed_activations,
+    image_batch,
+)
 
 
 def _net(approximate: str = "none") -> nn.Module:
@@ -75,18 +80,7 @@ def test_lambda_0_is_exact_fp32_in_value_and_gradient(approximate):
     (x,) = _x()
     qm = qtrim_fx.prepare(model, (x,), target="npu")
     qtrim_fx.calibrate(qm, [(x,), (0.5 * x,)])
-    qtrim_fx.set_blend(qm, 0.0)
-    for training in (False, True):
-        model.train(training), qm.train(training)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = model(xa), qm(xb)
-        assert torch.equal(ya, yb)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        assert torch.equal(xa.grad, xb.grad)
-    qtrim_fx.set_blend(qm, 1.0)  # quantized primitives: the product follows them (what the file computes)
-    qm.eval()
-    assert not torch.equal(qm(x), model.eval()(x))
+    assert_exact_at_lambda_0(model, qm, x)  # at λ = 1 the quantized pieces change the value: what the file computes
 
 
 def test_functional_gelu_is_decomposed():
