@@ -73,7 +73,8 @@ def run_batch(model: nn.Module, batch: Any, index: int, caller: str, has_input_f
         fix = ("it calls model(*batch) for a tuple or list, so (inputs, labels) pairs pass the labels as a second "
                "input: pass input_fn=lambda b: b[0] (or batches of inputs only)" if pairs else
                "pass batches the model's forward takes (a tensor, a tuple of positional inputs or a dict of keyword "
-               "inputs, with the shapes and dtypes of your data), or input_fn= to turn your batches into them")
+               "inputs, with the shapes and dtypes of your data), or input_fn= to turn your batches into them (if "
+               "the float model runs on this batch, it is a qtrim_fx defect: please report it)")
         raise ConfigError(f"{caller}: the model does not run on batch {index} ({why}); the batch is "
                           f"{describe_batch(batch)}; {fix}") from e
 
