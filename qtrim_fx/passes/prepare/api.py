@@ -41,6 +41,7 @@ from qtrim_fx.passes.prepare.coverage import FloatWeight, float_weights, summari
 from qtrim_fx.passes.prepare.graph_walks import node_owner, static_value
 from qtrim_fx.passes.prepare.pipeline import prepare_passes, run_passes
 from qtrim_fx.passes.prepare.ranks import record_ranks
+from qtrim_fx.runtime.batches import describe_batch, run_batch
 from qtrim_fx.runtime.prepared import INFO_ATTR, SPECS_ATTR, blend_control, is_prepared, iter_sites, unwrap
 from qtrim_fx.runtime.state_check import check_checkpoint
 
@@ -157,8 +158,6 @@ def _require_runs(gm: fx.GraphModule, example_inputs: Any, model: nn.Module) -> 
         ConfigError: it does not run: the inputs do not fit the model (wrong shapes, dtypes or count), so
             what prepare derives from them (the ranks a target's weight grids depend on) would be wrong.
     """
-    from qtrim_fx.train.calibrate import describe_batch, run_batch
-
     modes = [(m, m.training) for m in gm.modules()]
     args = example_inputs if isinstance(example_inputs, (dict, tuple, list)) else (example_inputs,)
     try:
