@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields, replace
+from typing import get_args
 
 from torch import nn
 
 from qtrim_fx.core.scheme import QuantScheme, SchemeError
+from qtrim_fx.core.spec import OpKind
 
 __all__ = ["DEFAULT_UPDATE_EVERY", "EPS_MAX", "EPS_MIN", "Override", "QuantConfig", "SiteSettings"]
 
@@ -74,6 +76,10 @@ class SiteSettings:
         return QuantScheme(bits=self.act_bits, signed=self.act_signed, symmetric=self.act_symmetric)
 
 
+#: The op kinds an ``Override(op=...)`` may name (what ``NormalizeOpsPass`` tags nodes with).
+_OP_KINDS = frozenset(get_args(OpKind))
+
+
 @dataclass(frozen=True)
 class Override:
     """Settings for the sites matching ``name`` (regex), ``module_type`` and ``op`` (all given must match).
@@ -95,10 +101,20 @@ class Override:
         if self.name is None and self.module_type is None and self.op is None:
             raise SchemeError("Override needs at least one of name=, module_type= or op= to match sites")
         if self.name is not None:
+            if not isinstance(self.name, str):
+                raise SchemeError(f"Override name={self.name!r} must be a regex string over qualified module names, "
+                                  "e.g. name=r\"layer4\\..*\"")
             try:
                 re.compile(self.name)
             except re.error as e:
                 raise SchemeError(f"Override name={self.name!r} is not a valid regex: {e}") from e
+        if self.module_type is not None:
+            kinds = self.module_type if isinstance(self.module_type, tuple) else (self.module_type,)
+            if not kinds or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in kinds):
+                raise SchemeError(f"Override module_type={self.module_type!r} must be an nn.Module class or a tuple "
+                                  "of them, e.g. module_type=torch.nn.Linear (the class, not its name)")
+        if self.op is not None and self.op not in _OP_KINDS:
+            raise SchemeError(f"Override op={self.op!r} is not an op kind; use one of {', '.join(sorted(_OP_KINDS))}")
 
     def matches(self, module: str | None, module_type: type | None, op: str) -> bool:
         if self.name is not None and (module is None or re.fullmatch(self.name, module) is None):
@@ -255,6 +271,9 @@ class QuantConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SchemeError(f"QuantConfig seed={self.seed!r} must be an int (the base seed of the observers' "
                               "subsampling, e.g. seed=0)")
+        if isinstance(self.overrides, Override) or not isinstance(self.overrides, tuple | list):
+            raise SchemeError(f"QuantConfig overrides={self.overrides!r} must be a tuple of Override(...) records, "
+                              "e.g. overrides=(Override(name='fc', exclude=True),) (mind the trailing comma)")
         if not isinstance(self.overrides, tuple):
             object.__setattr__(self, "overrides", tuple(self.overrides))
         for o in self.overrides:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qtrim_fx.core.errors import CheckpointError
+from qtrim_fx.core.errors import CheckpointError, ConfigError
 from qtrim_fx.core.fakequant import (
     channel_broadcast,
     fake_quantize_,
@@ -335,9 +335,12 @@ class BlendControl(nn.Module):
         self._register_load_state_dict_pre_hook(self._on_load)
 
     def set(self, value: float) -> None:
-        value = float(value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError, RuntimeError) as e:  # None, "abc", a tensor of several values
+            raise ConfigError(f"blend λ must be a number in [0, 1] (e.g. set_blend(qm, 1.0)), got {value!r}") from e
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"blend λ must lie in [0, 1], got {value}")
+            raise ConfigError(f"blend λ must lie in [0, 1], got {value}")
         self.value.fill_(value)
         self._is_zero = value == 0.0
         self._is_one = value == 1.0

@@ -484,3 +484,21 @@ def test_export_mid_curriculum_says_the_file_is_fully_quantized(tmp_path):
             assert "λ = 0.4" in str(hits[0].message) and "quantizes every site fully" in str(hits[0].message)
             assert issubclass(hits[0].category, qtrim_fx.core.errors.QtrimWarning)
             assert hits[0].filename == __file__  # points at the user's export call
+
+
+def test_overrides_and_blend_values_of_the_wrong_kind():
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.QuantConfig(overrides=qtrim_fx.Override(name="fc", exclude=True)),
+            "must be a tuple of Override(...) records", "mind the trailing comma")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.Override(module_type="Linear"),
+            "module_type='Linear' must be an nn.Module class", "module_type=torch.nn.Linear")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.Override(module_type=(nn.Linear, int)), "nn.Module class")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.Override(op="lineer", exclude=True),
+            "op='lineer' is not an op kind", "linear")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.Override(name=3), "must be a regex string")
+    assert qtrim_fx.QuantConfig(overrides=[qtrim_fx.Override(module_type=(nn.Linear, nn.Conv2d), op="linear")])
+    qm = qtrim_fx.prepare(get_model("tiny_mlp")[0])
+    for bad in ("abc", None, torch.ones(2)):
+        _raises(qtrim_fx.ConfigError, lambda b=bad: qtrim_fx.set_blend(qm, b), "blend λ must be a number in [0, 1]")
+    _raises(ValueError, lambda: qtrim_fx.set_blend(qm, 1.5), "must lie in [0, 1]")  # a ConfigError, still a ValueError
+    qtrim_fx.set_blend(qm, torch.tensor(0.25))
+    assert float(qm.qtrim_blend.value) == 0.25
