@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qtrim_fx.core.errors import ConfigError
 from qtrim_fx.runtime.batches import call_model, run_batch
 from qtrim_fx.runtime.nonfinite import nonfinite_counts, warn_nonfinite
 from qtrim_fx.runtime.prepared import iter_sites, require_prepared, unwrap
@@ -26,6 +27,20 @@ from qtrim_fx.train.bn_check import watch_batchnorm
 __all__ = ["calibrate", "call_model"]
 
 _END = object()
+
+
+def _check_batches(batches: Any, num_batches: Any) -> None:
+    """Refuse what is not an iterable of batches (one tensor would be iterated sample by sample) and a
+    ``num_batches`` that is not a positive int."""
+    if isinstance(batches, torch.Tensor):
+        raise ConfigError(f"calibrate takes an iterable of batches, got one tensor of shape {tuple(batches.shape)} (it "
+                          "would be iterated sample by sample); pass [x] for one batch, or a list / DataLoader")
+    if not isinstance(batches, Iterable):
+        raise ConfigError(f"calibrate takes an iterable of batches (a list, a DataLoader), got "
+                          f"{type(batches).__name__}; e.g. calibrate(qm, [x])")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ConfigError(f"calibrate num_batches={num_batches!r} must be a positive int (or None: every batch)")
 
 
 def _is_empty(batch: Any) -> bool:
@@ -124,10 +139,12 @@ def calibrate(
         ValueError: no non-empty batch at all.
         TypeError: a batch that is not a tensor, tuple/list or dict (use ``input_fn``).
         ConfigError: (a ``ValueError``) the model fails on a batch: wrong shapes or dtypes, or (inputs,
-            labels) pairs without ``input_fn`` (the model's own error is chained).
+            labels) pairs without ``input_fn`` (the model's own error is chained); ``batches`` that is one
+            tensor or not iterable; a ``num_batches`` that is not a positive int.
     """
     model = unwrap(model)
     require_prepared(model, "calibrate")
+    _check_batches(batches, num_batches)
     from tqdm.auto import tqdm
 
     world = _world_size(distributed)

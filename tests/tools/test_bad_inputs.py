@@ -502,3 +502,15 @@ def test_overrides_and_blend_values_of_the_wrong_kind():
     _raises(ValueError, lambda: qtrim_fx.set_blend(qm, 1.5), "must lie in [0, 1]")  # a ConfigError, still a ValueError
     qtrim_fx.set_blend(qm, torch.tensor(0.25))
     assert float(qm.qtrim_blend.value) == 0.25
+
+
+def test_calibrate_arguments_of_the_wrong_kind():
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.calibrate(qm, x), "got one tensor of shape (2, 3, 16, 16)",
+            "iterated sample by sample", "pass [x]")
+    _raises(qtrim_fx.ConfigError, lambda: qtrim_fx.calibrate(qm, None), "iterable of batches", "got NoneType")
+    for n in (0, -1, 1.5, True):
+        _raises(qtrim_fx.ConfigError, lambda n=n: qtrim_fx.calibrate(qm, [x], num_batches=n),
+                f"num_batches={n!r} must be a positive int")
+    assert not any(site.observer.initialized for _, site, _ in qtrim_fx.iter_sites(qm))  # nothing ran
