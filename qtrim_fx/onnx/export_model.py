@@ -84,6 +84,8 @@ def export_onnx(
     if opset is None:
         profile = default_opset(model, profile)
     args = _positional_inputs(model, example_inputs)
+    _check_example_values(args)
+    _check_names(input_names, output_names, sum(isinstance(a, torch.Tensor) for a in args))
     gm = lower(model, profile, opset=profile.opset)  # the opset chosen above (lower would pick its own)
     _dry_run(gm, args, model, profile.name)
     if verify:  # leaves branching on tensor values would export one branch (qtrim_fx.onnx.self_check)
@@ -95,6 +97,41 @@ def export_onnx(
     if verify:  # the file, on ONNX Runtime, against the lowered model
         verify_export(gm, args, path)
     return written
+
+
+def _check_example_values(args: tuple[Any, ...]) -> None:
+    """Refuse example inputs holding NaN: the export checks the file against the model on them, and NaN has no
+    integer code (runtimes saturate it, torch keeps it), so the check would fail on a sound file. (±inf stays
+    allowed: an additive attention mask is legitimate data.)"""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel():
+            bad = int(torch.isnan(a).sum())
+            if bad:
+                raise ExportError(f"example input #{i} holds {bad} NaN value(s) of {a.numel()}; the export runs the "
+                                  "model and the file on the example inputs: pass real data (one batch of your "
+                                  "inputs)")
+
+
+def _check_names(input_names: Any, output_names: Any, num_inputs: int) -> None:
+    """Graph input / output names: lists of distinct non-empty strings, no more input names than inputs.
+
+    A bare string would be taken character by character by the exporter (``"logits"`` names the output ``l``),
+    extra input names are dropped and a name used twice is renamed (``y.1``), each without a word.
+    """
+    given = []
+    for what, names in (("input_names", input_names), ("output_names", output_names)):
+        if names is None:
+            continue
+        if isinstance(names, str) or not isinstance(names, list | tuple) or not all(
+                isinstance(n, str) and n for n in names):
+            raise ExportError(f"{what} must be a list of non-empty strings, e.g. {what}=['x'], got {names!r}")
+        given += list(names)
+    if input_names is not None and len(input_names) > num_inputs:
+        raise ExportError(f"input_names has {len(input_names)} names ({', '.join(input_names)}) but the model takes "
+                          f"{num_inputs} tensor input(s) here; give one name per input")
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        raise ExportError(f"graph input / output name(s) {', '.join(twice)} given twice; ONNX names each tensor once")
 
 
 def _warn_partial_blend(model: nn.Module) -> None:

@@ -514,3 +514,23 @@ def test_calibrate_arguments_of_the_wrong_kind():
         _raises(qtrim_fx.ConfigError, lambda n=n: qtrim_fx.calibrate(qm, [x], num_batches=n),
                 f"num_batches={n!r} must be a positive int")
     assert not any(site.observer.initialized for _, site, _ in qtrim_fx.iter_sites(qm))  # nothing ran
+
+
+def test_export_names_and_example_values_of_the_wrong_kind(mlp, out):
+    qm, x = mlp
+    _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (x,), out, output_names="logits"),
+            "output_names must be a list of non-empty strings", "got 'logits'")  # else the output is named 'l'
+    _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (x,), out, input_names=["a", "b"]),
+            "input_names has 2 names (a, b) but the model takes 1 tensor input(s)")
+    _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (x,), out, input_names=["y"], output_names=["y"]),
+            "name(s) y given twice")
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    _raises(qtrim_fx.ExportError, lambda: qtrim_fx.export_onnx(qm, (bad,), out), "example input #0 holds 1 NaN value(s)",
+            "pass real data")
+
+
+def test_export_names_that_fit(mlp, tmp_path):
+    qm, x = mlp
+    model = qtrim_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", input_names=["pixels"], output_names=["logits"])
+    assert [i.name for i in model.graph.input] == ["pixels"] and [o.name for o in model.graph.output] == ["logits"]
