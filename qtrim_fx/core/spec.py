@@ -65,6 +65,7 @@ OpKind = Literal[
     "linear",
     "matmul",
     "bmm",
+    "addmm",
     "einsum",
     "sdpa",
     "mha",

@@ -534,3 +534,41 @@ def test_export_names_that_fit(mlp, tmp_path):
     qm, x = mlp
     model = qtrim_fx.export_onnx(qm, (x,), tmp_path / "m.onnx", input_names=["pixels"], output_names=["logits"])
     assert [i.name for i in model.graph.input] == ["pixels"] and [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_every_op_kind_the_passes_tag_is_one_an_override_may_name():
+    """``Override(op=...)`` is checked against ``OpKind``: every kind NormalizeOpsPass writes must be in it."""
+    from typing import get_args
+
+    from qtrim_fx.core.spec import OpKind
+    from qtrim_fx.passes.prepare import normalize
+
+    kinds = set(normalize._NAME_KINDS.values()) | {k for _, k in normalize._MODULE_KINDS}
+    assert kinds <= set(get_args(OpKind)), kinds - set(get_args(OpKind))
+    qtrim_fx.Override(op="addmm", weight_bits=4)  # Hugging Face GPT-2's Conv1D
+
+
+class _FunctionalWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.w = nn.Parameter(torch.randn(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(x, self.block.w))
+
+
+def test_an_override_matching_a_weight_by_its_parameter_module_does_not_warn():
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        qm = qtrim_fx.prepare(_FunctionalWeight(), config=qtrim_fx.QuantConfig(
+            overrides=(qtrim_fx.Override(name="block", weight_bits=4),)))
+    assert not [r for r in rec if "matches no op" in str(r.message)]
+    assert [spec.scheme.bits for spec, _, _ in qtrim_fx.iter_sites(qm) if spec.name == "block.w"] == [4]
+    with warnings.catch_warnings(record=True) as rec:  # an exclude that took effect: no site left to show it
+        warnings.simplefilter("always")
+        qm = qtrim_fx.prepare(_FunctionalWeight(), config=qtrim_fx.QuantConfig(
+            overrides=(qtrim_fx.Override(name="block", exclude=True),), coverage="ignore"))
+    assert not [r for r in rec if "matches no op" in str(r.message)]
+    assert [spec.name for spec, _, _ in qtrim_fx.iter_sites(qm) if spec.kind == "weight"] == ["head.weight"]

@@ -180,6 +180,11 @@ def _warn_unmatched_overrides(gm: fx.GraphModule, config: QuantConfig, model: nn
         return
     modules = dict(gm.named_modules())
     ops = {(node_owner(n), n.meta.get(OP_KIND)) for n in gm.graph.nodes if n.meta.get(OP_KIND) is not None}
+    # A weight read by an op without an owner belongs to its parameter's module (as AnnotateSitesPass decides):
+    # the sites record it, and an excluded weight is still read by its op.
+    ops |= {(spec.module, spec.op) for spec, _, _ in iter_sites(gm)}
+    ops |= {(str(n.target).rpartition(".")[0] or None, u.meta.get(OP_KIND)) for n in gm.graph.nodes
+            if n.op == "get_attr" for u in n.users if u.meta.get(OP_KIND) is not None}
     seen = [(owner, type(modules.get(owner or "")), kind) for owner, kind in ops]
     unmatched = [o for o in config.overrides if not any(o.matches(*t) for t in seen)]
     if not unmatched:
