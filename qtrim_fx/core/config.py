@@ -162,6 +162,10 @@ class QuantConfig:
             trained as well: an integer-only back end then gets every tensor it computes on
             quantized (no float islands). ``None`` (default): the hardware-neutral sites, which
             export to every target.
+        bias_correction: ``calibrate`` also removes the mean quantization error of each quantized
+            Conv / Linear output channel by shifting that layer's bias (layer by layer, measured against the
+            float model on the calibration batches; see :func:`qtrim_fx.calibrate`). Default True;
+            ``QuantConfig.paper()`` turns it off (the paper has no such step).
     """
 
     weight_bits: int = 8
@@ -184,18 +188,20 @@ class QuantConfig:
     act_range: str | None = None
     target: str | None = None
     weight_range: str | None = None
+    bias_correction: bool = True
 
     @classmethod
     def paper(cls, **changes: object) -> QuantConfig:
         """The paper's exact statistics recipe: fixed p_lo = 0.001 / p_hi = 0.999 quantiles for every
         activation (quantized model outputs included: on integer-only targets), updated every training
-        step with μ = 1e-3.
+        step with μ = 1e-3, and no bias correction in ``calibrate``.
 
         Args:
             changes: other fields (grids, overrides, ...), as for ``QuantConfig(...)``.
         """
         base: dict[str, object] = {"p_lo": PAPER_P_LO, "p_hi": PAPER_P_HI, "act_range": "quantile",
-                                   "weight_range": "quantile", "update_every": 1, "momentum": 1e-3}
+                                   "weight_range": "quantile", "update_every": 1, "momentum": 1e-3,
+                                   "bias_correction": False}
         return cls(**{**base, **changes})
 
     def _resolve_range_rule(self) -> None:
@@ -238,6 +244,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         self._resolve_range_rule()
         self._resolve_target()
+        if not isinstance(self.bias_correction, bool):
+            raise SchemeError(f"QuantConfig bias_correction={self.bias_correction!r} must be True or False")
         if self.coverage not in ("warn", "error", "ignore"):
             raise SchemeError(f"QuantConfig coverage={self.coverage!r} must be 'warn', 'error' or 'ignore'")
         for name in ("act_signed", "act_symmetric"):

@@ -21,7 +21,8 @@ from torch import nn
 from qtrim_fx.core.errors import ConfigError
 from qtrim_fx.runtime.batches import call_model, run_batch
 from qtrim_fx.runtime.nonfinite import nonfinite_counts, warn_nonfinite
-from qtrim_fx.runtime.prepared import iter_sites, require_prepared, unwrap
+from qtrim_fx.runtime.prepared import INFO_ATTR, iter_sites, require_prepared, unwrap
+from qtrim_fx.train.bias_correction import correct_biases, reset_bias_shifts
 from qtrim_fx.train.bn_check import watch_batchnorm
 
 __all__ = ["calibrate", "call_model"]
@@ -107,6 +108,7 @@ def calibrate(
     input_fn: Callable[[Any], Any] | None = None,
     progress: bool = False,
     distributed: bool = True,
+    bias_correction: bool | None = None,
 ) -> int:
     """Set every site's statistics from ``batches`` (post-training quantization, or before training).
 
@@ -122,6 +124,14 @@ def calibrate(
     Empty batches are skipped. NaN/Inf values are left out of the statistics and reported
     (:class:`~qtrim_fx.runtime.nonfinite.NonFiniteWarning`, naming the sites).
 
+    Bias correction (default, ``QuantConfig.bias_correction``): a second pass over the same batches
+    measures, layer by layer, the mean error each quantized Conv / Linear output channel has at λ = 1
+    against the float model (λ = 0) and stores it as a shift of that layer's bias, applied as
+    ``b − λ·δ`` in the prepared model and folded into the exported bias
+    (:mod:`qtrim_fx.train.bias_correction`). It costs two more forward passes per batch and keeps
+    the batches in memory until it is done; an earlier correction is replaced (or, with
+    ``bias_correction=False``, removed).
+
     Args:
         model: a prepared model (or a ``DistributedDataParallel`` wrapper of one).
         batches: iterable of model inputs (tensor, tuple of positional inputs, or dict).
@@ -131,6 +141,8 @@ def calibrate(
         distributed: when a ``torch.distributed`` process group is initialized, average the
             statistics over the ranks (every rank must call ``calibrate``; all stop with the rank
             that runs out of batches first). ``False``: this rank alone.
+        bias_correction: measure and store the per-layer bias correction after the statistics;
+            None (default): the model's ``QuantConfig.bias_correction`` (True, ``QuantConfig.paper()``: False).
 
     Returns:
         The number of batches used (the same on every rank).
@@ -145,11 +157,18 @@ def calibrate(
     model = unwrap(model)
     require_prepared(model, "calibrate")
     _check_batches(batches, num_batches)
+    if bias_correction is None:
+        config = getattr(getattr(model, INFO_ATTR, None), "config", None)
+        bias_correction = bool(getattr(config, "bias_correction", True))
+    elif not isinstance(bias_correction, bool):
+        raise ConfigError(f"calibrate bias_correction={bias_correction!r} must be True, False or None (the config's)")
     from tqdm.auto import tqdm
 
     world = _world_size(distributed)
     device = _device(model) if world > 1 else torch.device("cpu")
     before = nonfinite_counts(model)
+    reset_bias_shifts(model)  # measured afresh below, from these statistics
+    ran: list[Any] = []  # the batches run, for the bias correction pass
     used = 0
     with (_calibration_mode(model, sync_ranks=world > 1) as sites, watch_batchnorm(model) as stale_bn,
           torch.no_grad()):
@@ -170,6 +189,8 @@ def calibrate(
                 s.observer.momentum = 1.0 / (used + 1)
             # Under DDP a rank whose own batch is empty still runs it: its sites join the others' all-reduce.
             run_batch(model, batch, used, "calibrate", input_fn is not None)
+            if bias_correction:
+                ran.append(batch)
             used += 1
     warn_nonfinite(before, nonfinite_counts(model), "during calibrate", stacklevel=3)
     if used == 0:
@@ -179,6 +200,8 @@ def calibrate(
         )
     if not _warn_collapsed_ranges(model, stacklevel=3):  # the more specific of the two names the same cause
         stale_bn.warn(stacklevel=2)
+    if bias_correction:
+        correct_biases(model, ran, world, input_fn is not None, progress)
     return used
 
 

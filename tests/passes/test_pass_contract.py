@@ -38,6 +38,7 @@ from qtrim_fx.frontend.trace import capture
 from qtrim_fx.passes.base import GraphPass, PassResult
 from qtrim_fx.passes.lower.attention_rank4 import AttentionRank4Pass
 from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
+from qtrim_fx.passes.lower.fold_bias_shift import FoldBiasShiftPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
 from qtrim_fx.passes.lower.multiply_gates import MultiplyGatesPass
@@ -50,6 +51,7 @@ from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.lower.safe_softmax import SafeSoftmaxPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.bias_shift import InsertBiasShiftPass
 from qtrim_fx.passes.prepare.decompose_attention import DecomposeAttentionPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
@@ -62,6 +64,7 @@ from qtrim_fx.passes.prepare.pipeline import prepare_passes
 from qtrim_fx.passes.prepare.ranks import record_ranks
 from qtrim_fx.passes.prepare.rewire_inplace import RewireInplacePass
 from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
+from qtrim_fx.runtime.bias_shift import bias_shifts
 from qtrim_fx.runtime.ops import relu_keep_mask
 from qtrim_fx.runtime.qdq import quant_dequant
 from tests.helpers.qmodels import calibrated
@@ -381,10 +384,11 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
     return lambda **_: _prepare_stage(model(), 3)
 
 
-# prepare_passes: SplitNormAct, RewireInplace, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu (DecomposeGates after
+# prepare_passes: SplitNormAct, RewireInplace, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu, InsertBiasShift
+#                 (DecomposeGates after
 #                 SplitNormAct only for a target with gated activations: qnn, npu)
 # (_convnet_prepare(k) runs SplitNormAct, RewireInplace and then k of the others)
-# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
+# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBiasShift, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
 #                 MultiplyGates, AttentionRank4, RenormEmbeddings
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
@@ -392,6 +396,7 @@ CASES: dict[str, Case] = {
     "AnnotateSitesPass": Case(AnnotateSitesPass, _convnet_prepare(3), _normalized(Plain)),
     "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 6)),
     "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 7)),
+    "InsertBiasShiftPass": Case(InsertBiasShiftPass, _convnet_prepare(6), lambda **_: _prepare_stage(Plain(), 8)),
     "RewireInplacePass": Case(
         RewireInplacePass, lambda **_: capture(InplaceRelu()).gm, lambda **_: capture(TanhMLP()).gm),
     "SplitNormActPass": Case(
@@ -399,10 +404,10 @@ CASES: dict[str, Case] = {
     "BindScalarInputsPass": Case(
         BindScalarInputsPass, lambda **_: fx.symbolic_trace(ScaledBy()), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RequantizeViewsPass": Case(
-        RequantizeViewsPass, _integer_stage(6),
-        lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 6)),  # no view of a quantized tensor
+        RequantizeViewsPass, _integer_stage(7),
+        lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),  # no view of a quantized tensor
     "QuantizeNormAffinePass": Case(
-        QuantizeNormAffinePass, _integer_stage(7), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 6)),
+        QuantizeNormAffinePass, _integer_stage(8), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 7)),
     "DecomposeGatesPass": Case(
         lambda: DecomposeGatesPass(NPU), lambda **_: capture(SiluNet()).gm, lambda **_: capture(TanhMLP()).gm),
     "DecomposeGeluPass": Case(
@@ -413,9 +418,9 @@ CASES: dict[str, Case] = {
     "DecomposeGroupNormPass": Case(
         lambda: DecomposeGroupNormPass(NPU), _group_norm_graph, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(
-        MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
+        MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 8)),
     "SafeSoftmaxPass": Case(
-        SafeSoftmaxPass, _safe_softmax_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),
+        SafeSoftmaxPass, _safe_softmax_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 8)),
     "AttentionRank4Pass": Case(
         AttentionRank4Pass, lambda **_: _ranked(Attention3d(), torch.randn(2, 5, 8)),
         lambda **_: _ranked(Attention3d(), torch.randn(2, 3, 5, 8))),  # already 4-D
@@ -424,14 +429,16 @@ CASES: dict[str, Case] = {
         lambda **_: fx.symbolic_trace(TanhMLP())),
     "RestoreReluPass": Case(
         RestoreReluPass, _convnet_lower(2), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 2)),
+    "FoldBiasShiftPass": Case(
+        FoldBiasShiftPass, _convnet_lower(3), lambda **_: fx.symbolic_trace(TanhMLP())),  # calibrated: shifts set
     "FoldBatchNormPass": Case(
-        FoldBatchNormPass, _convnet_lower(3), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 3)),
+        FoldBatchNormPass, _convnet_lower(4), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 4)),
     "PlanLoweringPass": Case(
-        lambda: PlanLoweringPass(INT32_BIAS), _convnet_lower(4),
-        lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 7)),  # fully lowered: no site modules
-    "LowerSitesPass": Case(LowerSitesPass, _convnet_lower(5), lambda **_: fx.symbolic_trace(TanhMLP())),
+        lambda: PlanLoweringPass(INT32_BIAS), _convnet_lower(5),
+        lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 8)),  # fully lowered: no site modules
+    "LowerSitesPass": Case(LowerSitesPass, _convnet_lower(6), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RoundBiasPass": Case(
-        lambda: RoundBiasPass(INT32_BIAS), _convnet_lower(6),
+        lambda: RoundBiasPass(INT32_BIAS), _convnet_lower(7),
         lambda **_: fx.symbolic_trace(TanhMLP())),  # biases, but no quantized input or weight
 }
 
@@ -477,14 +484,15 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
     """The ``applies`` stages above index the pipelines; keep them aligned with the pipelines' order."""
     assert [type(p).__name__ for p in prepare_passes(qtrim_fx.QuantConfig())] == [
         "SplitNormActPass", "RewireInplacePass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
-        "InsertSitesPass", "LeanReluPass"]
+        "InsertSitesPass", "LeanReluPass", "InsertBiasShiftPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
-        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
+        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBiasShiftPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
         "MultiplyGatesPass", "SafeSoftmaxPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 8)
     assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)
-    lowered = _lower_stage(calibrated_convnet, 7)
+    assert any(m.active for m in bias_shifts(calibrated_convnet).values())  # FoldBiasShiftPass has work
+    lowered = _lower_stage(calibrated_convnet, 8)
     assert any(n.target is quant_dequant for n in lowered.graph.nodes) and hasattr(lowered, "qtrim_bias")
 
 

@@ -32,6 +32,7 @@ from qtrim_fx.models import get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import qtrim_fx
+from qtrim_fx.runtime.bias_shift import bias_shifts
 from qtrim_fx.runtime.nonfinite import NonFiniteWarning
 
 WORLD = 2
@@ -105,7 +106,8 @@ def _scenario_calibrate(rank: int) -> dict:
     return {"used": torch.tensor(used), "sites": _site_stats(qm),
             "outputs": {s.name: torch.stack([site.observer.lo, site.observer.hi])
                         for s, site, _ in qtrim_fx.iter_sites(qm) if not site.observer.clip},
-            "extremes": torch.stack([ys.min(), ys.max()])}
+            "extremes": torch.stack([ys.min(), ys.max()]),
+            "bias_shifts": {k: m.delta.clone() for k, m in bias_shifts(qm).items()}}
 
 
 def _scenario_nonfinite(rank: int) -> dict:
@@ -256,6 +258,9 @@ def test_ddp_calibrate_with_uneven_and_empty_batches(ranks):
     # Unclipped (output) sites: the min / max over every rank's batches, not a mean of the ranks'.
     lo, hi = min(a["extremes"][0], b["extremes"][0]), max(a["extremes"][1], b["extremes"][1])
     assert a["outputs"] and all(float(v[0]) == float(lo) and float(v[1]) == float(hi) for v in a["outputs"].values())
+    # Bias correction: measured over every rank's batches (sums all-reduced), the same on both ranks.
+    assert a["bias_shifts"] and all(v.any() for v in a["bias_shifts"].values())
+    _assert_same(a["bias_shifts"], b["bias_shifts"], "bias corrections")
 
 
 @pytest.mark.timeout(150)

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qtrim_fx.core.attrs import get_attr_tensor
 from qtrim_fx.core.spec import SITE_NODE
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.runtime.ops import bn_fold_factor, channel_shape
@@ -54,7 +55,7 @@ class FoldBatchNormPass(GraphPass):
             w_node, f_node = site.args
             bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
             w = gm.get_parameter(str(w_node.target))
-            b = None if bias is None else gm.get_parameter(str(bias.target))
+            b = None if bias is None else get_attr_tensor(gm, bias)
             fw, fb = _folded(w, b, gm.get_submodule(spec.folded_bn))
             if not hasattr(gm, FOLDED_ATTR):
                 gm.add_module(FOLDED_ATTR, nn.Module())

@@ -6,6 +6,7 @@
       ─RequireOpsetPass─▶ every op exportable at the target's opset (sdpa: 14), else ProfileError
       ─BindScalarInputsPass▶ uses of scalar-default arguments (is_causal=False) -> the constant
       ─RestoreReluPass──▶ lean ReLUs back to torch.relu
+      ─FoldBiasShiftPass▶ calibrate's bias corrections -> the layers' frozen biases (b − λ·δ)
       ─FoldBatchNormPass▶ conv + BatchNorm -> one conv with folded weight and bias
       ─PlanLoweringPass─▶ a frozen LoweredSite per site for the target (decide, no edits)
       ─LowerSitesPass───▶ sites -> quant_dequant with the planned qparams, or removed (edit)
@@ -24,6 +25,7 @@ from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.passes.base import GraphPass
 from qtrim_fx.passes.lower.attention_rank4 import AttentionRank4Pass
 from qtrim_fx.passes.lower.bind_scalar_inputs import BindScalarInputsPass
+from qtrim_fx.passes.lower.fold_bias_shift import FoldBiasShiftPass
 from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
 from qtrim_fx.passes.lower.lower_sites import LowerSitesPass
 from qtrim_fx.passes.lower.multiply_gates import MultiplyGatesPass
@@ -53,6 +55,7 @@ def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = No
         RequireOpsetPass(profile),
         BindScalarInputsPass(),
         RestoreReluPass(),
+        FoldBiasShiftPass(),
         FoldBatchNormPass(),
         PlanLoweringPass(profile),
         LowerSitesPass(),

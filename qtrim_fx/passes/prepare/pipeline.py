@@ -15,6 +15,7 @@
       ─AnnotateSitesPass─────────────▶ a frozen SiteSpec per site in node.meta (decide, no edits)
       ─InsertSitesPass───────────────▶ one observer + blend-quant module per site (edit)
       ─LeanReluPass──────────────────▶ site-only ReLUs save a 1-byte mask for backward
+      ─InsertBiasShiftPass───────────▶ quantized Conv/Linear read their bias through a BiasShift (calibrate's correction)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qtrim_fx.core.config import QuantConfig
 from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.passes.base import GraphPass, run_passes
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
+from qtrim_fx.passes.prepare.bias_shift import InsertBiasShiftPass
 from qtrim_fx.passes.prepare.decompose_attention import DecomposeAttentionPass
 from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
@@ -59,4 +61,5 @@ def prepare_passes(config: QuantConfig) -> list[GraphPass]:
         AnnotateSitesPass(config),
         InsertSitesPass(config),
         LeanReluPass(),
+        InsertBiasShiftPass(),
     ]
