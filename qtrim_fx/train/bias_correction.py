@@ -53,15 +53,30 @@ class _Probe(nn.Module):
         self.float_sum: torch.Tensor | None = None
         self.err_sum: torch.Tensor | None = None
         self.count = 0.0
+        self.failed = False
 
-    def _sums(self, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        axis = self.shift.axis % y.dim()
+    def _axis(self, y: torch.Tensor) -> int | None:
+        """The channel axis of this output, None when it has no such axis (then the layer is not corrected)."""
+        if not isinstance(y, torch.Tensor) or y.dim() == 0 or not y.is_floating_point():
+            return None
+        axis = self.shift.axis
+        if axis == 1 and y.dim() == self.shift.rank - 1:  # an unbatched convolution: (C, *spatial)
+            axis = 0
+        if y.shape[axis % y.dim()] != self.shift.delta.numel():
+            return None
+        return axis % y.dim()
+
+    def _sums(self, y: torch.Tensor, axis: int) -> tuple[torch.Tensor, float]:
         dims = [d for d in range(y.dim()) if d != axis]
         c = y.shape[axis]
         return y.sum(dim=dims, dtype=torch.float64) if dims else y.double(), float(y.numel() // max(c, 1))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        s, n = self._sums(y)
+        axis = self._axis(y)
+        if axis is None or self.failed:
+            self.failed = True  # every rank sees the same shapes: none of them all-reduces for this layer
+            return y
+        s, n = self._sums(y, axis)
         if self.mode == "float":
             self.float_sum = s
             return y
@@ -74,11 +89,13 @@ class _Probe(nn.Module):
             return y
         delta = (self.err_sum / self.count).to(y.dtype)
         shape = [1] * y.dim()
-        shape[self.shift.axis % y.dim()] = -1
+        shape[axis] = -1
         return y - delta.view(shape)
 
     def delta(self) -> torch.Tensor | None:
-        return None if self.err_sum is None or self.count == 0 else (self.err_sum / self.count).float()
+        if self.failed or self.err_sum is None or self.count == 0:
+            return None
+        return (self.err_sum / self.count).float()
 
 
 def reset_bias_shifts(model: nn.Module) -> None:

@@ -199,3 +199,27 @@ def test_shift_before_a_training_batchnorm_is_left_out():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
     assert torch.equal(before_bn(None), -before_bn.delta)
+
+
+class _Unbatched(nn.Module):
+    """A conv called on (C, H, W) inputs (no batch axis): its output's channel axis is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+
+    def forward(self, x):
+        return self.conv(x).relu().mean((1, 2))
+
+
+def test_unbatched_convolution_is_corrected_along_its_channel_axis():
+    torch.manual_seed(0)
+    model = _Unbatched().eval()
+    x = torch.rand(3, 8, 8)
+    x[:, :4] = 0.2  # a constant region: a coherent rounding error
+    qm = qtrim_fx.prepare(model, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qtrim_fx.calibrate(qm, [x, x.flip(1)])
+    (shift,) = bias_shifts(qm).values()
+    assert shift.active and shift.delta.shape == (5,)

@@ -51,13 +51,13 @@ def _weight_site(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _channels(gm: fx.GraphModule, site: fx.Node) -> int | None:
+def _weight_shape(gm: fx.GraphModule, site: fx.Node) -> tuple[int, ...] | None:
     src = site.args[0] if site.args else None
     t = get_attr_tensor(gm, src)
     if t is None and isinstance(src, fx.Node):
         t = src.meta.get("val")
     shape = getattr(t, "shape", None)
-    return int(shape[0]) if shape is not None and len(shape) >= 2 else None
+    return tuple(int(d) for d in shape) if shape is not None and len(shape) >= 2 else None
 
 
 class InsertBiasShiftPass(GraphPass):
@@ -76,7 +76,8 @@ class InsertBiasShiftPass(GraphPass):
             site = _weight_site(node)
             if site is None:
                 continue
-            channels = _channels(gm, site)
+            shape = _weight_shape(gm, site)
+            channels = None if shape is None else shape[0]
             bias, as_kw = shifted_bias(node)
             if isinstance(bias, fx.Node) and bias.op == "call_module" and str(bias.target).startswith(
                     BIAS_SHIFT_ATTR + "."):
@@ -90,7 +91,8 @@ class InsertBiasShiftPass(GraphPass):
             if not hasattr(gm, BIAS_SHIFT_ATTR):
                 gm.add_module(BIAS_SHIFT_ATTR, nn.ModuleDict())
             norm = gm.get_submodule(spec.folded_bn) if spec.folded_bn is not None else None
-            getattr(gm, BIAS_SHIFT_ATTR)[key] = BiasShift(channels, _AXIS[kind], control, norm)
+            getattr(gm, BIAS_SHIFT_ATTR)[key] = BiasShift(channels, _AXIS[kind], control, norm,
+                                                          rank=len(shape) if kind == "conv" else 0)
             with gm.graph.inserting_before(node):
                 shift = gm.graph.call_module(f"{BIAS_SHIFT_ATTR}.{key}", (bias,))
             if as_kw:
