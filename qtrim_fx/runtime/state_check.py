@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qtrim_fx.core.errors import CheckpointError
+from qtrim_fx.runtime.bias_shift import BIAS_SHIFT_ATTR
 from qtrim_fx.runtime.blend import BlendControl
 from qtrim_fx.runtime.prepared import BLEND_ATTR, SITES_ATTR, SPECS_ATTR
 from qtrim_fx.runtime.site import QuantSite
@@ -43,6 +44,7 @@ def check_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args: An
                 "its parameters and keep the current statistics"
             )
         return
+    _check_bias_shifts(module, state_dict, prefix)
     ours = set(sites.keys())
     if strict and theirs != ours:
         raise CheckpointError(
@@ -51,6 +53,24 @@ def check_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args: An
         )
     for key in sorted(ours & theirs):
         _check_site_shape(module, sites[key], key, state_dict, f"{head}{key}.observer.")
+
+
+def _check_bias_shifts(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Bias corrections: absent from a checkpoint saved before they existed (read as none: zeros, added to the
+    state being loaded), refused when not finite."""
+    shifts = getattr(module, BIAS_SHIFT_ATTR, None)
+    if not isinstance(shifts, nn.ModuleDict):
+        return
+    head = prefix + BIAS_SHIFT_ATTR + "."
+    if not any(k.startswith(head) for k in state_dict):
+        for key, m in shifts.items():
+            state_dict[f"{head}{key}.delta"] = torch.zeros_like(m.delta)
+        return
+    for k, v in state_dict.items():
+        if k.startswith(head) and isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(
+                torch.isfinite(v).all()):
+            raise CheckpointError(f"checkpoint entry {k!r} (a bias correction) holds NaN or Inf; the checkpoint is "
+                                  "corrupted: save it again, or calibrate the model again")
 
 
 def _caller_strict() -> bool:

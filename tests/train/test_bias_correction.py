@@ -223,3 +223,15 @@ def test_unbatched_convolution_is_corrected_along_its_channel_axis():
         qtrim_fx.calibrate(qm, [x, x.flip(1)])
     (shift,) = bias_shifts(qm).values()
     assert shift.active and shift.delta.shape == (5,)
+
+
+def test_checkpoint_from_before_bias_correction_loads_and_a_corrupted_one_is_refused():
+    _, qm, _ = _calibrated()
+    old = {k: v for k, v in qm.state_dict().items() if not k.startswith(BIAS_SHIFT_ATTR + ".")}
+    fresh = qtrim_fx.prepare(_net(0).eval())
+    fresh.load_state_dict(old)  # strict: a checkpoint saved before bias correction existed holds none
+    assert not any(m.active for m in bias_shifts(fresh).values())
+    bad = qm.state_dict()
+    bad[f"{BIAS_SHIFT_ATTR}.0_weight.delta"][0] = float("nan")
+    with pytest.raises(qtrim_fx.CheckpointError, match="bias correction"):
+        fresh.load_state_dict(bad)
