@@ -144,7 +144,8 @@ def correct_biases(model: fx.GraphModule, batches: Sequence[Any], world: int, ha
     shifts = bias_shifts(model)
     if not shifts:
         return 0
-    from tqdm.auto import tqdm
+    # not tqdm.auto: its asyncio class calls iter() in __init__ (one more pass of a DataLoader's workers)
+    from tqdm.autonotebook import tqdm
 
     reset_bias_shifts(model)
     control = blend_control(model)

@@ -77,6 +77,29 @@ def _calibration_mode(model: nn.Module, sync_ranks: bool) -> Iterator[list]:
              s.observer.running_extremes) = (mu, every, calls, sync, ext)
 
 
+def _agreed_batches(batches: Iterable[Any], num_batches: int | None, input_fn: Callable[[Any], Any] | None,
+                    world: int, device: torch.device, warn: bool = True) -> Iterator[Any]:
+    """The model inputs of ``batches`` to run, the same number on every rank: all stop with the first rank to run
+    out (or at ``num_batches``); a batch empty on every rank is skipped, one empty on some ranks only is run."""
+    it = iter(batches)
+    used = 0
+    while True:
+        batch = _END if num_batches is not None and used >= num_batches else next(it, _END)
+        have = batch is not _END
+        if have and input_fn is not None:
+            batch = input_fn(batch)
+        empty = have and _is_empty(batch)
+        everyone, any_data = _agree(have, not empty, world, device)
+        if not everyone:
+            return
+        if not any_data:
+            if warn:
+                warnings.warn("calibrate: skipped an empty batch (batch size 0)", stacklevel=3)
+            continue
+        yield batch
+        used += 1
+
+
 def _world_size(distributed: bool) -> int:
     if distributed and dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -124,13 +147,14 @@ def calibrate(
     Empty batches are skipped. NaN/Inf values are left out of the statistics and reported
     (:class:`~qtrim_fx.runtime.nonfinite.NonFiniteWarning`, naming the sites).
 
-    Bias correction (default, ``QuantConfig.bias_correction``): a second pass over the same batches
+    Bias correction (default, ``QuantConfig.bias_correction``): a second pass over the batches
     measures, layer by layer, the mean error each quantized Conv / Linear output channel has at λ = 1
     against the float model (λ = 0) and stores it as a shift of that layer's bias, applied as
     ``b − λ·δ`` in the prepared model and folded into the exported bias
-    (:mod:`qtrim_fx.train.bias_correction`). It costs two more forward passes per batch and keeps
-    the batches in memory until it is done; an earlier correction is replaced (or, with
-    ``bias_correction=False``, removed).
+    (:mod:`qtrim_fx.train.bias_correction`). It costs two more forward passes per batch: ``batches``
+    is iterated again (a list, a DataLoader: a shuffling loader gives other batches of the same data,
+    which is as good), except a one-shot iterator (a generator), whose batches are kept in memory as
+    they are read. An earlier correction is replaced (or, with ``bias_correction=False``, removed).
 
     Args:
         model: a prepared model (or a ``DistributedDataParallel`` wrapper of one).
@@ -162,34 +186,27 @@ def calibrate(
         bias_correction = bool(getattr(config, "bias_correction", True))
     elif not isinstance(bias_correction, bool):
         raise ConfigError(f"calibrate bias_correction={bias_correction!r} must be True, False or None (the config's)")
-    from tqdm.auto import tqdm
+    # not tqdm.auto: its asyncio class calls iter() in __init__ (one more pass of a DataLoader's workers)
+    from tqdm.autonotebook import tqdm
 
     world = _world_size(distributed)
     device = _device(model) if world > 1 else torch.device("cpu")
     before = nonfinite_counts(model)
     reset_bias_shifts(model)  # measured afresh below, from these statistics
-    ran: list[Any] = []  # the batches run, for the bias correction pass
+    # The bias correction reads the batches a second time: a list, a DataLoader (anything ``iter`` does not
+    # exhaust) is iterated again; a one-shot iterator (a generator) is kept in memory as it is read.
+    keep = bias_correction and isinstance(batches, Iterator)
+    ran: list[Any] = []
     used = 0
     with (_calibration_mode(model, sync_ranks=world > 1) as sites, watch_batchnorm(model) as stale_bn,
           torch.no_grad()):
-        it = iter(tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False))
-        while True:
-            batch = _END if num_batches is not None and used >= num_batches else next(it, _END)
-            have = batch is not _END
-            if have and input_fn is not None:
-                batch = input_fn(batch)
-            empty = have and _is_empty(batch)
-            everyone, any_data = _agree(have, not empty, world, device)
-            if not everyone:
-                break
-            if not any_data:
-                warnings.warn("calibrate: skipped an empty batch (batch size 0)", stacklevel=2)
-                continue
+        shown = tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False)
+        for batch in _agreed_batches(shown, num_batches, input_fn, world, device):
             for s in sites:
                 s.observer.momentum = 1.0 / (used + 1)
             # Under DDP a rank whose own batch is empty still runs it: its sites join the others' all-reduce.
             run_batch(model, batch, used, "calibrate", input_fn is not None)
-            if bias_correction:
+            if keep:
                 ran.append(batch)
             used += 1
     warn_nonfinite(before, nonfinite_counts(model), "during calibrate", stacklevel=3)
@@ -201,7 +218,8 @@ def calibrate(
     if not _warn_collapsed_ranges(model, stacklevel=3):  # the more specific of the two names the same cause
         stale_bn.warn(stacklevel=2)
     if bias_correction:
-        correct_biases(model, ran, world, input_fn is not None, progress)
+        again = ran if keep else _agreed_batches(batches, used, input_fn, world, device, warn=False)
+        correct_biases(model, again, world, input_fn is not None, progress)
     return used
 
 

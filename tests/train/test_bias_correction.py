@@ -235,3 +235,33 @@ def test_checkpoint_from_before_bias_correction_loads_and_a_corrupted_one_is_ref
     bad[f"{BIAS_SHIFT_ATTR}.0_weight.delta"][0] = float("nan")
     with pytest.raises(qtrim_fx.CheckpointError, match="bias correction"):
         fresh.load_state_dict(bad)
+
+
+def test_a_loader_is_read_again_and_an_iterator_is_kept():
+    """A re-iterable (list, DataLoader) is iterated twice; a generator once (its batches kept); same correction."""
+    _, qm, batches = _calibrated(bias_correction=False)
+    reads = []
+
+    class Loader:
+        def __iter__(self):
+            reads.append(1)
+            return iter(batches)
+
+    qtrim_fx.calibrate(qm, Loader())
+    assert len(reads) == 2
+    from_loader = {k: m.delta.clone() for k, m in bias_shifts(qm).items()}
+    qtrim_fx.calibrate(qm, (b for b in batches))
+    assert all(torch.equal(from_loader[k], m.delta) for k, m in bias_shifts(qm).items())
+    qtrim_fx.calibrate(qm, Loader(), num_batches=2)  # the second pass stops where the first did
+    two = {k: m.delta.clone() for k, m in bias_shifts(qm).items()}
+    qtrim_fx.calibrate(qm, batches[:2])
+    assert all(torch.equal(two[k], m.delta) for k, m in bias_shifts(qm).items())
+
+
+def test_empty_batches_are_skipped_in_both_passes():
+    _, qm, batches = _calibrated(bias_correction=False)
+    with pytest.warns(UserWarning, match="skipped an empty batch") as caught:
+        qtrim_fx.calibrate(qm, [batches[0], batches[0][:0], batches[1]])
+    assert all(w.filename == __file__ for w in caught if "empty batch" in str(w.message))
+    assert sum("empty batch" in str(w.message) for w in caught) == 1
+    assert all(m.active for m in bias_shifts(qm).values())
