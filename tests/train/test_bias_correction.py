@@ -265,3 +265,49 @@ def test_empty_batches_are_skipped_in_both_passes():
     assert all(w.filename == __file__ for w in caught if "empty batch" in str(w.message))
     assert sum("empty batch" in str(w.message) for w in caught) == 1
     assert all(m.active for m in bias_shifts(qm).values())
+
+
+class _Conv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D: ``addmm(bias, x, weight)`` with the weight stored (in, out)."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)  # noqa: RUF005 (as Hugging Face writes it: traceable)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class _GPTMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj = _Conv1D(8, 16), _Conv1D(16, 8)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_fc(x)))
+
+
+def test_addmm_layers_are_corrected_and_export_with_the_corrected_bias(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _GPTMlp().eval()
+    batches = [torch.randn(4, 6, 8).clamp(min=-0.5) for _ in range(4)]  # a floor value repeated: a mean error
+    qm = qtrim_fx.prepare(model, (batches[0],))
+    shifts = bias_shifts(qm)
+    assert {k: (m.delta.numel(), m.axis) for k, m in shifts.items()} == {"c_fc_weight": (16, -1),
+                                                                       "c_proj_weight": (8, -1)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qtrim_fx.calibrate(qm, batches)
+        assert all(m.active for m in shifts.values())
+        path = tmp_path / "mlp.onnx"
+        qtrim_fx.export_onnx(qm, (batches[0],), path, input_names=["x"], output_names=["y"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        lowered = qtrim_fx.lower(qm)(batches[1]).numpy()
+    got = sess.run(None, {"x": batches[1].numpy()})[0]
+    assert np.abs(got - lowered).max() <= 0.01 * np.abs(lowered).max()

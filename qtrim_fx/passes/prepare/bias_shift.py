@@ -14,12 +14,15 @@ freshly prepared one::
 
 Only functional ``conv`` / ``linear`` nodes (after ``FunctionalizeWeightedModulesPass``) whose weight
 operand is a weight site, with the bias as their third operand (``F.conv*d``, ``F.linear``,
-``aten.conv*d`` / ``aten.linear``); transposed convolutions, ``addmm`` and matmuls keep their bias.
+``aten.conv*d`` / ``aten.linear``), and ``addmm(b, x, w)`` (Hugging Face's Conv1D, default ``beta`` /
+``alpha``); transposed convolutions and bias-free matmuls are left as they are.
 A weight read by several layers gives each its own shift (keys ``<site>``, ``<site>_2``, ...). A conv whose
 weight site folds a BatchNorm hands the shift that BatchNorm (batch statistics cancel the shift in training).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
@@ -32,18 +35,37 @@ from qtrim_fx.runtime.prepared import BLEND_ATTR
 
 __all__ = ["InsertBiasShiftPass", "shifted_bias"]
 
-_AXIS = {"conv": 1, "linear": -1}
+@dataclass(frozen=True)
+class _Layout:
+    """Where a layer kind keeps its operands: weight and bias argument positions (and the bias keyword), the
+    weight dimension that counts output channels, the output's channel axis."""
+
+    weight: int
+    bias: int
+    bias_kw: str | None
+    channels_dim: int
+    axis: int
 
 
-def shifted_bias(node: fx.Node) -> tuple[object, bool]:
-    """(the bias operand of a conv / linear node, whether it is passed as the ``bias`` keyword)."""
-    if len(node.args) > 2:
-        return node.args[2], False
-    return node.kwargs.get("bias"), "bias" in node.kwargs
+_LAYOUTS = {
+    "conv": _Layout(1, 2, "bias", 0, 1),         # conv*d(x, w, b, ...), w (C_out, C_in/g, *k)
+    "linear": _Layout(1, 2, "bias", 0, -1),      # linear(x, w, b), w (C_out, C_in)
+    "addmm": _Layout(2, 0, None, 1, -1),         # addmm(b, x, w), w (C_in, C_out): Hugging Face's Conv1D
+}
 
 
-def _weight_site(node: fx.Node) -> fx.Node | None:
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+def shifted_bias(node: fx.Node, layout: _Layout | None = None) -> tuple[object, bool]:
+    """(the bias operand of a conv / linear / addmm node, whether it is passed as a keyword)."""
+    layout = layout or _LAYOUTS["linear"]
+    if len(node.args) > layout.bias:
+        return node.args[layout.bias], False
+    if layout.bias_kw is None:
+        return None, False
+    return node.kwargs.get(layout.bias_kw), layout.bias_kw in node.kwargs
+
+
+def _weight_site(node: fx.Node, layout: _Layout) -> fx.Node | None:
+    w = node.args[layout.weight] if len(node.args) > layout.weight else None
     if isinstance(w, fx.Node) and w.op == "call_module":
         spec = w.meta.get(SITE_NODE)
         if spec is not None and spec.kind == "weight":
@@ -60,8 +82,12 @@ def _weight_shape(gm: fx.GraphModule, site: fx.Node) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape) if shape is not None and len(shape) >= 2 else None
 
 
+def _is_shift(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and str(node.target).startswith(BIAS_SHIFT_ATTR + ".")
+
+
 class InsertBiasShiftPass(GraphPass):
-    """Insert a ``call_module`` BiasShift before the bias operand of quantized Conv / Linear nodes."""
+    """Insert a ``call_module`` BiasShift before the bias operand of quantized Conv / Linear / addmm nodes."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         control = getattr(gm, BLEND_ATTR, None)
@@ -70,38 +96,35 @@ class InsertBiasShiftPass(GraphPass):
         modified = False
         used: dict[str, int] = {}
         for node in list(gm.graph.nodes):
-            kind = node.meta.get(OP_KIND)
-            if node.op != "call_function" or kind not in _AXIS:
-                continue
-            site = _weight_site(node)
+            layout = _LAYOUTS.get(node.meta.get(OP_KIND)) if node.op == "call_function" else None
+            site = None if layout is None else _weight_site(node, layout)
             if site is None:
                 continue
+            if layout.bias_kw is None and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+                continue  # addmm(..., beta=) scales the bias: not a plain bias
             shape = _weight_shape(gm, site)
-            channels = None if shape is None else shape[0]
-            bias, as_kw = shifted_bias(node)
-            if isinstance(bias, fx.Node) and bias.op == "call_module" and str(bias.target).startswith(
-                    BIAS_SHIFT_ATTR + "."):
-                continue  # already reads its bias through a shift
-            if channels is None or (bias is not None and not isinstance(bias, fx.Node)) or (
-                    not as_kw and len(node.args) < 2):
-                continue
+            bias, as_kw = shifted_bias(node, layout)
+            if shape is None or _is_shift(bias) or (bias is not None and not isinstance(bias, fx.Node)):
+                continue  # unknown channels, already shifted, or a constant bias
+            if bias is None and layout.bias_kw is None:
+                continue  # addmm always has its bias operand
             spec = site.meta[SITE_NODE]
             used[spec.key] = used.get(spec.key, 0) + 1
             key = spec.key if used[spec.key] == 1 else f"{spec.key}_{used[spec.key]}"
             if not hasattr(gm, BIAS_SHIFT_ATTR):
                 gm.add_module(BIAS_SHIFT_ATTR, nn.ModuleDict())
             norm = gm.get_submodule(spec.folded_bn) if spec.folded_bn is not None else None
-            getattr(gm, BIAS_SHIFT_ATTR)[key] = BiasShift(channels, _AXIS[kind], control, norm,
-                                                          rank=len(shape) if kind == "conv" else 0)
+            getattr(gm, BIAS_SHIFT_ATTR)[key] = BiasShift(shape[layout.channels_dim], layout.axis, control, norm,
+                                                          rank=len(shape) if layout.axis == 1 else 0)
             with gm.graph.inserting_before(node):
                 shift = gm.graph.call_module(f"{BIAS_SHIFT_ATTR}.{key}", (bias,))
             if as_kw:
-                node.kwargs = {**node.kwargs, "bias": shift}
-            elif len(node.args) > 2:
+                node.kwargs = {**node.kwargs, layout.bias_kw: shift}
+            elif len(node.args) > layout.bias:
                 args = list(node.args)
-                args[2] = shift
+                args[layout.bias] = shift
                 node.args = tuple(args)
-            else:
+            else:  # conv / linear called without their optional bias operand
                 node.args = (*node.args, shift)
             modified = True
         return finish(gm, modified)
