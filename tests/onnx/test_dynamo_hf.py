@@ -59,10 +59,17 @@ def test_hf_export_runs_at_other_batch_and_sequence(tmp_path, factory):
     qm.eval()
     path = tmp_path / "hf.onnx"
     qtrim_fx.export_onnx(qm, _batch(2, 16, 0), path)  # exporter="auto": dynamo for a torch.export capture
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # Values are checked against the file's QDQ semantics (no graph optimizations, as export's self-check); the
+    # default session's fused integer kernels must run at every shape too, but they requantize in fixed point and
+    # a random-init transformer amplifies their rounding flips (RESULTS, "ONNX Runtime's default optimizations").
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     assert [i.shape for i in sess.get_inputs()] == [["batch", "sequence"]] * 2
     for b, s in SHAPES:
         x = _batch(b, s, 7)
+        assert fused.run(None, {k: v.numpy() for k, v in x.items()})[0].shape == (b, s, 32)
         out = sess.run(None, {k: v.numpy() for k, v in x.items()})[0]
         with torch.no_grad():
             ref = qm(**x)[0].numpy()
