@@ -92,11 +92,13 @@ class BiasShift(nn.Module):
 
     def forward(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         control = self._control
+        norm = self._norm
+        if norm is not None and norm.training:  # batch statistics cancel it (see module doc)
+            return bias
         if torch.compiler.is_compiling():  # no host reads in a compiled graph; b − λ·0 is b
             shift = self.delta * control.value
             return -shift if bias is None else bias - shift.to(bias.dtype)
-        norm = self._norm
-        if control._is_zero or not self.active or (norm is not None and norm.training):
+        if control._is_zero or not self.active:
             return bias
         return self.shifted(bias, control.value)
 

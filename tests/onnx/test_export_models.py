@@ -12,6 +12,7 @@ from qtrim_fx.models import get_model
 import qtrim_fx
 from qtrim_fx.onnx import ExportError, ProfileError, check
 from qtrim_fx.onnx.export_model import export_onnx
+from qtrim_fx.onnx.self_check import verify_export
 from tests.helpers.qmodels import calibrated, train_on_digits
 
 
@@ -169,7 +170,11 @@ def test_vit_exports_keep_softmax_float(name, tmp_path):
     with torch.no_grad():
         ref = qm(x).numpy()
     out = _run(_session(path), x)
-    assert _sqnr(ref, out) >= 35.0
+    # The file computes the model up to rounding: export's own rule on ORT (a value on a rounding boundary that
+    # another summation order flips by one step; in a random-init ViT one flip moves a whole sample's logits),
+    # and close overall.
+    verify_export(qtrim_fx.lower(qm), (x,), path)
+    assert _sqnr(ref, out) >= 30.0
 
 
 def test_tv_mobilenet_v3_small_export(tmp_path):
