@@ -38,10 +38,10 @@ class BiasShift(nn.Module):
     Args:
         channels: the layer's output channels (the bias length).
         axis: the output's channel axis (1 for convolutions, -1 for linear layers).
-        rank: the rank of the layer's batched output (a convolution's weight rank; linear: 0, any rank).
         control: the model's shared :class:`BlendControl` (held by reference, not registered).
         norm: the BatchNorm that reads the layer's output, if any (held by reference): while it is in
             training mode the shift is left out (see module doc).
+        rank: the rank of the layer's batched output (a convolution's weight rank; linear: 0, any rank).
     """
 
     def __init__(self, channels: int, axis: int, control: BlendControl,

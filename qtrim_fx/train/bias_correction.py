@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -134,12 +134,12 @@ def _probed(gm: fx.GraphModule, world: int) -> Iterator[list[_Probe]]:
         gm.recompile()
 
 
-def correct_biases(model: fx.GraphModule, batches: Sequence[Any], world: int, has_input_fn: bool,
+def correct_biases(model: fx.GraphModule, batches: Iterable[Any], world: int, has_input_fn: bool,
                    progress: bool = False) -> int:
     """Measure and store every BiasShift's ``δ`` from ``batches`` (see module doc); the number of layers corrected.
 
     ``model`` is the unwrapped prepared model, already calibrated; its mode, λ and site statistics are left
-    as they were. Every rank passes the same number of batches.
+    as they were. Every rank passes the same number of batches (``calibrate`` agrees on them).
     """
     shifts = bias_shifts(model)
     if not shifts:
