@@ -9,6 +9,7 @@ from torch import nn
 
 from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.passes.prepare.coverage import float_weights
+from qtrim_fx.runtime.bias_shift import bias_shifts
 from qtrim_fx.runtime.ops import bn_fold_factor, channel_shape
 from qtrim_fx.runtime.prepared import INFO_ATTR, iter_sites, require_prepared
 from qtrim_fx.tools.sanitize import printable
@@ -131,6 +132,12 @@ def _site_row(model: nn.Module, spec, site, extra: str | None) -> SiteRow:
             clipped = float(((q < spec.scheme.qmin) | (q > spec.scheme.qmax)).float().mean())
     if getattr(site, "float_output", False):
         notes.append("model output: float in training and in float targets' files (quantized for qnn/npu)")
+    if spec.kind == "weight":
+        shifts = bias_shifts(model)
+        mine = (k for k in shifts if k == spec.key or (k.startswith(spec.key + "_") and k[len(spec.key) + 1:].isdigit()))
+        deltas = [shifts[k].delta for k in mine if shifts[k].active]
+        if deltas:  # calibrate's bias correction of the layer(s) this weight feeds
+            notes.append(f"bias corrected: max |δ| {max(float(d.abs().max()) for d in deltas):.3g}")
     if extra is not None:
         notes.append(extra)
     return SiteRow(spec.name, spec.kind, spec.role, spec.op, spec.scheme.describe(), shape, scale, zp, clipped,

@@ -311,3 +311,13 @@ def test_addmm_layers_are_corrected_and_export_with_the_corrected_bias(tmp_path)
         lowered = qtrim_fx.lower(qm)(batches[1]).numpy()
     got = sess.run(None, {"x": batches[1].numpy()})[0]
     assert np.abs(got - lowered).max() <= 0.01 * np.abs(lowered).max()
+
+
+def test_inspect_notes_the_corrected_layers():
+    _, qm, batches = _calibrated()
+    rows = {r.name: r for r in qtrim_fx.inspect(qm).rows}
+    assert all(any(n.startswith("bias corrected: max |δ|") for n in rows[k].notes)
+               for k in ("0.weight", "3.weight", "5.weight", "10.weight"))
+    assert not any("bias corrected" in n for r in rows.values() if r.kind == "activation" for n in r.notes)
+    qtrim_fx.calibrate(qm, batches, bias_correction=False)
+    assert "bias corrected" not in str(qtrim_fx.inspect(qm))
