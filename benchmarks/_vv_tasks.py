@@ -57,7 +57,8 @@ def _report_one(sw: common.Sweep, log, seconds: float) -> None:
         log(f"    failure: {r.recipe} on {r.runtime}: {r.message[:120]}")
 
 
-def run_mobilenet(quick: bool, seeds: list[int], log=_log, on_seed=None) -> tuple[list[common.Sweep], str, dict]:
+def run_mobilenet(quick: bool, seeds: list[int], log=_log, on_seed=None,
+                  figures: bool = True) -> tuple[list[common.Sweep], str, dict]:
     r = mb.QUICK if quick else mb.FULL
     variants = common.quick_recipes(r.calib_small, ours=False) if quick else common.recipes(r.calib_large, r.calib_small)
     teacher = mb.pretrained()
@@ -90,7 +91,7 @@ def run_mobilenet(quick: bool, seeds: list[int], log=_log, on_seed=None) -> tupl
         if on_seed is not None:
             on_seed(sweeps, f"{r.describe()}; {photos}; {len(variants)} recipes", secs)
     plots = []
-    if not quick and last_qt is not None:
+    if figures and not quick and last_qt is not None:
         plots.append(mb.plot_weights(teacher, last_qt, common.PLOTS / "vendor_variance_mobilenetv2_dw_weights.png"))
     return sweeps, f"{r.describe()}; {photos}; {len(variants)} recipes", {**secs, "_plots": plots}
 
@@ -137,7 +138,7 @@ def main_task(task: str, quick: bool, seeds: list[int], write: bool, cmd: str) -
 
     def on_seed(sweeps: list[common.Sweep], recipe: str, secs: dict) -> None:
         done = sorted({s.seed for s in sweeps})
-        if not quick:  # every row, and the recipe figure, after each seed: a run cut short keeps them
+        if write and not quick:  # every row, and the recipe figure, after each seed: a run cut short keeps them
             common.dump(sweeps, common.PLOTS / f"vendor_variance_{task}_rows.json")
             common.plot_recipes(sweeps, common.PLOTS / f"vendor_variance_{task}_recipes.png",
                                 f"{SECTIONS[task]}: FP32 − worst runtime per recipe (mean over seeds {done})")
@@ -145,13 +146,15 @@ def main_task(task: str, quick: bool, seeds: list[int], write: bool, cmd: str) -
             _write(task, quick, seeds, done, write, cmd, sweeps, recipe, secs, time.perf_counter() - start, [])
 
     try:
-        runner = run_mnist if task == "mnist" else run_mobilenet
-        sweeps, recipe, secs = runner(quick, seeds, on_seed=on_seed)
+        if task == "mnist":
+            sweeps, recipe, secs = run_mnist(quick, seeds, on_seed=on_seed)
+        else:  # --no-write leaves the committed figures alone too
+            sweeps, recipe, secs = run_mobilenet(quick, seeds, on_seed=on_seed, figures=write)
     finally:
         torch.set_num_threads(prev)
     plots = [p for p in secs.pop("_plots", []) if p is not None]
     recipe_png = common.PLOTS / f"vendor_variance_{task}_recipes.png"
-    if not quick and recipe_png.exists():
+    if write and not quick and recipe_png.exists():
         plots.append(recipe_png)
     print(_write(task, quick, seeds, seeds, write, cmd, sweeps, recipe, secs, time.perf_counter() - start, plots))
     return 0 if all(np.isfinite(s.stats(True).get("spread", np.nan)) for s in sweeps) else 1
