@@ -321,3 +321,32 @@ def test_inspect_notes_the_corrected_layers():
     assert not any("bias corrected" in n for r in rows.values() if r.kind == "activation" for n in r.notes)
     qtrim_fx.calibrate(qm, batches, bias_correction=False)
     assert "bias corrected" not in str(qtrim_fx.inspect(qm))
+
+
+class _ComputedBias(nn.Module):
+    """A layer whose bias is computed in the graph (not a parameter the lowering can replace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8) * 0.3)
+        self.b = nn.Parameter(torch.randn(6) * 0.1)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(x), self.w, self.b * 2.0)
+
+
+def test_a_computed_bias_is_corrected_in_the_lowered_graph():
+    torch.manual_seed(0)
+    model = _ComputedBias().eval()
+    batches = [torch.randn(16, 8) for _ in range(3)]
+    qm = qtrim_fx.prepare(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qtrim_fx.calibrate(qm, batches)
+        (shift,) = bias_shifts(qm).values()
+        assert shift.active
+        low = qtrim_fx.lower(qm)  # at λ = 0, as right after calibrate (the PTQ flow): fully quantized, corrected
+    assert not any(BIAS_SHIFT_ATTR in str(n.target) for n in low.graph.nodes)
+    qtrim_fx.set_blend(qm, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(low(batches[0]), qm.eval()(batches[0]), rtol=0, atol=1e-6)

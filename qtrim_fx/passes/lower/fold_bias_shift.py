@@ -9,13 +9,16 @@ the prepared graph calls on each quantized layer's bias. For deployment the corr
     after:   y = conv2d(xq, wq, get_attr[qtrim_shifted.conv_weight], ...)          (frozen b − δ)
 
 The lowered model quantizes every site fully whatever λ the prepared model is at (the PTQ flow exports
-at λ = 0), so the shift is folded at λ = 1 too. A shift that was never set leaves the layer's own
+at λ = 0), so the shift is folded at λ = 1 too. A bias the graph computes (not a parameter) gets
+``bias − δ`` as an op. A shift that was never set leaves the layer's own
 operand (the bias, or None): a model calibrated without bias correction lowers to exactly the graph it
 had before these modules existed.
 Runs before ``FoldBatchNormPass``, which folds the corrected bias with the BatchNorm.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -51,16 +54,18 @@ class FoldBiasShiftPass(GraphPass):
             value: object = bias
             if mod.active:
                 b = get_attr_tensor(gm, bias) if bias is not None else None
-                if bias is not None and b is None:
-                    continue  # a computed bias: the module stays (its value is still exact)
+                computed = bias is not None and b is None  # a bias computed in the graph: subtract δ there
                 with torch.no_grad():
-                    shifted = mod.shifted(None if b is None else b.detach(), 1.0)
+                    shifted = mod.delta.detach().clone() if computed else mod.shifted(
+                        None if b is None else b.detach(), 1.0)
                 if not hasattr(gm, SHIFTED_ATTR):
                     gm.add_module(SHIFTED_ATTR, nn.Module())
                 key = str(node.target)[len(BIAS_SHIFT_ATTR) + 1:]
                 getattr(gm, SHIFTED_ATTR).register_buffer(key, shifted.clone())
                 with gm.graph.inserting_before(node):
                     value = gm.graph.get_attr(f"{SHIFTED_ATTR}.{key}")
+                    if computed:
+                        value = gm.graph.call_function(operator.sub, (bias, value))
             _replace_uses(node, value)
             gm.graph.erase_node(node)
             modified = True
