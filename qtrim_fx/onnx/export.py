@@ -443,7 +443,13 @@ def _enforce(violations: list[Violation], prof: TargetProfile, gm: torch.nn.Modu
     errors = [v for v in violations if v.severity == "error" and v.rule not in ("float_op", "weight_float")]
     if errors:
         lines = "\n  ".join(str(v) for v in errors)
-        raise ExportError(f"the export breaks target {prof.name!r}'s rules:\n  {lines}")
+        prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None) if gm is not None else None
+        hint = ""
+        if prepared_for is not None and prepared_for != prof.name:
+            hint = (f"\nthe model was prepared for {prepared_for!r}, whose sites {prof.name!r} does not take: export "
+                    f"it with target={prepared_for!r} (the default), or prepare the float model again for "
+                    f"{prof.name!r}")
+        raise ExportError(f"the export breaks target {prof.name!r}'s rules:\n  {lines}{hint}")
     for v in violations:
         if v.rule != "float_op":
             warnings.warn(f"target {prof.name!r}: {v}", stacklevel=3)

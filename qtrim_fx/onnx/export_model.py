@@ -18,7 +18,7 @@ from qtrim_fx.core.profiles import TargetProfile, get_profile
 from qtrim_fx.onnx.export import EXPORTERS, export_lowered
 from qtrim_fx.passes.lower.api import lower
 from qtrim_fx.passes.lower.require_opset import default_opset
-from qtrim_fx.runtime.prepared import unwrap
+from qtrim_fx.runtime.prepared import prepared_target, unwrap
 
 __all__ = ["export_onnx"]
 
@@ -27,7 +27,7 @@ def export_onnx(
     model: nn.Module,
     example_inputs: Any,
     path: str | os.PathLike[str],
-    target: str | TargetProfile = "onnxruntime",
+    target: str | TargetProfile | None = None,
     opset: int | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -47,7 +47,8 @@ def export_onnx(
             by the forward's argument names (as ``prepare`` takes them).
         path: output ``.onnx`` path. Written atomically; a symlink is followed (its target is
             replaced, the link stays); an existing file keeps its mode, a new one gets the umask's.
-        target: ``onnxruntime`` (default), ``tensorrt``, ``openvino``, ``qnn``, ``npu`` or a TargetProfile.
+        target: ``onnxruntime``, ``tensorrt``, ``openvino``, ``qnn``, ``npu`` or a TargetProfile; None (default):
+            the target the model was prepared for (``prepare(..., target=...)``), else ``onnxruntime``.
         opset: the ONNX opset; None: the target's, raised to the oldest that writes the model as trained,
             within the target's ``max_opset`` (INT4 weights: 21, attention: 14, LayerNorm on an integer-only
             target: 17).
@@ -74,12 +75,14 @@ def export_onnx(
     check_output_path(path)  # a bad output path fails before the (slow) lowering and export
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; use one of {', '.join(map(repr, EXPORTERS))}")
+    model = unwrap(model)
+    if target is None:
+        target = prepared_target(model) or "onnxruntime"
     profile = get_profile(target)
     if opset is not None:
         if isinstance(opset, bool) or not isinstance(opset, int):
             raise ProfileError(f"opset must be an int such as 17 or 21, got {opset!r}")
         profile = profile.replace(opset=opset)
-    model = unwrap(model)
     _warn_partial_blend(model)
     if opset is None:
         profile = default_opset(model, profile)

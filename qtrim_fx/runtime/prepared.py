@@ -40,6 +40,7 @@ __all__ = [
     "blend_control",
     "is_prepared",
     "iter_sites",
+    "prepared_target",
     "require_prepared",
     "restore_site_meta",
     "set_blend",
@@ -75,6 +76,14 @@ def site_modules(gm: nn.Module) -> nn.ModuleDict:
 def is_prepared(model: nn.Module) -> bool:
     """Whether ``model`` is a model returned by :func:`qtrim_fx.prepare` (not a wrapper of one)."""
     return isinstance(getattr(model, SITES_ATTR, None), nn.ModuleDict) and hasattr(model, BLEND_ATTR)
+
+
+def prepared_target(model: nn.Module) -> str | None:
+    """The target ``model`` was prepared for (``prepare(..., target=...)``); None: prepared for every target
+    (or not a prepared model)."""
+    config = getattr(getattr(model, INFO_ATTR, None), "config", None)
+    target = getattr(config, "target", None)
+    return target if isinstance(target, str) else None
 
 
 def require_prepared(model: nn.Module, what: str) -> None:

@@ -51,3 +51,48 @@ def test_check_tells_apart_a_model_not_prepared_for_the_target(tmp_path) -> None
         assert expect in v.message, (prepared_for, v.message)
         if prepared_for == "qnn":
             assert "qtrim_fx.prepare(" not in v.message
+
+
+_VIT = {"batch_size": 1, "image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "num_heads": 2}
+
+
+def _vit_prepared_for(target: str | None):
+    import warnings
+
+    model, ex = get_model("vit_tiny", **_VIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model, ex, target=target)
+        qtrim_fx.calibrate(qm, [get_model("vit_tiny", **_VIT, seed=s)[1] for s in range(1, 3)])
+    qtrim_fx.set_blend(qm, 1.0)
+    return qm.eval(), ex
+
+
+def test_export_defaults_to_the_target_the_model_was_prepared_for(tmp_path) -> None:
+    """``prepare(target="qnn")`` then ``export_onnx`` without a target writes the qnn file (attention scores
+    quantized, which onnxruntime's rules refuse); a model prepared for every target still defaults to onnxruntime."""
+    import warnings
+
+    for prepared_for, written_for in (("qnn", "qnn"), (None, "onnxruntime")):
+        qm, ex = _vit_prepared_for(prepared_for)
+        path = tmp_path / f"vit_{prepared_for}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qtrim_fx.export_onnx(qm, ex, str(path))
+        assert _props(path)["qtrim_fx.target"] == written_for
+        assert not [v for v in check(str(path), written_for) if v.severity == "error"]
+        if prepared_for == "qnn":  # the scores' Q/DQ around Softmax are in the file, as trained
+            m = onnx.load(str(path))
+            producers = {o: n for n in m.graph.node for o in n.output}
+            softmax = [n for n in m.graph.node if n.op_type == "Softmax"]
+            assert softmax and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in softmax)
+
+
+def test_export_for_another_target_names_the_prepared_one(tmp_path) -> None:
+    import pytest
+
+    qm, ex = _vit_prepared_for("qnn")
+    with pytest.raises(qtrim_fx.ExportError, match=r"prepared for 'qnn'.*target='qnn'") as info:
+        qtrim_fx.export_onnx(qm, ex, str(tmp_path / "vit.onnx"), target="onnxruntime")
+    assert "softmax" in str(info.value).lower()
+    assert not (tmp_path / "vit.onnx").exists()
