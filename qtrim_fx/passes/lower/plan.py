@@ -46,8 +46,19 @@ def target_scheme(spec: SiteSpec, profile: TargetProfile) -> QuantScheme:
         op = spec.op if spec.op in ("conv", "conv_transpose", "linear") else (
             "matmul" if spec.op in ("matmul", "bmm") and spec.channel_axis is not None else spec.op)
         scheme = profile.weight_scheme(op, bits=spec.scheme.bits)
-        return scheme.with_axis(None) if spec.scheme.axis is None and scheme.axis is not None else scheme
+        if spec.scheme.axis is None and scheme.axis is not None:
+            return scheme.with_axis(None)
+        if scheme.axis is not None and spec.channel_axis is not None and scheme.axis == _OUTPUT_AXIS.get(op):
+            # The profile wants the output channel, which the site trained on: its axis is in the parameter's own
+            # layout (prepare followed the views between them: q @ rel.T has rel's rows as output channels); the
+            # profile's number is in the op's operand layout and is not the same axis through a transpose.
+            return scheme.with_axis(spec.channel_axis)
+        return scheme
     return profile.activation_scheme(bits=spec.scheme.bits)
+
+
+#: the output channel of each weighted op kind, in the layout the op reads the weight in (WeightAxes' defaults)
+_OUTPUT_AXIS = {"conv": 0, "conv_transpose": 1, "linear": 0, "matmul": -1}
 
 
 def _weight_stats(site: QuantSite, scheme: QuantScheme, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
