@@ -229,8 +229,10 @@ class _Trace:
     fallbacks: dict[str, str]
 
 
-def _trace(model: nn.Module, training: bool | None, forced: Mapping[str, str], mode_leaves: frozenset[type]) -> _Trace:
-    """One symbolic trace with every module in ``training`` mode (``None``: as the model is)."""
+def _trace(model: nn.Module, training: bool | None, forced: Mapping[str, str], mode_leaves: frozenset[type],
+           omitted: frozenset[str] = frozenset()) -> _Trace:
+    """One symbolic trace with every module in ``training`` mode (``None``: as the model is); the forward's
+    arguments named in ``omitted`` are traced as ``None`` (see :func:`_omitted_optional_args`)."""
     leaf_types, fns = _library_leaves()
     tracer = _LeafFallbackTracer(leaf_types, fns, forced, mode_leaves)
     modes = {m: m.training for m in model.modules()}
@@ -238,7 +240,8 @@ def _trace(model: nn.Module, training: bool | None, forced: Mapping[str, str], m
     try:
         if training is not None:
             model.train(training)
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=dict.fromkeys(omitted) or None)
+        _keep_argument_names(graph, omitted)
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
         gm.training = modes[model]  # the root's own flag only: submodules are the model's
     finally:
@@ -268,24 +271,75 @@ def _mode_leaf(model: nn.Module, nodes: tuple[fx.Node | None, fx.Node | None]) -
     return None
 
 
-def _symbolic(model: nn.Module) -> CaptureResult:
+def _omitted_optional_args(model: nn.Module, example_inputs: Any) -> frozenset[str]:
+    """The forward's ``None``-default arguments that ``example_inputs`` leave out.
+
+    Symbolic tracing makes every argument a proxy, and a proxy ``is not None``: ``if mask is not None: x =
+    x.masked_fill(mask, ...)`` (timm's Hiera, many attention blocks) would be captured on the branch the
+    example inputs never take, and the prepared model would fail on the very call it was prepared with
+    (``mask.view`` on ``None``). The example inputs say how the model is called: an optional argument they
+    leave out is traced as ``None`` (the graph then asserts it is ``None``), unless the forward cannot be
+    traced that way (then as before). Without example inputs nothing is assumed.
+    """
+    if example_inputs is None:
+        return frozenset()
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return frozenset()
+    given = set(example_inputs) if isinstance(example_inputs, Mapping) else set()
+    positional = 0 if isinstance(example_inputs, Mapping) else len(example_inputs)
+    omitted = set()
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not None:
+            continue
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and i < positional:
+            continue
+        if p.name not in given:
+            omitted.add(p.name)
+    return frozenset(omitted)
+
+
+def _keep_argument_names(graph: fx.Graph, omitted: frozenset[str]) -> None:
+    """torch.fx renames an argument traced as a constant (``mask`` -> ``mask_1``); give it its name back so the
+    prepared model is called as the model is (``qm(x, mask=None)``)."""
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        base = str(n.target).rsplit("_", 1)[0]
+        if base in omitted and str(n.target) != base and base not in taken:
+            n.target = base
+            taken.add(base)
+        name = str(n.target)
+        if name in omitted:
+            for user in list(n.users):  # torch.fx's check that the argument is None: say why and what to do
+                if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none":
+                    user.args = (user.args[0], (
+                        f"the model was prepared with example inputs that leave out {name!r}, so it was captured "
+                        f"for {name}=None; to call it with {name!r}, prepare it with {name!r} in example_inputs"))
+
+
+def _symbolic(model: nn.Module, omitted: frozenset[str] = frozenset()) -> CaptureResult:
     """Trace in the model's mode and in the other one; merge them so the graph follows train()/eval()."""
     mode_leaves: frozenset[type] = frozenset()
     forced: dict[str, str] = {}
     try:
-        kept = _trace(model, None, forced, mode_leaves)
+        kept = _trace(model, None, forced, mode_leaves, omitted)
     except Exception as e:  # submodule failures were leafed: this one is the root's own
         raise _RootNotTraceable() from e
     for _ in range(_MAX_MODE_ROUNDS):
         try:
-            other = _trace(model, not model.training, kept.fallbacks, mode_leaves)
+            other = _trace(model, not model.training, kept.fallbacks, mode_leaves, omitted)
         except Exception as e:
             why = f"{type(e).__name__}: {e}".splitlines()[0]
             _warn_mode(model, f"its forward cannot be traced in {_mode(not model.training)} mode ({why})")
             break
         if other.fallbacks.keys() != kept.fallbacks.keys():  # a submodule fails in one mode only: leaf it in both
             forced = {**other.fallbacks, **kept.fallbacks}
-            kept = _trace(model, None, forced, mode_leaves)
+            kept = _trace(model, None, forced, mode_leaves, omitted)
             continue
         try:
             diffs = constant_diffs(kept.gm.graph, other.gm.graph)
@@ -296,7 +350,7 @@ def _symbolic(model: nn.Module) -> CaptureResult:
                 _warn_mode(model, f"the graph of {where or 'its forward'} changes with the mode")
                 break
             mode_leaves = mode_leaves | {leaf}
-            kept = _trace(model, None, forced, mode_leaves)
+            kept = _trace(model, None, forced, mode_leaves, omitted)
             continue
         if diffs:
             merge_mode_constants(kept.gm, diffs, model.training)
@@ -395,13 +449,39 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
+def _weighted_leaves(model: nn.Module, result: CaptureResult) -> int:
+    """How many of ``result``'s leaves hold weights (nothing inside them is quantized)."""
+    count = 0
+    for f in result.fallbacks:
+        try:
+            count += _has_weights(model.get_submodule(f.module))
+        except AttributeError:
+            count += 1
+    return count
+
+
 def _capture(model: nn.Module, example_inputs: Any) -> CaptureResult:
-    try:
-        with _state_kept(model):  # a failed trace restores state silently; torch.export runs on fake tensors
-            return _symbolic(model)
-    except _RootNotTraceable as e:  # the root forward is not traceable: try torch.export
-        cause = e.__cause__
-        trace_error = f"{type(cause).__name__}: {cause}".splitlines()[0]
+    omitted = _omitted_optional_args(model, example_inputs)
+    # Left-out optional arguments as None first; if the forward then cannot be traced (another argument, say a
+    # ``is_causal=False`` flag, decides a branch only once ``mask`` is None), every argument as an input, as before.
+    # Nor when it leaves more weights inside untraceable submodules than tracing every argument does.
+    first: CaptureResult | None = None
+    for concrete in (omitted, frozenset()) if omitted else (frozenset(),):
+        try:
+            with _state_kept(model):  # a failed trace restores state silently; torch.export runs on fake tensors
+                result = _symbolic(model, concrete)
+        except _RootNotTraceable as e:  # the root forward is not traceable: try torch.export
+            cause = e.__cause__
+            trace_error = f"{type(cause).__name__}: {cause}".splitlines()[0]
+            if first is not None:
+                return first
+            continue
+        if first is None and concrete and result.fallbacks:
+            first = result  # compare with the trace of every argument
+            continue
+        if first is not None and _weighted_leaves(model, first) <= _weighted_leaves(model, result):
+            return first
+        return result
     if example_inputs is None:
         raise CaptureError(
             f"{model.__class__.__name__}.forward cannot be symbolically traced ({trace_error}). "
