@@ -28,7 +28,7 @@ from qtrim_fx.core.errors import ExportError, UncalibratedSitesError
 from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.core.scheme import QuantScheme
-from qtrim_fx.core.spec import LOWER_PLAN, SITE_NODE, LoweredSite, SiteSpec
+from qtrim_fx.core.spec import LOWER_PLAN, OUTPUT_CHANNEL_AXIS, SITE_NODE, LoweredSite, SiteSpec
 from qtrim_fx.passes.base import GraphPass, PassResult
 from qtrim_fx.runtime.quantiles import tail_quantiles
 from qtrim_fx.runtime.site import QuantSite
@@ -58,7 +58,7 @@ def target_scheme(spec: SiteSpec, profile: TargetProfile) -> QuantScheme:
 
 
 #: the output channel of each weighted op kind, in the layout the op reads the weight in (WeightAxes' defaults)
-_OUTPUT_AXIS = {"conv": 0, "conv_transpose": 1, "linear": 0, "matmul": -1}
+_OUTPUT_AXIS = {**OUTPUT_CHANNEL_AXIS, "matmul": -1}
 
 
 def _weight_stats(site: QuantSite, scheme: QuantScheme, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
