@@ -49,7 +49,7 @@ ONNX_OPS_OF_KIND: dict[str, tuple[str, ...]] = {
     "relu": ("Relu", "Clip"),
     "add": ("Add",), "sub": ("Sub",), "mul": ("Mul",), "div": ("Div",), "pow": ("Pow",), "erf": ("Erf",),
     "cat": ("Concat",),
-    "pool": ("AveragePool", "GlobalAveragePool", "ReduceMean"),
+    "pool": ("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum"),
     "maxpool": ("MaxPool", "GlobalMaxPool"),
     "matmul": ("MatMul", "Gemm"), "bmm": ("MatMul",),
 }

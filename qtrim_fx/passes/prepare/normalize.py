@@ -86,7 +86,8 @@ for _kind, _names in {
     ),
     "batchnorm": "batch_norm _native_batch_norm_legit_no_training _native_batch_norm_legit",
     "layernorm": "layer_norm group_norm instance_norm native_layer_norm rms_norm",
-    "pool": "avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean",
+    # reductions over axes: mean (ReduceMean) and sum (ReduceSum: ResNeSt's / SKNet's sum over branches)
+    "pool": "avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean sum",
     "maxpool": (
         "max_pool1d max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d max_pool2d_with_indices"
     ),
