@@ -18,7 +18,8 @@ keeps the grid)::
 
 A view returning a tuple (``split``, ``chunk``, ``unbind``; GPT-2's q/k/v ``split``) gets the copy on each of
 its ``getitem`` readers; a max-pool returning ``(values, indices)`` on its values only (the indices are integers). Only per-tensor sites are followed; a view whose readers are all ``quant_dequant`` already is in a
-group. :func:`qtrim_fx.lower` runs this pass for a model prepared for an integer-only target
+group; a weight's quantizer is not followed (the exporter folds views of a constant into its initializer).
+:func:`qtrim_fx.lower` runs this pass for a model prepared for an integer-only target
 (``prepare(..., target="qnn")``) and lowered for one: default-prepared models lower as before.
 """
 
@@ -30,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
+from qtrim_fx.passes.prepare.graph_walks import dynamic_nodes
 from qtrim_fx.passes.prepare.normalize import op_kind
 from qtrim_fx.runtime.qdq import is_quant_dequant
 
@@ -63,7 +65,11 @@ class RequantizeViewsPass(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
-        todo = [n for n in gm.graph.nodes if _is_qdq(n) and _per_tensor(n)]
+        # A weight's quantizer (its input computed from parameters only) is left alone: a view of a constant is no
+        # float island, the exporter folds it (FoldWeightLayoutPass: ``DQ(W) -> Transpose`` becomes ``DQ(W.T)``),
+        # and a copy would write the weight's signed grid as an activation (BoTNet's ``q @ rel.T`` on ``qnn``).
+        inputs = dynamic_nodes(gm.graph)
+        todo = [n for n in gm.graph.nodes if _is_qdq(n) and _per_tensor(n) and n.args and n.args[0] in inputs]
         back = [new for q in todo if (new := _copy_before_views(gm, q, modules)) is not None]
         todo += back
         modified = bool(back)

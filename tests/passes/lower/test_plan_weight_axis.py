@@ -95,3 +95,34 @@ def test_transposed_table_exports_for_onnxruntime_and_matches(tmp_path):
     with torch.no_grad():
         ref = lower(qm, get_profile("onnxruntime"))(x).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["qnn", "npu"])
+def test_transposed_table_on_integer_only_targets(target, tmp_path):
+    """On ``qnn`` / ``npu`` the weight (per-tensor there) is not re-quantized after its transpose as if it were an
+    activation (that copy wrote the weight's int8 grid on an activation: refused by ``qnn``'s uint8 rule); the
+    exporter folds the transpose into the initializer."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8)
+    qm = _prepared(_RelLogits(), x, target=target)
+    path = str(tmp_path / f"rel_{target}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qtrim_fx.export_onnx(qm, (x,), path)
+    assert check(path, target) == []
+    m = onnx.load(path)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    (mm,) = [n for n in m.graph.node if n.op_type == "MatMul" and "rel" in n.name]
+    assert producers[mm.input[1]].op_type == "DequantizeLinear"  # DQ(rel.T codes) -> MatMul, no Q/DQ copy
+    if target == "qnn":
+        import importlib.util
+        import platform
+        import sys
+
+        if importlib.util.find_spec("onnxruntime_qnn") is None:
+            if sys.platform == "linux" and platform.machine() == "x86_64":
+                pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
+            pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+        report = qtrim_fx.verify(path, lower(qm, get_profile("qnn")), [(torch.randn(2, 4, 8),)], backends=["qnn"])
+        (htp,) = report.backends
+        assert htp.status == "ok" and set(htp.ep_nodes) == {"QNNExecutionProvider"}, htp.message
