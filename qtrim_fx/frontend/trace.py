@@ -6,9 +6,10 @@ Front ends, in order:
    forward cannot be traced (data-dependent control flow, iteration over a
    proxy, ...) into a *leaf* on the spot: the partial nodes it emitted are
    erased, a ``call_module`` node takes their place and the reason is recorded.
-   Libraries' own "do not trace" registrations (timm's) are honoured; those
-   holding weights are reported like the automatic leaves, since nothing inside
-   them is quantized. ``nn.MultiheadAttention`` is traced through a reference
+   Libraries' own "do not trace" registrations (timm's) are honoured for
+   modules without weights; one holding weights is traced into like any other
+   module and leafed (reported, since nothing inside it is quantized) only when
+   that fails. ``nn.MultiheadAttention`` is traced through a reference
    implementation (``qtrim_fx.frontend.mha``) so its projections and attention
    core appear as ordinary linear / sdpa nodes.
 2. ``torch.export`` (non-strict, dynamic shapes) when the root forward itself
@@ -142,12 +143,11 @@ class _LeafFallbackTracer(fx.Tracer):
         if qualname in self.fallbacks:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
-            if qualname and _has_weights(m):
-                self.fallbacks[qualname] = (
-                    f"{type(m).__module__}.{type(m).__qualname__} is registered by its library as not "
-                    "symbolically traceable"
-                )
-            return True
+            # A registered module holding weights is traced into all the same (as any module: a leaf only if that
+            # fails, see _trace_or_leaf): timm registers modules for its own feature extraction, and some trace
+            # fine (Conv2dSame, whose padding is a registered function: tf_efficientnet's stem and strided
+            # depthwise convs; NormFreeBlock); as leaves their weights stayed float.
+            return not (qualname and _has_weights(m))
         if type(m) in self.mode_leaves and not _has_weights(m):
             return True
         return super().is_leaf_module(m, qualname)
@@ -186,6 +186,9 @@ class _LeafFallbackTracer(fx.Tracer):
             branch, self._value_branch = self._value_branch, None
             if branch is not None and isinstance(e, fx.proxy.TraceError):
                 reason = f"{VALUE_BRANCH} ({branch}); {reason}"
+            elif self.leaf_types and isinstance(m, self.leaf_types):
+                reason = (f"{type(m).__module__}.{type(m).__qualname__} is registered by its library as not "
+                          f"symbolically traceable, and tracing it failed ({reason})")
             self.fallbacks[qualname] = reason
             return self.create_proxy("call_module", qualname, args, kwargs)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtrim_fx
+from qtrim_fx.core.errors import CoverageWarning
 from qtrim_fx.core.spec import FLOAT_REGION, SITE_NODE
 from qtrim_fx.frontend.mode import MODE_ATTR, TrainingFlag, mode_select
 from qtrim_fx.frontend.trace import capture
@@ -258,6 +259,27 @@ def test_timm_model_plain_fx_rejects_is_captured_with_registered_leaves():
     # everything outside the leaves is quantized: the stem and the MobileNet blocks have weight sites
     assert "stem.conv.weight" in _weight_site_params(qm)
     assert not any(p.startswith(tuple(f"{m}." for m in leaves)) for p in _weight_site_params(qm))
+
+
+def test_timm_registered_module_that_traces_is_quantized_inside():
+    """timm registers NormFreeBlock (NFNet) as a leaf for its own feature extraction, yet it traces: its convs are
+    quantized (as a leaf, 48 weights of timm's test_nfnet stayed float). A registered module that does not trace
+    (MobileViT's block, above) is still a leaf, its reason naming the registration and the failure."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_nfnet", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)  # no weight left float
+        qm = qtrim_fx.prepare(model, (x,))
+    assert qm.qtrim_info.frontend == "symbolic_trace" and qm.qtrim_info.fallbacks == ()
+    blocks = {name for name, m in model.named_modules() if type(m).__name__ == "NormFreeBlock"}
+    assert blocks and all(any(p.startswith(f"{b}.") for p in _weight_site_params(qm)) for b in blocks)
+    qm.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), qm(x))
+    mv = _timm_check("mobilevit_xxs", 64).qtrim_info.fallbacks
+    assert mv and all("registered by its library" in f.reason and "tracing it failed" in f.reason for f in mv)
 
 
 def test_timm_vit_with_drop_path_and_attention_dropout_follows_train_eval():
