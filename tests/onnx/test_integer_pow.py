@@ -7,10 +7,7 @@ dequantized (one exact code) the power runs on integers, as fast as ``x * x * x`
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import platform
-import sys
 
 import numpy as np
 import onnx
@@ -22,6 +19,7 @@ from torch import nn
 
 import qtrim_fx
 from qtrim_fx.onnx import check
+from tests.helpers.htp import require_htp
 from tests.helpers.qdq_files import export_for_target, output_lsb
 
 
@@ -99,10 +97,7 @@ def test_check_names_a_float_exponent_and_accepts_a_dequantized_one(tmp_path):
 
 
 def test_qnn_power_runs_strictly_on_the_htp(tmp_path):
-    if importlib.util.find_spec("onnxruntime_qnn") is None:
-        if sys.platform == "linux" and platform.machine() == "x86_64":
-            pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
-        pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+    require_htp()
     from qtrim_fx.verification.backend_worker import _assignment_info, _qnn_session
 
     path = tmp_path / "qnn.onnx"

@@ -9,9 +9,6 @@ other operand's storage type: as uint8 next to uint16 activations the HTP ran ea
 
 from __future__ import annotations
 
-import importlib.util
-import platform
-import sys
 import warnings
 
 import numpy as np
@@ -21,6 +18,7 @@ import torch
 from qtrim_fx.models import get_model
 
 import qtrim_fx
+from tests.helpers.htp import require_htp
 
 _VIT = {"batch_size": 1, "image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "num_heads": 2}
 
@@ -72,10 +70,7 @@ def test_a16_below_opset_21_is_refused_with_the_fix(a16, tmp_path):
 
 @pytest.mark.parametrize("options", [{}, {"soc_model": "60"}], ids=["default", "soc_model=60"])
 def test_a16_qnn_file_runs_strictly_on_the_htp_and_matches_lowering(a16, options):
-    if importlib.util.find_spec("onnxruntime_qnn") is None:
-        if sys.platform == "linux" and platform.machine() == "x86_64":
-            pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
-        pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+    require_htp()
     import onnxruntime as ort
 
     from qtrim_fx.verification.backend_worker import _assignment_info, _qnn_session

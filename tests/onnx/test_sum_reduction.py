@@ -7,9 +7,6 @@ it fed was a ``check`` error (its input not dequantized); ``check`` now names a 
 
 from __future__ import annotations
 
-import importlib.util
-import platform
-import sys
 import warnings
 
 import numpy as np
@@ -21,6 +18,7 @@ from torch import nn
 import qtrim_fx
 from qtrim_fx.onnx import check, get_profile
 from qtrim_fx.passes.lower.api import lower
+from tests.helpers.htp import require_htp
 
 
 class _SplitAttention(nn.Module):
@@ -89,10 +87,7 @@ def test_float_reduce_sum_is_an_error_on_qnn(tmp_path):
 
 
 def test_sum_file_runs_strictly_on_the_htp(tmp_path):
-    if importlib.util.find_spec("onnxruntime_qnn") is None:
-        if sys.platform == "linux" and platform.machine() == "x86_64":
-            pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
-        pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+    require_htp()
     path = tmp_path / "sk.onnx"
     qm = _export("qnn", path)
     report = qtrim_fx.verify(str(path), lower(qm, get_profile("qnn")), [(torch.randn(2, 8, 8, 8),) for _ in range(2)],

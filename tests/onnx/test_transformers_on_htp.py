@@ -7,9 +7,6 @@ site, and its float ``Pow -> Mul`` island failed the HTP's finalize.
 
 from __future__ import annotations
 
-import importlib.util
-import platform
-import sys
 import warnings
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 import torch
 
 import qtrim_fx
+from tests.helpers.htp import require_htp
 
 
 def _batch(seed: int) -> dict[str, torch.Tensor]:
@@ -25,17 +23,11 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 128, (1, 8), generator=g)}
 
 
-def _require_qnn() -> None:
-    """The HTP simulator is part of the dev extra where it installs: missing there is a failure, not a skip."""
-    if importlib.util.find_spec("onnxruntime_qnn") is None:
-        if sys.platform == "linux" and platform.machine() == "x86_64":
-            pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
-        pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
 
 
 def test_gpt2_qnn_file_loads_strictly_on_the_htp_and_matches_lowering(tmp_path):
     transformers = pytest.importorskip("transformers")
-    _require_qnn()
+    require_htp()
     import onnxruntime as ort
 
     from qtrim_fx.verification.backend_worker import _assignment_info, _qnn_session
@@ -82,7 +74,7 @@ def test_default_sdpa_attention_runs_on_the_htp_with_no_float_op(tmp_path, name)
     own additive mask and ``_safe_softmax`` (``DecomposeAttentionPass``): no violation, strict, no CPU node.
     """
     transformers = pytest.importorskip("transformers")
-    _require_qnn()
+    require_htp()
     import onnxruntime as ort
 
     from qtrim_fx.verification.backend_worker import _assignment_info, _qnn_session

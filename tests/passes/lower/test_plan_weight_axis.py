@@ -23,6 +23,7 @@ from qtrim_fx.core.spec import LOWER_PLAN, SITE_NODE
 from qtrim_fx.onnx import check, get_profile
 from qtrim_fx.passes.lower.api import lower
 from qtrim_fx.passes.lower.plan import PlanLoweringPass
+from tests.helpers.htp import require_htp
 
 
 class _RelLogits(nn.Module):
@@ -115,14 +116,7 @@ def test_transposed_table_on_integer_only_targets(target, tmp_path):
     (mm,) = [n for n in m.graph.node if n.op_type == "MatMul" and "rel" in n.name]
     assert producers[mm.input[1]].op_type == "DequantizeLinear"  # DQ(rel.T codes) -> MatMul, no Q/DQ copy
     if target == "qnn":
-        import importlib.util
-        import platform
-        import sys
-
-        if importlib.util.find_spec("onnxruntime_qnn") is None:
-            if sys.platform == "linux" and platform.machine() == "x86_64":
-                pytest.fail("onnxruntime-qnn is part of the dev extra on Linux x86-64: pip install -e '.[dev]'")
-            pytest.skip("onnxruntime-qnn runs on Linux x86-64 and Windows arm64 only")
+        require_htp()
         report = qtrim_fx.verify(path, lower(qm, get_profile("qnn")), [(torch.randn(2, 4, 8),)], backends=["qnn"])
         (htp,) = report.backends
         assert htp.status == "ok" and set(htp.ep_nodes) == {"QNNExecutionProvider"}, htp.message
