@@ -145,8 +145,8 @@ class _LeafFallbackTracer(fx.Tracer):
         if self.leaf_types and isinstance(m, self.leaf_types):
             # A registered module holding weights is traced into all the same (as any module: a leaf only if that
             # fails, see _trace_or_leaf): timm registers modules for its own feature extraction, and some trace
-            # fine (Conv2dSame, whose padding is a registered function: tf_efficientnet's stem and strided
-            # depthwise convs; NormFreeBlock); as leaves their weights stayed float.
+            # fine (NFNet's NormFreeBlock, EdgeNeXt's PositionalEncodingFourier); as leaves their weights stayed
+            # float. Those that do not (MobileViT's blocks, Conv2dSame's shape-computed padding) stay leaves.
             return not (qualname and _has_weights(m))
         if type(m) in self.mode_leaves and not _has_weights(m):
             return True
