@@ -30,8 +30,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from qtrim_fx.core.spec import SITE_NODE
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
-from qtrim_fx.passes.prepare.graph_walks import dynamic_nodes
 from qtrim_fx.passes.prepare.normalize import op_kind
 from qtrim_fx.runtime.qdq import is_quant_dequant
 
@@ -46,6 +46,12 @@ _NAME_ARG = 8
 
 def _is_qdq(n: fx.Node) -> bool:
     return n.op == "call_function" and is_quant_dequant(n.target)
+
+
+def _weight_quantizer(q: fx.Node) -> bool:
+    """``q`` is the quantizer of a weight site (LowerSitesPass keeps the site's spec on it)."""
+    spec = q.meta.get(SITE_NODE)
+    return getattr(spec, "kind", None) == "weight"
 
 
 def _per_tensor(q: fx.Node) -> bool:
@@ -65,11 +71,11 @@ class RequantizeViewsPass(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
-        # A weight's quantizer (its input computed from parameters only) is left alone: a view of a constant is no
-        # float island, the exporter folds it (FoldWeightLayoutPass: ``DQ(W) -> Transpose`` becomes ``DQ(W.T)``),
-        # and a copy would write the weight's signed grid as an activation (BoTNet's ``q @ rel.T`` on ``qnn``).
-        inputs = dynamic_nodes(gm.graph)
-        todo = [n for n in gm.graph.nodes if _is_qdq(n) and _per_tensor(n) and n.args and n.args[0] in inputs]
+        # A weight's quantizer is left alone: the exporter folds a view of it into the initializer
+        # (FoldWeightLayoutPass: ``DQ(W) -> Transpose`` becomes ``DQ(W.T)``), and a copy would write the weight's
+        # signed grid as an activation (BoTNet's ``q @ rel.T`` on ``qnn``). A parameter quantized as an activation
+        # (a position embedding added to activations) is followed as before.
+        todo = [n for n in gm.graph.nodes if _is_qdq(n) and _per_tensor(n) and not _weight_quantizer(n)]
         back = [new for q in todo if (new := _copy_before_views(gm, q, modules)) is not None]
         todo += back
         modified = bool(back)
