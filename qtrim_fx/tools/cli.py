@@ -156,7 +156,8 @@ def _add_check(sub: Any) -> None:
              "List every rule of the target that a QDQ ONNX file breaks (exit 1 if any).",
              "qtrim check tiny.qdq.onnx --target tensorrt")
     p.add_argument("onnx", metavar="ONNX", help="the .onnx file (ours or made by another tool)")
-    p.add_argument("--target", default="onnxruntime", help="onnxruntime (default), tensorrt, openvino, qnn, npu")
+    p.add_argument("--target", help="onnxruntime, tensorrt, openvino, qnn, npu (default: the target a qtrim_fx file "
+                                    "was written for, else onnxruntime)")
     p.add_argument("--json", metavar="PATH", help="write the violations as JSON")
     p.set_defaults(handler=_cmd_check)
 

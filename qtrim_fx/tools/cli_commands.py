@@ -136,13 +136,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from qtrim_fx.onnx.check import check
 
     require_file(args.onnx, "file")
-    check_target(args.target)
+    if args.target is not None:
+        check_target(args.target)
     if args.json:
         require_output(args.json, "--json")
     try:
         model = onnx.load(args.onnx, load_external_data=False)
     except Exception as e:
         raise UsageError(f"cannot read {args.onnx!r} as ONNX: {one_line(e)}") from None
+    if args.target is None:
+        args.target = _written_for(model)
     del model
     problems = check(args.onnx, args.target)
     for v in problems:  # node names and messages come from the file: no control characters to the terminal
@@ -154,6 +157,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         write_json(args.json, {"file": args.onnx, "target": args.target,
                                "violations": [dataclasses.asdict(v) for v in problems]})
     return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _written_for(model: Any) -> str:
+    """The target a qtrim_fx file says it was written for (``metadata_props``), else ``onnxruntime``; said on stdout."""
+    from qtrim_fx.core.profiles import profile_names
+
+    stamp = {p.key: p.value for p in model.metadata_props}.get("qtrim_fx.target")
+    if stamp in profile_names():
+        print(f"target {stamp!r}: the file was written for it (--target to check another)")
+        return stamp
+    if stamp is not None:
+        print(f"target 'onnxruntime': the file names target {printable(stamp)!r}, which is not known here")
+    return "onnxruntime"
 
 
 def cmd_vendors(args: argparse.Namespace) -> int:

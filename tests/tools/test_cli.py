@@ -203,6 +203,29 @@ def test_check_clean_export(runs):
     assert "0 violation(s)" in r.out
 
 
+def test_check_defaults_to_the_target_the_file_was_written_for(tmp_path, capsys):
+    """``qtrim check FILE`` of a qnn file checks it against qnn (its ``qtrim_fx.target`` stamp), not onnxruntime."""
+    model, ex = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model, ex, target="qnn")
+    qtrim_fx.calibrate(qm, [ex])
+    qtrim_fx.set_blend(qm, 1.0)
+    path = tmp_path / "tiny.qnn.onnx"
+    qtrim_fx.export_onnx(qm.eval(), ex, str(path))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "target 'qnn': the file was written for it" in out and "of target 'qnn'" in out
+    assert main(["check", str(path), "--target", "tensorrt"]) in (0, 1)
+    assert "of target 'tensorrt'" in capsys.readouterr().out
+    m = onnx.load(str(path))
+    for prop in m.metadata_props:
+        if prop.key == "qtrim_fx.target":
+            prop.value = "no-such-target"
+    onnx.save(m, str(tmp_path / "odd.onnx"))
+    main(["check", str(tmp_path / "odd.onnx")])
+    out = capsys.readouterr().out
+    assert "names target 'no-such-target', which is not known here" in out and "of target 'onnxruntime'" in out
+
+
 def test_check_finds_planted_violation(runs):
     r = runs["check_bad"]
     assert r.rc == 1, str(r)
