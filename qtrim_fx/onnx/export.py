@@ -443,7 +443,7 @@ def _enforce(violations: list[Violation], prof: TargetProfile, gm: torch.nn.Modu
     errors = [v for v in violations if v.severity == "error" and v.rule not in ("float_op", "weight_float")]
     if errors:
         lines = "\n  ".join(str(v) for v in errors)
-        prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None) if gm is not None else None
+        prepared_for = _prepared_for(gm)
         hint = ""
         if prepared_for is not None and prepared_for != prof.name:
             hint = (f"\nthe model was prepared for {prepared_for!r}, whose sites {prof.name!r} does not take: export "
@@ -464,7 +464,7 @@ def _float_ops_fix(gm: torch.nn.Module | None, prof: TargetProfile) -> str | Non
     from qtrim_fx.onnx.check_islands import prepare_fix
 
     fixes = [f for f in (_opset_fix(gm, prof), _attention_fix(gm), _leaf_fix(gm)) if f]
-    prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None)
+    prepared_for = _prepared_for(gm)
     if fixes and prepared_for != prof.name:
         fixes.insert(0, prepare_fix(prof.name))
     if not fixes and prepared_for == prof.name:  # "prepare for the target" would send the user in a circle
@@ -481,7 +481,7 @@ TARGET_KEY, PREPARED_FOR_KEY = "qtrim_fx.target", "qtrim_fx.prepared_for"
 def _stamp(model: onnx.ModelProto, prof: TargetProfile, gm: torch.nn.Module) -> None:
     """Record in the file which target it was written for and which the model was prepared for (``check`` of
     the file alone then knows whether "prepare for the target" is the fix for a float op)."""
-    prepared_for = getattr(getattr(_prepared_info(gm), "config", None), "target", None)
+    prepared_for = _prepared_for(gm)
     stamp = {TARGET_KEY: prof.name, PREPARED_FOR_KEY: prepared_for or "none"}
     kept = [(p.key, p.value) for p in model.metadata_props if p.key not in stamp]
     del model.metadata_props[:]
@@ -489,7 +489,12 @@ def _stamp(model: onnx.ModelProto, prof: TargetProfile, gm: torch.nn.Module) -> 
         model.metadata_props.add(key=key, value=value)
 
 
-def _prepared_info(gm: torch.nn.Module) -> object:
+def _prepared_for(gm: torch.nn.Module | None) -> str | None:
+    """The target the model ``gm`` was lowered from was prepared for (None: every target, or unknown)."""
+    return getattr(getattr(_prepared_info(gm), "config", None), "target", None)
+
+
+def _prepared_info(gm: torch.nn.Module | None) -> object:
     """The ``PrepareInfo`` of the model ``gm`` was lowered from (None for a GraphModule made elsewhere)."""
     from qtrim_fx.passes.lower.api import LOWERED_FROM
 
