@@ -426,6 +426,12 @@ class EmaQuantileObserver(nn.Module):
             with torch.no_grad():
                 self._observe_into(x, lo, hi, num_updates, nonfinite)
 
+    def reads_next_call(self) -> bool:
+        """Whether the next :meth:`forward` reads its input (an update call), not only counts the call."""
+        if not (self.training and self.enabled):
+            return False
+        return torch.compiler.is_compiling() or not self.__dict__["_calls"] % self.update_every
+
     def forward(self, x: torch.Tensor) -> None:
         if not (self.training and self.enabled):
             return

@@ -28,8 +28,21 @@ import torch.nn.functional as F
 
 from qtrim_fx.core.fakequant import channel_view
 
-__all__ = ["GATES", "GELU_STEPS", "attention_defaults", "bn_fold_factor", "causal_keep", "channel_shape", "gate_product",
-           "gelu_product", "gelu_steps", "relu_keep_mask"]
+__all__ = [
+    "GATES",
+    "GELU_STEPS",
+    "attention_defaults",
+    "bn_fold_factor",
+    "causal_keep",
+    "channel_shape",
+    "deferred_relu",
+    "gate_product",
+    "gelu_product",
+    "gelu_steps",
+    "is_deferred_relu",
+    "relu_keep_mask",
+    "relu_now",
+]
 
 
 @torch.fx.wrap
@@ -89,42 +102,43 @@ class _ReluKeepMaskFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = torch.relu(x)
         ctx.save_for_backward(y.to(torch.bool))
-        ctx.reads = ctx.masked_reads = 0  # see relu_read
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if ctx.reads and ctx.reads == ctx.masked_reads:
-            return grad  # every reader already zeroed the gradient where y <= 0 (see relu_read)
         (passes,) = ctx.saved_tensors
         # bool -> uint8 is a free view; uint8 -> float is vectorized (bool -> float is not).
         return torch.ops.aten.threshold_backward(grad, passes.view(torch.uint8).to(grad.dtype), 0)
 
 
-_RELU_NODE = _ReluKeepMaskFn._backward_cls
+class _DeferredReluFn(torch.autograd.Function):
+    """A view of ``x`` standing for ``relu(x)`` that only quantization sites read; identity gradient.
 
-
-def relu_read(x: torch.Tensor) -> Any | None:
-    """Count a quantization site's read of ``x``; returns the :func:`relu_keep_mask` node behind ``x``, else None.
-
-    ``relu_keep_mask``'s output is read by quantization sites only (``LeanReluPass`` inserts it for
-    site-only ReLUs). A site whose own backward already zeroes the gradient wherever ``y <= 0`` (at
-    λ = 1 on a grid whose lower end is exactly 0: ``y = 0`` gives ``x̃ = 0``, which the clipped
-    straight-through mask ``lo < x̃`` blocks) reports it with :func:`relu_read_masked`. When every read
-    was such a read, the ReLU's backward passes the gradient on unchanged: the same bits (its mask
-    would only zero zeros) for two fewer passes. Any other read keeps the mask. Per forward call,
-    host-side and deterministic.
+    See :func:`deferred_relu`. Backward is the identity: a site that quantizes ``x`` directly masks the
+    gradient itself (its clipped straight-through mask blocks ``x̃ <= 0``), and a site that cannot applies
+    :func:`relu_keep_mask` to the view (:func:`relu_now`), whose backward is relu's own.
     """
-    node = x.grad_fn
-    if type(node) is not _RELU_NODE:
-        return None
-    node.reads += 1
-    return node
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
 
 
-def relu_read_masked(node: Any) -> None:
-    """Report that the read counted by :func:`relu_read` (which returned ``node``) masks ``y <= 0`` itself."""
-    node.masked_reads += 1
+_DEFERRED_NODE = _DeferredReluFn._backward_cls
+
+
+def is_deferred_relu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a :func:`deferred_relu` output: ``relu`` not yet applied (see there)."""
+    return type(x.grad_fn) is _DEFERRED_NODE
+
+
+def relu_now(x: torch.Tensor) -> torch.Tensor:
+    """``relu`` of a :func:`deferred_relu` output (``relu_keep_mask``: the value and gradient of ``torch.relu``)."""
+    return relu_keep_mask(x)
 
 
 @torch.library.custom_op("qtrim_fx::relu_backward", mutates_args=())
@@ -176,6 +190,29 @@ def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
         return _ReluCompiledFn.apply(x) if torch.compiler.is_compiling() else _ReluKeepMaskFn.apply(x)
     return torch.relu(x)
+
+
+@torch.fx.wrap
+def deferred_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)`` for a ReLU whose output only quantization sites read; in eager training, not computed.
+
+    ``LeanReluPass`` writes it for such ReLUs. A site (``QuantSite``) that quantizes at λ = 1 on a grid whose
+    lower end is exactly 0 gets the same values and gradient from ``x`` itself: ``Q(relu(x)) == Q(x)`` there
+    (the clamp at ``q_min = z`` is the ReLU: every ``x <= 0`` lands on the code of 0, NaN stays NaN, and the
+    dequantized ``-0.0`` is written as ``+0.0`` either way), and the site's clipped straight-through mask
+    (``lo = 0 < x̃``) zeroes the gradient wherever relu's would. So in eager training (autograd recording,
+    ``x`` requires grad) this returns a view of ``x`` marked as deferred (:func:`is_deferred_relu`): two passes
+    and two allocations fewer per site (relu's output and its mask). Every other read — λ < 1, an observer
+    update, a grid not starting at 0, a disabled site — applies :func:`relu_now` first, which is
+    :func:`relu_keep_mask` (relu's value and gradient). Without autograd, under ``torch.compile`` or
+    TorchScript tracing, this is :func:`relu_keep_mask`.
+
+    The returned view is **not** ``relu(x)``: only quantization sites may read it (``LeanReluPass`` only
+    writes it for ReLUs read by sites alone; ``RestoreReluPass`` turns it into ``torch.relu`` for export).
+    """
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        return _DeferredReluFn.apply(x)
+    return relu_keep_mask(x)
 
 
 #: activation -> (the activation, its gate): ``activation(x) == x · gate(x)`` up to float rounding

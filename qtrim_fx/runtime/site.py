@@ -10,9 +10,9 @@ every ``update_every`` calls), qparams derived only when the statistics changed
 (they are cached against the statistic tensors' identity and version counters, so
 frozen statistics cost no kernels; the clipped-STE bounds are cached with them), and one
 blend-quant (one allocation, in-place passes, no lerp at λ = 1). At λ = 1 on a grid whose lower
-end is 0, a site reading a ``relu_keep_mask`` output tells that ReLU its own mask already blocks
-``y <= 0`` (:func:`qtrim_fx.runtime.ops.relu_read`), and the ReLU's backward passes the gradient
-on unchanged (same bits, two passes fewer). Nothing reads a tensor back to the host. Under
+end is 0, a site reading a ``deferred_relu`` output quantizes the ReLU's input itself (same values and
+gradient; the ReLU's pass, its mask and their allocations are skipped, see
+:func:`qtrim_fx.runtime.ops.deferred_relu`). Nothing reads a tensor back to the host. Under
 ``torch.compile`` the whole site is traced without graph breaks; the observer update
 is one opaque op in the graph (see ``qtrim_fx.runtime.observer``).
 """
@@ -29,7 +29,7 @@ from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.scheme import QuantScheme
 from qtrim_fx.runtime.blend import BlendControl, BlendQuantFn, blend_quant_folded, fold_product, host_bounds
 from qtrim_fx.runtime.observer import EmaQuantileObserver
-from qtrim_fx.runtime.ops import channel_shape, relu_read, relu_read_masked
+from qtrim_fx.runtime.ops import channel_shape, is_deferred_relu, relu_now
 
 __all__ = ["QuantSite"]
 
@@ -76,6 +76,14 @@ class QuantSite(nn.Module):
     @property
     def control(self) -> BlendControl:
         return self._control  # type: ignore[return-value]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A deferred relu is the ReLU's *input* (see qtrim_fx.runtime.ops.deferred_relu): hooks on this site,
+        # or global module hooks, must see what the graph means, relu's output. Without hooks forward decides.
+        if (args and not torch.compiler.is_compiling() and isinstance(args[0], torch.Tensor)
+                and is_deferred_relu(args[0]) and _hooked(self)):
+            args = (relu_now(args[0]), *args[1:])
+        return super().__call__(*args, **kwargs)
 
     def bind(self, control: BlendControl) -> None:
         object.__setattr__(self, "_control", control)
@@ -136,23 +144,28 @@ class QuantSite(nn.Module):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
         compiling = torch.compiler.is_compiling()
-        relu = None if compiling or fold is not None else relu_read(x)  # every read counts, see relu_read
+        # A deferred relu (see qtrim_fx.runtime.ops.deferred_relu): x is relu's input; every path but the
+        # λ = 1 fast path below applies the relu first.
+        deferred = fold is None and not compiling and is_deferred_relu(x)
         control = self._control
         obs = self.observer  # one nn.Module attribute lookup (this runs for every site on every step)
         # λ = 0 in eager: FP32 exactly, no quantization work (the statistics still update).
         quantize = self.enabled and not self.float_output and (compiling or not control._is_zero)
         observe = self.training and obs.training and obs.enabled
         if not (quantize or observe):
-            return x
+            return relu_now(x) if deferred else x
         f = xs = None
         if fold is not None:
             fd = fold.detach()  # detached: the cast and view below record no autograd
             f = channel_shape(fd if fd.dtype == x.dtype else fd.to(x.dtype), x.dim(), 0)
             xs = fold_product(x if quantize else x.detach(), f)  # see fold_product: it may carry x's gradient
         if observe:
-            obs(x if xs is None else xs)
+            if deferred and obs.reads_next_call():
+                obs(torch.relu(x.detach()))
+            else:
+                obs(x if xs is None else xs)
         if not quantize:
-            return x
+            return relu_now(x) if deferred else x
         if not obs._initialized:
             if not self._warned_unobserved:
                 warnings.warn(
@@ -161,14 +174,15 @@ class QuantSite(nn.Module):
                     stacklevel=2,
                 )
                 self._warned_unobserved = True
-            return x
+            return relu_now(x) if deferred else x
         scale, zp, bounds = self._training_grid(x.dim())
         s = self.scheme
         # The host-side mirror of λ = 1 lets eager skip the lerp; compiled graphs keep it (no guard on λ).
         one = control._is_one and not compiling
         if f is None:
-            if relu is not None and one and obs.clip and bounds is not None and bounds[0] == 0.0:
-                relu_read_masked(relu)  # this backward blocks x̃ <= lo = 0, which covers relu's y <= 0
+            # Q(relu(x)) == Q(x) and the clipped STE masks x̃ <= 0 on a grid starting at 0, at λ = 1.
+            if deferred and not (one and obs.clip and bounds is not None and bounds[0] == 0.0):
+                x = relu_now(x)
             out = BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
                                      bounds)
             if not one and (obs.softmax_dim is not None or obs.mask_operand is not None):
@@ -190,6 +204,17 @@ class QuantSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.scheme.describe()}"
+
+
+_MODULE_STATE = torch.nn.modules.module
+_GLOBAL_HOOKS = tuple(getattr(_MODULE_STATE, name, {}) for name in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs any module hook (its own or a global one) that sees its arguments."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                or any(_GLOBAL_HOOKS))
 
 
 def _stats_key(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, eps: float, ndim: int) -> tuple | None:

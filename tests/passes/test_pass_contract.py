@@ -65,7 +65,7 @@ from qtrim_fx.passes.prepare.ranks import record_ranks
 from qtrim_fx.passes.prepare.rewire_inplace import RewireInplacePass
 from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 from qtrim_fx.runtime.bias_shift import bias_shifts
-from qtrim_fx.runtime.ops import relu_keep_mask
+from qtrim_fx.runtime.ops import deferred_relu
 from qtrim_fx.runtime.qdq import quant_dequant
 from tests.helpers.qmodels import calibrated
 
@@ -490,7 +490,7 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
         "MultiplyGatesPass", "SafeSoftmaxPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 8)
-    assert any(n.target is relu_keep_mask for n in prepared.graph.nodes)
+    assert any(n.target is deferred_relu for n in prepared.graph.nodes)
     assert any(m.active for m in bias_shifts(calibrated_convnet).values())  # FoldBiasShiftPass has work
     lowered = _lower_stage(calibrated_convnet, 8)
     assert any(n.target is quant_dequant for n in lowered.graph.nodes) and hasattr(lowered, "qtrim_bias")

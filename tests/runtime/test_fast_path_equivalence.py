@@ -26,7 +26,7 @@ from qtrim_fx.runtime.blend import (
     host_bounds,
 )
 from qtrim_fx.runtime.observer import EmaQuantileObserver
-from qtrim_fx.runtime.ops import relu_keep_mask
+from qtrim_fx.runtime.ops import deferred_relu, is_deferred_relu
 from qtrim_fx.runtime.site import QuantSite
 
 LAMS = [0.0, 0.3, 1.0]
@@ -147,47 +147,93 @@ def test_site_bounds_follow_observer_updates(lam):
         torch.testing.assert_close(gx, factor, rtol=1e-6, atol=1e-7)
 
 
-# -- relu_keep_mask read only by sites: the ReLU's mask is skipped where the sites' masks cover it --------
+# -- deferred_relu read only by sites: the ReLU is not computed where the sites' grids cover it --------------
 
 
-def _relu_site_grads(lam: float, scheme: QuantScheme, clip: bool = True, lean: bool = True, readers: int = 1):
-    """(output, input gradient, relu node) of relu -> site(s), relu_keep_mask (lean) or torch.relu."""
+def _graph_types(t: torch.Tensor) -> set[str]:
+    """The autograd node types behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.add(type(n).__name__)
+        todo.extend(f for f, _ in n.next_functions)
+    return names
+
+
+def _relu_site_grads(lam: float, scheme: QuantScheme, clip: bool = True, lean: bool = True, readers: int = 1,
+                     observe: bool = False):
+    """(outputs, input gradient, autograd node types, observer ranges) of relu -> site(s), deferred_relu (lean)
+    or torch.relu."""
     control = BlendControl(lam)
     g = torch.Generator().manual_seed(5)
-    x = (torch.randn(4, 8, 6, 6, generator=g) * 2).requires_grad_()
+    x = torch.randn(4, 8, 6, 6, generator=g) * 2
+    x.view(-1)[:6] = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-40])
+    x.requires_grad_()
     sites = []
     for i in range(readers):
         # The second reader, when present, has a signed symmetric grid (lo < 0): it never covers relu's mask.
         sch = scheme if i == 0 else QuantScheme(bits=8, signed=True, symmetric=True)
-        site = QuantSite(sch, EmaQuantileObserver("range", clip=clip, act_range="mse" if not clip else "quantile"),
-                         control)
+        site = QuantSite(sch, EmaQuantileObserver("range", clip=clip, act_range="mse" if not clip else "quantile",
+                                                  momentum=0.5), control)
         site.keep_output = True
-        site.observer.observe(torch.relu(x.detach()))
+        site.observer.observe(torch.relu(x.detach()).nan_to_num(0.0, 0.0, 0.0))
         site.train()
-        site.observer.enabled = False
+        site.observer.enabled = observe
         sites.append(site)
-    y = relu_keep_mask(x) if lean else torch.relu(x)
+    y = deferred_relu(x) if lean else torch.relu(x)
     outs = [site(y) for site in sites]
     up = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
-    (gx,) = torch.autograd.grad(sum((o * up).sum() for o in outs), x)
-    return torch.stack([o.detach() for o in outs]), gx, y.grad_fn
+    loss = sum((o.nan_to_num(0.0, 0.0, 0.0) * up).sum() for o in outs)
+    types = set().union(*(_graph_types(o) for o in outs))
+    (gx,) = torch.autograd.grad(loss, x)
+    ranges = torch.stack([torch.stack([s.observer.lo, s.observer.hi]) for s in sites])
+    return torch.stack([o.detach() for o in outs]), gx, types, ranges
 
 
 UINT8 = QuantScheme(bits=8, signed=False, symmetric=False)
 
 
+@pytest.mark.parametrize("observe", [False, True])
 @pytest.mark.parametrize("lam", LAMS)
 @pytest.mark.parametrize("case", ["uint8", "signed_symmetric", "unclipped", "two_readers"])
-def test_relu_mask_skip_gives_torch_relu_gradients(lam, case):
+def test_deferred_relu_gives_torch_relu_values_gradients_and_statistics(lam, case, observe):
+    """Sites reading a deferred relu: the bits of relu -> site (values incl. NaN, ±0, ±inf; gradients; observer
+    ranges after an update on the relu's output), and no relu computed only where every reader's grid covers it."""
     scheme = QuantScheme(bits=8, signed=True, symmetric=True) if case == "signed_symmetric" else UINT8
-    kw = {"clip": case != "unclipped", "readers": 2 if case == "two_readers" else 1}
-    out, gx, node = _relu_site_grads(lam, scheme, **kw)
-    ref_out, ref_gx, _ = _relu_site_grads(lam, scheme, lean=False, **kw)
+    kw = {"clip": case != "unclipped", "readers": 2 if case == "two_readers" else 1, "observe": observe}
+    out, gx, types, ranges = _relu_site_grads(lam, scheme, **kw)
+    ref_out, ref_gx, _, ref_ranges = _relu_site_grads(lam, scheme, lean=False, **kw)
     assert torch.equal(_bits(out), _bits(ref_out))
     assert torch.equal(_bits(gx), _bits(ref_gx))
-    skipped = node.reads == node.masked_reads > 0
-    assert skipped == (lam == 1.0 and case == "uint8")  # only where every reader's mask covers y <= 0
-    assert node.reads == kw["readers"]
+    assert torch.equal(ranges, ref_ranges)
+    relu_computed = "_ReluKeepMaskFnBackward" in types
+    # Computed unless λ = 1 on a grid starting at 0 with the clipped mask (lam = 0 returns relu's own output).
+    assert relu_computed == (not (lam == 1.0 and case == "uint8"))
+
+
+def test_deferred_relu_without_autograd_is_relu():
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(deferred_relu(x), torch.relu(x))
+    with torch.no_grad():
+        xr = x.clone().requires_grad_()
+        assert torch.equal(deferred_relu(xr), torch.relu(x))
+    assert is_deferred_relu(deferred_relu(x.clone().requires_grad_()))
+
+
+def test_deferred_relu_read_by_a_disabled_site_is_relu():
+    control = BlendControl(1.0)
+    site = QuantSite(UINT8, EmaQuantileObserver("range"), control)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    site.observer.observe(torch.relu(x.detach()))
+    site.enabled = False
+    site.observer.enabled = False
+    out = site(deferred_relu(x))
+    assert torch.equal(out, torch.relu(x))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g, (x > 0).float())
 
 
 # -- statistics updates (issue 22): the same ranges, bit for bit, in fewer calls ------------------------------
@@ -325,3 +371,28 @@ def test_top_values_host_candidates_match_the_torch_gather(c, n, k, largest):
     ref = quantiles._topk_values(cand, k, largest)
     assert torch.equal(_bits(out), _bits(ref))
     assert torch.equal(out, torch.topk(v, k, dim=-1, largest=largest).values)
+
+
+@pytest.mark.parametrize("where", ["site", "global"])
+def test_hooks_on_a_site_see_the_relu_output_not_the_deferred_input(where):
+    """A hook sees a site's arguments: a deferred relu is applied before it (values of the graph's ReLU)."""
+    control = BlendControl(1.0)
+    site = QuantSite(UINT8, EmaQuantileObserver("range"), control)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    site.observer.observe(torch.relu(x.detach()))
+    site.observer.enabled = False
+    seen = []
+
+    def hook(mod, args):
+        seen.append(args[0].detach().clone())
+
+    register = torch.nn.modules.module.register_module_forward_pre_hook if where == "global" else \
+        site.register_forward_pre_hook
+    handle = register(hook)
+    try:
+        out = site(deferred_relu(x))
+    finally:
+        handle.remove()
+    assert torch.equal(seen[-1], torch.relu(x.detach()))
+    ref = site(torch.relu(x))
+    assert torch.equal(out, ref)

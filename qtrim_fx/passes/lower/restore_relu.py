@@ -1,9 +1,10 @@
 """RestoreReluPass: the lean ReLUs of a prepared model back to ``torch.relu`` for deployment.
 
-``LeanReluPass`` (prepare) swaps site-only ReLUs for :func:`qtrim_fx.runtime.ops.relu_keep_mask`,
-which saves a 1-byte mask for backward. A lowered graph holds only standard ops::
+``LeanReluPass`` (prepare) swaps site-only ReLUs for :func:`qtrim_fx.runtime.ops.deferred_relu`
+(graphs prepared before it: :func:`~qtrim_fx.runtime.ops.relu_keep_mask`), whose output only
+quantization sites may read. A lowered graph holds only standard ops::
 
-    before:  y = call_function[relu_keep_mask](x)
+    before:  y = call_function[deferred_relu](x)       (or relu_keep_mask)
     after:   y = call_function[torch.relu](x)          (node name and meta kept)
 """
 
@@ -13,18 +14,18 @@ import torch
 import torch.fx as fx
 
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
-from qtrim_fx.runtime.ops import relu_keep_mask
+from qtrim_fx.runtime.ops import deferred_relu, relu_keep_mask
 
 __all__ = ["RestoreReluPass"]
 
 
 class RestoreReluPass(GraphPass):
-    """Lowering: ``relu_keep_mask(x)`` back to ``torch.relu(x)`` (a standard op for export)."""
+    """Lowering: ``deferred_relu(x)`` / ``relu_keep_mask(x)`` back to ``torch.relu(x)`` (a standard op for export)."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is relu_keep_mask:
+            if node.op == "call_function" and node.target in (deferred_relu, relu_keep_mask):
                 node.target = torch.relu
                 # A graph re-traced from a pickle marks calls of fx.wrap-ped functions; the mark makes
                 # codegen emit ``wrap("torch.relu")``, which would break every later symbolic trace.

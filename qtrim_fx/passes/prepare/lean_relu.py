@@ -1,17 +1,22 @@
-"""LeanReluPass: a ReLU read only by quantization sites keeps a 1-byte mask for backward.
+"""LeanReluPass: a ReLU read only by quantization sites is deferred to its sites.
 
 ``torch.relu`` saves its float output for backward. In a prepared model the output of a
 ReLU is usually read only by its activation site, whose blended copy is what the next
 layer saves; the ReLU output then stays alive for the ReLU's backward alone (one extra
-activation-sized tensor per site, about +40% training memory on a ResNet). This pass
-swaps such ReLUs for :func:`qtrim_fx.runtime.ops.relu_keep_mask` (same value, same gradient,
-saves ``relu(x) != 0`` as a 1-byte mask)::
+activation-sized tensor per site, about +40% training memory on a ResNet), and at λ = 1 the
+ReLU is not even needed: the site's clamp at the grid's lower end 0 is the ReLU. This pass swaps
+such ReLUs for :func:`qtrim_fx.runtime.ops.deferred_relu`::
 
     before:  y  = call_module[layer1.0.relu](x)              (nn.ReLU, inplace or not)
              yq = call_module[qtrim_sites.layer1_0_relu_out](y)
 
-    after:   y  = call_function[relu_keep_mask](x)           (node name and meta kept)
+    after:   y  = call_function[deferred_relu](x)            (node name and meta kept)
              yq = call_module[qtrim_sites.layer1_0_relu_out](y)
+
+In eager training ``deferred_relu`` hands the sites ``x`` itself, marked; a site quantizing at
+λ = 1 on a grid starting at 0 quantizes ``x`` (same values and gradient, two passes and two
+allocations fewer), any other read applies ``relu_keep_mask`` (relu's value and gradient, a 1-byte mask
+saved for backward instead of the float output). Without autograd it is a plain ReLU.
 
 Only a plain ReLU (``nn.ReLU``, ``torch.relu``, ``F.relu``, ``Tensor.relu``, ``aten.relu``;
 not the in-place ``relu_`` forms) whose input has no other reader (so an ``inplace=True``
@@ -20,10 +25,9 @@ edited in place, so its name, ``SiteSpec`` and shape meta stay. Values and gradi
 bit-identical. ``RestoreReluPass`` (:mod:`qtrim_fx.passes.lower.restore_relu`, run by ``qtrim_fx.lower``) turns the nodes back into
 ``torch.relu`` so the deployable graph holds only standard ops.
 
-Invariant (other code relies on it): the output of a ``relu_keep_mask`` node is read by site modules
-only. :func:`qtrim_fx.runtime.ops.relu_read` counts those reads, and when every one masks ``y <= 0``
-itself (λ = 1, a grid whose lower end is exactly 0) the ReLU's backward skips its own mask. A pass that
-adds another reader of such a node must turn it back into ``torch.relu`` first.
+Invariant (other code relies on it): the output of a ``deferred_relu`` node is read by site modules
+only — in eager training it is the ReLU's *input* until a site applies the ReLU. A pass that adds
+another reader of such a node must turn it back into ``torch.relu`` first.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 
 from qtrim_fx.core.modules import is_plain_module
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
-from qtrim_fx.runtime.ops import relu_keep_mask
+from qtrim_fx.runtime.ops import deferred_relu
 from qtrim_fx.runtime.site import QuantSite
 
 __all__ = ["LeanReluPass"]
@@ -69,7 +73,7 @@ def _read_only_by_sites(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 class LeanReluPass(GraphPass):
-    """Swap site-only ReLUs for :func:`~qtrim_fx.runtime.ops.relu_keep_mask` (see module doc)."""
+    """Swap site-only ReLUs for :func:`~qtrim_fx.runtime.ops.deferred_relu` (see module doc)."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -77,7 +81,7 @@ class LeanReluPass(GraphPass):
             x = _relu_input(gm, node)
             if x is None or len(x.users) != 1 or not _read_only_by_sites(gm, node):
                 continue
-            node.op, node.target, node.args, node.kwargs = "call_function", relu_keep_mask, (x,), {}
+            node.op, node.target, node.args, node.kwargs = "call_function", deferred_relu, (x,), {}
             node.meta.pop("is_wrapped", None)
             modified = True
         return finish(gm, modified)

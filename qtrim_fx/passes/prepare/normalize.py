@@ -79,7 +79,7 @@ for _kind, _names in {
     "pow": "pow pow_ __pow__ __rpow__",
     "erf": "erf erf_",
     "cat": "cat concat concatenate stack",
-    "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask",
+    "relu": "relu relu_ relu6 hardtanh hardtanh_ relu_keep_mask deferred_relu",
     "activation": (
         "gelu silu silu_ hardswish hardswish_ hardsigmoid sigmoid sigmoid_ tanh tanh_ leaky_relu elu mish "
         "softplus prelu selu celu"

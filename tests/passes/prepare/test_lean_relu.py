@@ -16,7 +16,7 @@ import qtrim_fx
 from qtrim_fx.core.spec import ACT_SITE
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
-from qtrim_fx.runtime.ops import relu_keep_mask
+from qtrim_fx.runtime.ops import deferred_relu, relu_keep_mask
 
 
 class Mixed(nn.Module):
@@ -59,7 +59,7 @@ class SiteAndFloatReader(nn.Module):
 
 
 def _lean_nodes(gm: fx.GraphModule) -> list[str]:
-    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is relu_keep_mask]
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is deferred_relu]
 
 
 def _without_pass(qm: fx.GraphModule) -> fx.GraphModule:
