@@ -59,9 +59,12 @@ class BlendQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, scale, zero_point, lam, qmin: int, qmax: int, lam_is_one: bool,  # type: ignore[override]
-                keep_output: bool, clip: bool = True, host_bounds: tuple[float, float] | None = None):
+                keep_output: bool, clip: bool = True, host_bounds: tuple[float, float] | None = None,
+                overwrite: bool = False):
         # ``host_bounds``: :func:`host_bounds` of these qparams, cached by the caller (a site derives them
-        # once per statistics update, not per call); None: computed here.
+        # once per statistics update, not per call); None: computed here. ``overwrite``: the caller owns
+        # ``x`` (nothing reads or keeps it after this call, see InPlaceSitesPass): at λ = 1 a float32 x is
+        # quantized in place and returned.
         bounds = None
         if torch.compiler.is_compiling():
             xf = x.float()
@@ -69,8 +72,12 @@ class BlendQuantFn(torch.autograd.Function):
         else:
             fp32 = x.dtype == torch.float32
             xf = x if fp32 else x.float()
-            # Work in place in the float copy of a half-precision x unless the lerp still needs it.
-            t = fake_quantize_(xf, scale, zero_point, qmin, qmax, inplace=not fp32 and lam_is_one)
+            # Work in place in the float copy of a half-precision x unless the lerp still needs it, or in x
+            # itself when the caller hands it over.
+            overwrite = overwrite and fp32 and lam_is_one
+            t = fake_quantize_(xf, scale, zero_point, qmin, qmax, inplace=lam_is_one and (not fp32 or overwrite))
+            if overwrite:
+                ctx.mark_dirty(x)
             if not lam_is_one:
                 torch.lerp(xf, t, lam if lam.dtype == torch.float32 else lam.float(), out=t)
             out = t if fp32 else t.to(x.dtype)

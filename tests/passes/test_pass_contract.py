@@ -57,6 +57,7 @@ from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
+from qtrim_fx.passes.prepare.inplace_sites import InPlaceSitesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
@@ -67,6 +68,7 @@ from qtrim_fx.passes.prepare.split_norm_act import SplitNormActPass
 from qtrim_fx.runtime.bias_shift import bias_shifts
 from qtrim_fx.runtime.ops import deferred_relu
 from qtrim_fx.runtime.qdq import quant_dequant
+from qtrim_fx.runtime.site import QuantSite
 from tests.helpers.qmodels import calibrated
 
 #: qnn stores int32 biases, so every lowering pass (RoundBiasPass included) has work to do.
@@ -334,11 +336,15 @@ def _snapshot(gm: fx.GraphModule) -> dict:
         for n in gm.graph.nodes
     )
     tensors = {name: t.detach().clone() for name, t in (*gm.named_parameters(), *gm.named_buffers())}
-    return {"code": gm.code, "nodes": nodes, "modules": sorted(n for n, _ in gm.named_modules()), "tensors": tensors}
+    # the run-time flags passes set on sites (how a site treats its input and output)
+    flags = {name: (m.keep_output, m.overwrite_input, m.float_output) for name, m in gm.named_modules()
+             if isinstance(m, QuantSite)}
+    return {"code": gm.code, "nodes": nodes, "modules": sorted(n for n, _ in gm.named_modules()), "tensors": tensors,
+            "flags": flags}
 
 
 def _differences(a: dict, b: dict) -> list[str]:
-    out = [k for k in ("code", "nodes", "modules") if a[k] != b[k]]
+    out = [k for k in ("code", "nodes", "modules", "flags") if a[k] != b[k]]
     ta, tb = a["tensors"], b["tensors"]
     if ta.keys() != tb.keys():
         out.append(f"tensors {sorted(ta.keys() ^ tb.keys())}")
@@ -384,7 +390,8 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
     return lambda **_: _prepare_stage(model(), 3)
 
 
-# prepare_passes: SplitNormAct, RewireInplace, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu, InsertBiasShift
+# prepare_passes: SplitNormAct, RewireInplace, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu, InPlaceSites,
+# InsertBiasShift
 #                 (DecomposeGates after
 #                 SplitNormAct only for a target with gated activations: qnn, npu)
 # (_convnet_prepare(k) runs SplitNormAct, RewireInplace and then k of the others)
@@ -396,7 +403,8 @@ CASES: dict[str, Case] = {
     "AnnotateSitesPass": Case(AnnotateSitesPass, _convnet_prepare(3), _normalized(Plain)),
     "InsertSitesPass": Case(InsertSitesPass, _convnet_prepare(4), lambda **_: _prepare_stage(Plain(), 6)),
     "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 7)),
-    "InsertBiasShiftPass": Case(InsertBiasShiftPass, _convnet_prepare(6), lambda **_: _prepare_stage(Plain(), 8)),
+    "InPlaceSitesPass": Case(InPlaceSitesPass, _convnet_prepare(6), lambda **_: _prepare_stage(Plain(), 8)),
+    "InsertBiasShiftPass": Case(InsertBiasShiftPass, _convnet_prepare(7), lambda **_: _prepare_stage(Plain(), 9)),
     "RewireInplacePass": Case(
         RewireInplacePass, lambda **_: capture(InplaceRelu()).gm, lambda **_: capture(TanhMLP()).gm),
     "SplitNormActPass": Case(
@@ -484,7 +492,7 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
     """The ``applies`` stages above index the pipelines; keep them aligned with the pipelines' order."""
     assert [type(p).__name__ for p in prepare_passes(qtrim_fx.QuantConfig())] == [
         "SplitNormActPass", "RewireInplacePass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
-        "InsertSitesPass", "LeanReluPass", "InsertBiasShiftPass"]
+        "InsertSitesPass", "LeanReluPass", "InPlaceSitesPass", "InsertBiasShiftPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
         "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBiasShiftPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
         "MultiplyGatesPass", "SafeSoftmaxPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]

@@ -14,7 +14,8 @@
       ─NormalizeOpsPass──────────────▶ the new functional nodes tagged too
       ─AnnotateSitesPass─────────────▶ a frozen SiteSpec per site in node.meta (decide, no edits)
       ─InsertSitesPass───────────────▶ one observer + blend-quant module per site (edit)
-      ─LeanReluPass──────────────────▶ site-only ReLUs save a 1-byte mask for backward
+      ─LeanReluPass──────────────────▶ site-only ReLUs deferred to their sites (skipped at λ = 1)
+      ─InPlaceSitesPass──────────────▶ sites that are the last reader of a fresh tensor may quantize it in place
       ─InsertBiasShiftPass───────────▶ quantized Conv/Linear read their bias through a BiasShift (calibrate's correction)
 """
 
@@ -30,6 +31,7 @@ from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
+from qtrim_fx.passes.prepare.inplace_sites import InPlaceSitesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
 from qtrim_fx.passes.prepare.normalize import NormalizeOpsPass
@@ -61,5 +63,6 @@ def prepare_passes(config: QuantConfig) -> list[GraphPass]:
         AnnotateSitesPass(config),
         InsertSitesPass(config),
         LeanReluPass(),
+        InPlaceSitesPass(),
         InsertBiasShiftPass(),
     ]
