@@ -31,12 +31,7 @@ from qtrim_fx.runtime.blend import BlendControl, BlendQuantFn, blend_quant_folde
 from qtrim_fx.runtime.observer import EmaQuantileObserver
 from qtrim_fx.runtime.ops import channel_shape, is_deferred_relu, relu_now
 
-__all__ = ["OVERWRITE_MIN_NUMEL", "QuantSite"]
-
-#: Smallest activation (elements) a site quantizes in place (``overwrite_input``): below it the tensor
-#: lives in the CPU's caches, a fresh allocation costs nothing measurable and the in-place bookkeeping
-#: (autograd's dirty-tensor rebase) does (digits net: 1.318x -> 1.331x FP32 with it on every site).
-OVERWRITE_MIN_NUMEL = 1 << 19
+__all__ = ["QuantSite"]
 
 SiteKind = Literal["weight", "activation"]
 
@@ -192,8 +187,7 @@ class QuantSite(nn.Module):
             # Q(relu(x)) == Q(x) and the clipped STE masks x̃ <= 0 on a grid starting at 0, at λ = 1.
             if deferred and not (one and obs.clip and bounds is not None and bounds[0] == 0.0):
                 x = relu_now(x)
-            overwrite = (self.overwrite_input and one and x.dtype == torch.float32 and x.numel() >= OVERWRITE_MIN_NUMEL
-                         and not x._is_view()
+            overwrite = (self.overwrite_input and one and x.dtype == torch.float32 and not x._is_view()
                          and not _hooked(self) and not (self._input_module is not None and _hooked(self._input_module)))
             out = BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
                                      bounds, overwrite)

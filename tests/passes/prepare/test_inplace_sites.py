@@ -44,7 +44,7 @@ class Net(nn.Module):
 
 def _prepared(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    x = torch.randn(64, 128, 16)  # 131072 elements at the hidden width 64 ... below the size threshold
+    x = torch.randn(64, 128, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qtrim_fx.prepare(Net(), example_inputs=(x[:2],))
@@ -118,19 +118,22 @@ def test_a_tensor_with_a_second_reader_is_not_marked():
     assert not gm.s1.overwrite_input and gm.s2.overwrite_input
 
 
-def _step(qm, x, threshold: int):
-    """One SGD step with the in-place threshold set: (output, input gradient, weights after the step)."""
-    site_mod_threshold = site_mod.OVERWRITE_MIN_NUMEL
-    site_mod.OVERWRITE_MIN_NUMEL = threshold
-    try:
-        xg = x.clone().requires_grad_()
-        opt = torch.optim.SGD(qm.parameters(), lr=0.1)
-        out = qm(xg)
-        out.square().sum().backward()
-        opt.step()
-        return out.detach(), xg.grad, [p.detach().clone() for p in qm.parameters()]
-    finally:
-        site_mod.OVERWRITE_MIN_NUMEL = site_mod_threshold
+def _switched_off(qm):
+    """A copy of ``qm`` whose sites never quantize in place."""
+    off = copy.deepcopy(qm)
+    for site in off.qtrim_sites.children():
+        site.overwrite_input = False
+    return off
+
+
+def _step(qm, x):
+    """One SGD step: (output, input gradient, weights after the step)."""
+    xg = x.clone().requires_grad_()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.1)
+    out = qm(xg)
+    out.square().sum().backward()
+    opt.step()
+    return out.detach(), xg.grad, [p.detach().clone() for p in qm.parameters()]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -139,15 +142,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def test_in_place_quantization_changes_no_bit_of_values_gradients_or_updates():
     qm, x = _prepared()
-    ref = copy.deepcopy(qm)
-    out, gx, params = _step(qm, x, threshold=0)            # in place on every marked site
-    ref_out, ref_gx, ref_params = _step(ref, x, threshold=1 << 40)
+    ref = _switched_off(qm)
+    out, gx, params = _step(qm, x)            # in place on every marked site
+    ref_out, ref_gx, ref_params = _step(ref, x)
     assert torch.equal(_bits(out), _bits(ref_out))
     assert torch.equal(_bits(gx), _bits(ref_gx))
     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(params, ref_params, strict=True))
 
 
-def _pointers(qm, x, threshold: int) -> dict[str, tuple[int, int]]:
+def _pointers(qm, x) -> dict[str, tuple[int, int]]:
     """(input, output) data pointers of every quantizing activation site whose input is not a view, in one
     forward (a view — a Linear's output on 3-D input — is never overwritten: its base would be written too)."""
     seen: dict[str, tuple[int, int]] = {}
@@ -161,25 +164,22 @@ def _pointers(qm, x, threshold: int) -> dict[str, tuple[int, int]]:
             seen[names[id(self)]] = (ptr, out.data_ptr())
         return out
 
-    old = site_mod.OVERWRITE_MIN_NUMEL
-    site_mod.OVERWRITE_MIN_NUMEL = threshold
     site_mod.QuantSite.forward = spy
     try:
         qm(x)
     finally:
         site_mod.QuantSite.forward = orig
-        site_mod.OVERWRITE_MIN_NUMEL = old
     return seen
 
 
-def test_the_site_writes_into_its_input_only_at_lambda_one_and_above_the_size_threshold():
+def test_the_site_writes_into_its_input_only_at_lambda_one():
     qm, x = _prepared()
     marked = {n for n, on in _marked(qm).items() if on}
-    ptrs = _pointers(qm, x, 0)
+    ptrs = _pointers(qm, x)
     assert {n for n, (i, o) in ptrs.items() if i == o} == marked & set(ptrs) == {"act_out", "add"}
-    assert not any(i == o for i, o in _pointers(qm, x, 1 << 40).values())  # below the threshold
+    assert not any(i == o for i, o in _pointers(_switched_off(qm), x).values())
     qtrim_fx.set_blend(qm, 0.5)  # λ < 1: the blend needs the float input
-    assert not any(i == o for i, o in _pointers(qm, x, 0).values())
+    assert not any(i == o for i, o in _pointers(qm, x).values())
 
 
 @pytest.mark.parametrize("where", ["producer", "site", "global"])
@@ -196,7 +196,7 @@ def test_a_hook_that_could_keep_the_tensor_turns_in_place_off(where):
     else:
         handle = target.register_forward_pre_hook(lambda m, a: kept.append(a[0]))
     try:
-        ptrs = _pointers(qm, x, 0)
+        ptrs = _pointers(qm, x)
     finally:
         handle.remove()
     i, o = ptrs["act_out"]
