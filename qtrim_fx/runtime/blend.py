@@ -37,6 +37,7 @@ from torch import nn
 
 from qtrim_fx.core.errors import CheckpointError, ConfigError
 from qtrim_fx.core.fakequant import (
+    _POSITIVE_ZERO,
     channel_broadcast,
     fake_quantize_,
     fake_quantize_broadcast,
@@ -44,7 +45,8 @@ from qtrim_fx.core.fakequant import (
     round_clip_,
 )
 
-__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "fold_product", "host_bounds", "saturation_gradient"]
+__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "fold_product", "host_bounds", "quantize_owned_",
+           "saturation_gradient"]
 
 
 class BlendQuantFn(torch.autograd.Function):
@@ -114,6 +116,24 @@ class BlendQuantFn(torch.autograd.Function):
             kept = _masked(grad, mask)
             g = kept if lam_is_one else torch.lerp(grad, kept, lam.to(grad.dtype), out=kept)
         return (g, *nones)
+
+
+def quantize_owned_(x: torch.Tensor, scale: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """``x`` (float32, per-tensor CPU qparams, λ = 1, clipped STE) fake-quantized in place, with the gradient of
+    :class:`BlendQuantFn` from native autograd: no Python ``Function`` forward or backward.
+
+    For a tensor its caller owns (nothing reads or keeps it afterwards, see ``InPlaceSitesPass``). The codes
+    are written through a detached alias — ``round(x / s)``, then ``+0.0 + s·k`` (one rounding, −0.0 made
+    +0.0) — and ``hardtanh_(x, lo, hi)`` with the grid's end values ``bounds`` saturates them: multiplying by
+    ``s > 0`` is monotonic, so clamping ``s·k`` to ``fl((q_min − z)·s)``, ``fl((q_max − z)·s)`` gives the bits of
+    clamping ``k`` to ``[q_min − z, q_max − z]`` first (NaN stays NaN, ±inf saturate). ``hardtanh_``'s own
+    backward, ``hardtanh_backward(grad, out, lo, hi)``, is the clipped straight-through gradient at λ = 1,
+    and the history it records continues into ``x``'s producer: the identity gradient of the detached writes.
+    """
+    t = x.detach()
+    t.div_(scale).round_()
+    torch.add(_POSITIVE_ZERO, t, alpha=scale.item(), out=t)
+    return torch.nn.functional.hardtanh_(x, bounds[0], bounds[1])
 
 
 def _in_range_mask(out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, lam: torch.Tensor,

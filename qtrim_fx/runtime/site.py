@@ -27,7 +27,14 @@ from torch import nn
 
 from qtrim_fx.core.fakequant import derive_qparams
 from qtrim_fx.core.scheme import QuantScheme
-from qtrim_fx.runtime.blend import BlendControl, BlendQuantFn, blend_quant_folded, fold_product, host_bounds
+from qtrim_fx.runtime.blend import (
+    BlendControl,
+    BlendQuantFn,
+    blend_quant_folded,
+    fold_product,
+    host_bounds,
+    quantize_owned_,
+)
 from qtrim_fx.runtime.observer import EmaQuantileObserver
 from qtrim_fx.runtime.ops import channel_shape, is_deferred_relu, relu_now
 
@@ -186,9 +193,17 @@ class QuantSite(nn.Module):
         if f is None:
             # Q(relu(x)) == Q(x) and the clipped STE masks x̃ <= 0 on a grid starting at 0, at λ = 1.
             if deferred and not (one and obs.clip and bounds is not None and bounds[0] == 0.0):
-                x = relu_now(x)
-            overwrite = (self.overwrite_input and one and x.dtype == torch.float32 and not x._is_view()
-                         and not _hooked(self) and not (self._input_module is not None and _hooked(self._input_module)))
+                x, deferred = relu_now(x), False
+            overwrite = (self.overwrite_input and one and x.dtype == torch.float32 and not _hooked(self)
+                         and not (self._input_module is not None and _hooked(self._input_module)))
+            if overwrite:
+                # A deferred relu's view stands for its input, which only it reads (InPlaceSitesPass): write there.
+                target = x._base if deferred else x
+                overwrite = target is not None and not target._is_view()
+                if overwrite:
+                    x = target
+                    if self.keep_output and obs.clip and bounds is not None:  # all in native autograd
+                        return quantize_owned_(x, scale, bounds)
             out = BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
                                      bounds, overwrite)
             if not one and (obs.softmax_dim is not None or obs.mask_operand is not None):

@@ -396,3 +396,40 @@ def test_hooks_on_a_site_see_the_relu_output_not_the_deferred_input(where):
     assert torch.equal(seen[-1], torch.relu(x.detach()))
     ref = site(torch.relu(x))
     assert torch.equal(out, ref)
+
+
+# -- quantize_owned_: the in-place λ = 1 path in native autograd is BlendQuantFn, bit for bit -------------------
+
+
+@pytest.mark.parametrize("grid", ["uint8_z0", "uint8_z", "int8_symmetric", "int4"])
+def test_quantize_owned_matches_blend_quant_bits_and_gradients(grid):
+    from qtrim_fx.runtime.blend import BlendQuantFn, host_bounds, quantize_owned_
+
+    qmin, qmax, z = {"uint8_z0": (0, 255, 0.0), "uint8_z": (0, 255, 37.0), "int8_symmetric": (-127, 127, None),
+                     "int4": (-8, 7, 0.0)}[grid]
+    scale = torch.tensor(0.0371, dtype=torch.float32)
+    zp = None if z is None else torch.tensor(z, dtype=torch.float32)
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(4096, generator=g) * 4
+    ks = torch.arange(-300, 300, dtype=torch.float32)
+    special = torch.cat([
+        (ks + 0.5) * scale,                      # ties of x / s
+        ks * scale, ks * scale + 1e-7, ks * scale - 1e-7,
+        torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38]),
+    ])
+    x = torch.cat([base, special])
+    lo, hi = host_bounds(scale, zp, qmin, qmax)
+    up = torch.randn(x.shape, generator=g)
+    lam = torch.tensor(1.0)
+
+    a = x.clone().requires_grad_()
+    ref = BlendQuantFn.apply(a * 1.0, scale, zp, lam, qmin, qmax, True, True, True, (lo, hi))
+    (ref_g,) = torch.autograd.grad(ref, a, up)
+
+    b = x.clone().requires_grad_()
+    owned = b * 1.0  # a fresh tensor nothing else reads
+    out = quantize_owned_(owned, scale, (lo, hi))
+    assert out is owned
+    (got_g,) = torch.autograd.grad(out, b, up)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(got_g), _bits(ref_g))

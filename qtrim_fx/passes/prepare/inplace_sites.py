@@ -33,6 +33,7 @@ from torch import nn
 from qtrim_fx.core.modules import is_plain_module
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.passes.prepare.normalize import target_name
+from qtrim_fx.runtime.ops import deferred_relu
 from qtrim_fx.runtime.site import QuantSite
 
 __all__ = ["FRESH_OUTPUT", "FRESH_OUTPUT_MODULES", "InPlaceSitesPass"]
@@ -82,6 +83,11 @@ class InPlaceSitesPass(GraphPass):
                 continue
             if site.overwrite_input or len(x.users) != 1:
                 continue
+            if x.op == "call_function" and x.target is deferred_relu:
+                # The site quantizes the ReLU's input itself at λ = 1 (see deferred_relu): that input counts.
+                x = x.args[0]
+                if not isinstance(x, fx.Node) or len(x.users) != 1:
+                    continue
             ok, module = _producer(gm, x)
             if ok:
                 site.overwrite_input = True

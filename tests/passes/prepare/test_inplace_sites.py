@@ -203,3 +203,28 @@ def test_a_hook_that_could_keep_the_tensor_turns_in_place_off(where):
     assert i != o
     feats = [t for t in kept if isinstance(t, torch.Tensor) and t.data_ptr() == i]
     assert feats and feats[0]._version == 0  # never written to
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "cifar_resnet18"])
+def test_conv_bn_relu_sites_in_place_change_no_bit(name):
+    """Conv -> BN -> ReLU -> site: the site quantizes the BN output itself (the deferred ReLU's input) in place;
+    two training steps give the bits of the same steps without it, and every step of the first wrote in place."""
+    from qtrim_fx.models import get_model
+
+    model, (x,) = get_model(name, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model)
+        qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    qm.train()
+    assert sum(s.overwrite_input for s in qm.qtrim_sites.children()) >= 3
+    ref = _switched_off(qm)
+    for _ in range(2):
+        out, gx, params = _step(qm, x)
+        ref_out, ref_gx, ref_params = _step(ref, x)
+        assert torch.equal(_bits(out), _bits(ref_out))
+        assert torch.equal(_bits(gx), _bits(ref_gx))
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(params, ref_params, strict=True))
+    buffers = dict(ref.named_buffers())
+    assert all(torch.equal(b.float(), buffers[k].float()) for k, b in qm.named_buffers() if b.is_floating_point())
