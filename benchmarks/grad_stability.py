@@ -45,6 +45,7 @@ import qtrim_fx
 from qtrim_fx.runtime import site as site_module
 from qtrim_fx.runtime.blend import BlendQuantFn
 from qtrim_fx.runtime.prepared import set_blend
+from qtrim_fx.runtime.site import QuantSite
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from _common import machine, write_section
@@ -133,12 +134,19 @@ def grad_norms(name: str, converged: bool | str, size: int, batch: int) -> dict[
     state = copy.deepcopy(qm.state_dict())
     qm.train()
     out: dict[str, list[float]] = {}
+    # The identity STE replaces BlendQuantFn; the in-place λ = 1 path (native autograd, the clipped STE's
+    # backward, see InPlaceSitesPass) would bypass it, so the baseline runs without that path.
+    owned = {site: site.overwrite_input for site in qm.modules() if isinstance(site, QuantSite)}
     for label, fn in (("identity STE", _IdentitySTE), ("clipped STE", BlendQuantFn)):
         site_module.BlendQuantFn = fn
+        for site, flag in owned.items():
+            site.overwrite_input = flag and fn is BlendQuantFn
         try:
             out[label] = [_one_grad(qm, state, x, y, lam) for lam in LAMBDAS]
         finally:
             site_module.BlendQuantFn = BlendQuantFn
+            for site, flag in owned.items():
+                site.overwrite_input = flag
     return out
 
 

@@ -196,14 +196,16 @@ class QuantSite(nn.Module):
                 x, deferred = relu_now(x), False
             overwrite = (self.overwrite_input and one and x.dtype == torch.float32 and not _hooked(self)
                          and not (self._input_module is not None and _hooked(self._input_module)))
-            if overwrite:
-                # A deferred relu's view stands for its input, which only it reads (InPlaceSitesPass): write there.
-                target = x._base if deferred else x
-                overwrite = target is not None and not target._is_view()
-                if overwrite:
-                    x = target
-                    if self.keep_output and obs.clip and bounds is not None:  # all in native autograd
-                        return quantize_owned_(x, scale, bounds)
+            if overwrite and self.keep_output and obs.clip and bounds is not None:
+                # All in native autograd. A view (a deferred relu's, or a Linear's output on 3-D input: a view of
+                # its 2-D product) is written through its base, which nothing else reads (InPlaceSitesPass),
+                # when that base holds exactly the view's elements in the same layout.
+                target = _owned_storage(x) if x._is_view() else x
+                if target is not None:
+                    out = quantize_owned_(target, scale, bounds)
+                    return out if out.shape == x.shape else out.view(x.shape)
+            if overwrite and x._is_view():
+                overwrite = False
             out = BlendQuantFn.apply(x, scale, zp, control.value, s.qmin, s.qmax, one, self.keep_output, obs.clip,
                                      bounds, overwrite)
             if not one and (obs.softmax_dim is not None or obs.mask_operand is not None):
@@ -230,6 +232,17 @@ class QuantSite(nn.Module):
 _MODULE_STATE = torch.nn.modules.module
 _GLOBAL_HOOKS = tuple(getattr(_MODULE_STATE, name, {}) for name in (
     "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+
+
+def _owned_storage(view: torch.Tensor) -> torch.Tensor | None:
+    """The base of ``view`` if it holds exactly the view's elements, laid out alike (not itself a view), else None."""
+    base = view._base
+    if base is None or base._is_view() or base.numel() != view.numel() or base.dtype != view.dtype:
+        return None
+    if base.storage_offset() != view.storage_offset():
+        return None
+    same = base.shape == view.shape and base.stride() == view.stride()
+    return base if same or (base.is_contiguous() and view.is_contiguous()) else None
 
 
 def _hooked(m: nn.Module) -> bool:

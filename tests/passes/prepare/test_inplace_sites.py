@@ -151,16 +151,15 @@ def test_in_place_quantization_changes_no_bit_of_values_gradients_or_updates():
 
 
 def _pointers(qm, x) -> dict[str, tuple[int, int]]:
-    """(input, output) data pointers of every quantizing activation site whose input is not a view, in one
-    forward (a view — a Linear's output on 3-D input — is never overwritten: its base would be written too)."""
+    """(input, output) data pointers of every quantizing activation site in one forward."""
     seen: dict[str, tuple[int, int]] = {}
     names = {id(m): n for n, m in qm.qtrim_sites.named_children() if m.kind == "activation" and not m.float_output}
     orig = site_mod.QuantSite.forward
 
     def spy(self, t, fold=None):
-        ptr, view = t.data_ptr(), t._is_view()
+        ptr = t.data_ptr()
         out = orig(self, t, fold)
-        if id(self) in names and not view:
+        if id(self) in names:
             seen[names[id(self)]] = (ptr, out.data_ptr())
         return out
 
@@ -176,7 +175,8 @@ def test_the_site_writes_into_its_input_only_at_lambda_one():
     qm, x = _prepared()
     marked = {n for n, on in _marked(qm).items() if on}
     ptrs = _pointers(qm, x)
-    assert {n for n, (i, o) in ptrs.items() if i == o} == marked & set(ptrs) == {"act_out", "add"}
+    # The Linears' outputs on 3-D input are views of their 2-D products: written through those.
+    assert {n for n, (i, o) in ptrs.items() if i == o} == marked == {"fc1_out", "act_out", "fc2_out", "add", "fc3_out"}
     assert not any(i == o for i, o in _pointers(_switched_off(qm), x).values())
     qtrim_fx.set_blend(qm, 0.5)  # λ < 1: the blend needs the float input
     assert not any(i == o for i, o in _pointers(qm, x).values())
