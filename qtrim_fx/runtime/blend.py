@@ -118,22 +118,38 @@ class BlendQuantFn(torch.autograd.Function):
         return (g, *nones)
 
 
-def quantize_owned_(x: torch.Tensor, scale: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
-    """``x`` (float32, per-tensor CPU qparams, λ = 1, clipped STE) fake-quantized in place, with the gradient of
-    :class:`BlendQuantFn` from native autograd: no Python ``Function`` forward or backward.
+class _OwnedQuantFn(torch.autograd.Function):
+    """:func:`quantize_owned_`'s autograd: in place (``mark_dirty``), saves its output, backward one kernel."""
 
-    For a tensor its caller owns (nothing reads or keeps it afterwards, see ``InPlaceSitesPass``). The codes
-    are written through a detached alias — ``round(x / s)``, then ``+0.0 + s·k`` (one rounding, −0.0 made
-    +0.0) — and ``hardtanh_(x, lo, hi)`` with the grid's end values ``bounds`` saturates them: multiplying by
-    ``s > 0`` is monotonic, so clamping ``s·k`` to ``fl((q_min − z)·s)``, ``fl((q_max − z)·s)`` gives the bits of
-    clamping ``k`` to ``[q_min − z, q_max − z]`` first (NaN stays NaN, ±inf saturate). ``hardtanh_``'s own
-    backward, ``hardtanh_backward(grad, out, lo, hi)``, is the clipped straight-through gradient at λ = 1,
-    and the history it records continues into ``x``'s producer: the identity gradient of the detached writes.
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, bounds: tuple[float, float]):  # type: ignore[override]
+        lo, hi = bounds
+        t = x.div_(scale).round_()
+        torch.add(_POSITIVE_ZERO, t, alpha=scale.item(), out=t).clamp_(lo, hi)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        ctx.bounds = bounds
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        return torch.ops.aten.hardtanh_backward(grad, out, lo, hi), None, None
+
+
+def quantize_owned_(x: torch.Tensor, scale: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """``x`` (float32, per-tensor CPU qparams, λ = 1, clipped STE) fake-quantized in place and returned: the value
+    and gradient of :class:`BlendQuantFn` with three passes and a lean autograd node.
+
+    For a tensor its caller owns (nothing reads or keeps it afterwards, see ``InPlaceSitesPass``). ``round(x / s)``,
+    then ``+0.0 + s·k`` (one rounding, −0.0 made +0.0), then a clamp to the grid's end values ``bounds`` =
+    ``fl((q_min − z)·s)``, ``fl((q_max − z)·s)``: multiplying by ``s > 0`` is monotonic, so that gives the bits of
+    clamping ``k`` to ``[q_min − z, q_max − z]`` first (NaN stays NaN, ±inf saturate). Backward is
+    ``hardtanh_backward(grad, out, lo, hi)``, the clipped straight-through gradient at λ = 1, from the output it
+    keeps (no copy of the input: torch's own in-place ``hardtanh_`` would keep one).
     """
-    t = x.detach()
-    t.div_(scale).round_()
-    torch.add(_POSITIVE_ZERO, t, alpha=scale.item(), out=t)
-    return torch.nn.functional.hardtanh_(x, bounds[0], bounds[1])
+    return _OwnedQuantFn.apply(x, scale, bounds)
 
 
 def _in_range_mask(out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, lam: torch.Tensor,

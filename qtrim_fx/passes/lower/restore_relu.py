@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.runtime.ops import deferred_relu, relu_keep_mask
+from qtrim_fx.runtime.site import QuantSite
 
 __all__ = ["RestoreReluPass"]
 
@@ -30,5 +31,10 @@ class RestoreReluPass(GraphPass):
                 # A graph re-traced from a pickle marks calls of fx.wrap-ped functions; the mark makes
                 # codegen emit ``wrap("torch.relu")``, which would break every later symbolic trace.
                 node.meta.pop("is_wrapped", None)
+                # torch.relu keeps its output for backward: a site reading it must not quantize it in place.
+                for user in node.users:
+                    site = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+                    if isinstance(site, QuantSite):
+                        site.overwrite_input = False
                 modified = True
         return finish(gm, modified)

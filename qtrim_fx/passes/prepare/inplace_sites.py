@@ -3,9 +3,10 @@
 An activation site allocates its output. When the site is the only reader of a tensor that a
 fresh-output op produced (a Linear, a LayerNorm, a GELU, an Add ...) and that op's backward does not
 keep its own output, nothing else will read the tensor again: at λ = 1 the site may write the
-quantized values into it (one activation-sized allocation, its first-touch page faults and a third
-of the memory traffic of the first pass fewer; ViT d192 training step 1.32x -> 1.27x FP32). This pass
-decides where; the site decides per call (eager, float32, λ = 1, no hooks that could hold the tensor)::
+quantized values into it — one activation-sized allocation, its first-touch page faults and part of the
+memory traffic fewer — and, on the common path (per-tensor float32 CPU qparams, clipped STE), do it
+through a lean autograd node (:func:`qtrim_fx.runtime.blend.quantize_owned_`). This pass decides where; the site decides per call (eager, float32, λ = 1, no hooks that
+could hold the tensor)::
 
     before:  h  = call_function[linear](x, w, b)           (h read only by the site)
              hq = call_module[qtrim_sites.fc1_out](h)      QuantSite.overwrite_input = False
@@ -14,12 +15,14 @@ decides where; the site decides per call (eager, float32, λ = 1, no hooks that 
 
 Eligible: the site's only argument is a node read by nothing else, produced by a call from
 :data:`FRESH_OUTPUT` (by function / method name) or a plain module of :data:`FRESH_OUTPUT_MODULES`
-(not ``inplace``, ``forward`` not overridden). Ops that return a view or their input (``reshape``,
-``contiguous``, ``float``, ``relu_`` ...), that keep their output for backward (``relu``,
-``sigmoid``, ``tanh``, ``softmax``, ``exp``), graph inputs and parameters never are. At run time
-the site also refuses a view, any module hook of its own, of that producer module or a global one
-(a hook could keep a reference to the tensor). Autograd's version counters would refuse a tensor
-that some backward still needs, loudly; the lists keep it from coming to that.
+(not ``inplace``, ``forward`` not overridden); or a ``deferred_relu`` read by this site only, whose input
+is such a node (the site quantizes the ReLU's input itself at λ = 1). Ops that return a view or their input
+(``reshape``, ``contiguous``, ``float``, ``relu_`` ...), that keep their output for backward (``relu``,
+``sigmoid``, ``tanh``, ``softmax``, ``exp``), graph inputs and parameters never are. At run time the site
+refuses any module hook of its own, of that producer module or a global one (a hook could keep a
+reference to the tensor), and writes a view (a deferred ReLU's; a Linear's output on 3-D input, a view
+of its 2-D product) only through a base that holds exactly its elements. Autograd's version counters
+would refuse a tensor some backward still needs, loudly; the lists keep it from coming to that.
 
 Invariant (like ``LeanReluPass``'s): a later pass that adds a reader of an eligible input must clear
 the site's ``overwrite_input``. The flag is never set on weight sites.

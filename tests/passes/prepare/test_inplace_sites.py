@@ -228,3 +228,31 @@ def test_conv_bn_relu_sites_in_place_change_no_bit(name):
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(params, ref_params, strict=True))
     buffers = dict(ref.named_buffers())
     assert all(torch.equal(b.float(), buffers[k].float()) for k, b in qm.named_buffers() if b.is_floating_point())
+
+
+def test_in_place_sites_keep_no_more_for_backward():
+    """Writing in place keeps one tensor where the copy kept two (the input for the ReLU's or the producer's
+    backward is not needed): autograd saves no more — no copy of the input, as torch's in-place ``hardtanh_`` makes."""
+    from qtrim_fx.models import get_model
+
+    def saved_bytes(model, x) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    model, (x,) = get_model("cifar_resnet18", width=8, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qtrim_fx.prepare(model)
+        qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    qm.train()
+    off = _switched_off(qm)
+    assert saved_bytes(qm, x) <= saved_bytes(off, x)

@@ -279,3 +279,19 @@ def test_compiled_relu_keep_mask_saves_no_bool_mask():
 
     assert "bool*" in forward_code(torch.relu)
     assert "bool*" not in forward_code(relu_keep_mask)
+
+
+def test_restoring_relu_on_a_prepared_model_keeps_its_sites_from_writing_in_place():
+    """torch.relu keeps its output for backward: after RestoreReluPass the sites that read it must not quantize it in
+    place (InPlaceSitesPass marked them for the deferred ReLU's input); training the restored graph still works."""
+    model, (x,) = get_model("tiny_convnet")
+    qm = qtrim_fx.prepare(model)
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, 1.0)
+    readers = [n for n in qm.graph.nodes if n.op == "call_module" and n.args and getattr(n.args[0], "target", None)
+               is deferred_relu]
+    assert any(qm.get_submodule(str(n.target)).overwrite_input for n in readers)
+    ref = _without_pass(qm)
+    assert not any(ref.get_submodule(str(n.target)).overwrite_input for n in readers)
+    ref.train()
+    ref(x).square().sum().backward()  # no "modified by an inplace operation"
