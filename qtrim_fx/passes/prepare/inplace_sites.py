@@ -5,8 +5,8 @@ fresh-output op produced (a Linear, a LayerNorm, a GELU, an Add ...) and that op
 keep its own output, nothing else will read the tensor again: at λ = 1 the site may write the
 quantized values into it — one activation-sized allocation, its first-touch page faults and part of the
 memory traffic fewer — and, on the common path (per-tensor float32 CPU qparams, clipped STE), do it
-through a lean autograd node (:func:`qtrim_fx.runtime.blend.quantize_owned_`). This pass decides where; the site decides per call (eager, float32, λ = 1, no hooks that
-could hold the tensor)::
+through a lean autograd node (:func:`qtrim_fx.runtime.blend.quantize_owned_`). This pass decides
+where; the site decides per call (eager, float32, λ = 1, no hooks that could hold the tensor)::
 
     before:  h  = call_function[linear](x, w, b)           (h read only by the site)
              hq = call_module[qtrim_sites.fc1_out](h)      QuantSite.overwrite_input = False
