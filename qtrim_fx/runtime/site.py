@@ -121,7 +121,8 @@ class QuantSite(nn.Module):
         obs = self.observer
         lo, hi = obs.lo, obs.hi
         key = None
-        if not torch.compiler.is_compiling():
+        # Not cached under inference mode: its tensors cannot be saved for backward by a later training step.
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
             key = _stats_key(lo, hi, self.scheme, self.eps, ndim)
             cached = self.__dict__.get("_qp_cache")
             if key is not None and cached is not None and _same_key(cached[0], key):
