@@ -119,14 +119,15 @@ class QuantSite(nn.Module):
         so frozen statistics cost no kernels and no host reads per step.
         """
         obs = self.observer
-        lo, hi = obs.lo, obs.hi
+        buffers = obs._buffers
+        lo, hi = buffers["lo"], buffers["hi"]
         key = None
         # Not cached under inference mode: its tensors cannot be saved for backward by a later training step.
         if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
-            key = _stats_key(lo, hi, self.scheme, self.eps, ndim)
             cached = self.__dict__.get("_qp_cache")
-            if key is not None and cached is not None and _same_key(cached[0], key):
+            if cached is not None and _still_valid(cached[0], lo, hi, self.scheme, self.eps, ndim):
                 return cached[1], cached[2], cached[3]
+            key = _stats_key(lo, hi, self.scheme, self.eps, ndim)
         s = self.scheme
         with torch.no_grad():
             scale, zp = self.qparams()
@@ -172,7 +173,10 @@ class QuantSite(nn.Module):
             f = channel_shape(fd if fd.dtype == x.dtype else fd.to(x.dtype), x.dim(), 0)
             xs = fold_product(x if quantize else x.detach(), f)  # see fold_product: it may carry x's gradient
         if observe:
-            if deferred and obs.reads_next_call():
+            d = obs.__dict__
+            if not compiling and d["_calls"] % d["update_every"] and not (obs._forward_pre_hooks or obs._forward_hooks):
+                d["_calls"] += 1  # a call the observer only counts (EmaQuantileObserver.forward): no module call
+            elif deferred and obs.reads_next_call():
                 obs(torch.relu(x.detach()))
             else:
                 obs(x if xs is None else xs)
@@ -260,8 +264,14 @@ def _stats_key(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, eps: flo
         return None
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    # The scheme by identity first (a frozen dataclass's == compares every field): equal schemes that
-    # are other objects still match through ==.
-    return (a[0] is b[0] and a[2] is b[2] and a[1] == b[1] and a[3] == b[3] and a[5] == b[5] and a[6] == b[6]
-            and (a[4] is b[4] or a[4] == b[4]))
+def _still_valid(key: tuple, lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, eps: float, ndim: int) -> bool:
+    """Whether a cached :func:`_stats_key` still describes these statistics (checked on every call, so without
+    building the current key). The scheme by identity first (a frozen dataclass's == compares every field)."""
+    if key[0] is not lo or key[2] is not hi or key[6] != ndim or key[5] != eps:
+        return False
+    try:
+        if key[1] != lo._version or key[3] != hi._version:
+            return False
+    except RuntimeError:  # an inference-mode tensor: no version counter
+        return False
+    return key[4] is scheme or key[4] == scheme
