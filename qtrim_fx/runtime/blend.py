@@ -355,7 +355,7 @@ def fold_product(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling() and w.dtype == f.dtype:
         out = w.clone()
-        torch.mul(w.detach(), f.detach(), out=out.detach())  # detached aliases: no autograd, no no_grad() context
+        out.detach().mul_(f.detach())  # through a detached alias: no autograd, no no_grad() context
         return out
     with torch.no_grad():
         return w.detach() * f

@@ -75,8 +75,9 @@ def causal_keep(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 @torch.fx.wrap
 def bn_fold_factor(bn_weight: torch.Tensor | None, running_var: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-channel factor γ / sqrt(var + eps) (γ = 1 for a non-affine BN)."""
-    inv_std = torch.rsqrt(running_var + eps)
-    return inv_std if bn_weight is None else bn_weight * inv_std
+    # Read by the weight's site only, which detaches it: no autograd history (γ requires grad).
+    inv_std = torch.rsqrt(running_var.detach() + eps)
+    return inv_std if bn_weight is None else inv_std.mul_(bn_weight.detach())
 
 
 #: A per-channel vector shaped to broadcast along ``axis`` of an ``ndim``-D tensor (the core helper).
