@@ -37,7 +37,6 @@ from torch import nn
 
 from qtrim_fx.core.errors import CheckpointError, ConfigError
 from qtrim_fx.core.fakequant import (
-    _POSITIVE_ZERO,
     channel_broadcast,
     fake_quantize_,
     fake_quantize_broadcast,
@@ -116,6 +115,9 @@ class BlendQuantFn(torch.autograd.Function):
             kept = _masked(grad, mask)
             g = kept if lam_is_one else torch.lerp(grad, kept, lam.to(grad.dtype), out=kept)
         return (g, *nones)
+
+
+_POSITIVE_ZERO = torch.zeros((), dtype=torch.float32)  # ``+0.0 + s·k``: see fake_quantize_
 
 
 class _OwnedQuantFn(torch.autograd.Function):
