@@ -65,7 +65,9 @@ def _producer(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, nn.Module | None
         ok = base is not None and is_plain_module(m, base) and not getattr(m, "inplace", False)
         return ok, m
     if node.op in ("call_function", "call_method"):
-        ok = target_name(node) in FRESH_OUTPUT and not node.kwargs.get("inplace", False)
+        # ``inplace`` by keyword or by position (``F.silu(x, True)``): the output would be the input itself.
+        ok = (target_name(node) in FRESH_OUTPUT and not node.kwargs.get("inplace", False)
+              and not any(a is True for a in node.args[1:]))
         if node.op == "call_function" and "out" in node.kwargs:
             ok = False
         return ok, None

@@ -82,12 +82,13 @@ def test_only_calls_that_return_a_fresh_tensor_nothing_keeps_are_producers():
         def forward(self, x):
             return (self.fc(x), self.act(x), F.linear(x, x), x + x, x.add(x), torch.cat([x, x]), x.mean(0),  # fresh
                     self.leaky(x), self.relu(x), torch.sigmoid(x), torch.tanh(x), torch.softmax(x, -1), x.exp(),
-                    x.float(), x.contiguous(), x.reshape(-1), x.add_(1), x.relu_(), F.silu(x, inplace=True))
+                    x.float(), x.contiguous(), x.reshape(-1), x.add_(1), x.relu_(), F.silu(x, inplace=True),
+                    F.silu(x, True), F.leaky_relu(x, 0.1, True))
 
     gm = torch.fx.symbolic_trace(Calls())
     calls = [n for n in gm.graph.nodes if n.op.startswith("call")]
     got = [_producer(gm, n)[0] for n in calls]
-    assert got == [True] * 7 + [False] * 12, [(n.target, g) for n, g in zip(calls, got, strict=True)]
+    assert got == [True] * 7 + [False] * 14, [(n.target, g) for n, g in zip(calls, got, strict=True)]
     assert _producer(gm, calls[0])[1] is gm.fc and _producer(gm, calls[2])[1] is None
 
 
