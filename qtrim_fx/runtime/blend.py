@@ -142,7 +142,7 @@ class _OwnedQuantFn(torch.autograd.Function):
 
 def quantize_owned_(x: torch.Tensor, scale: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     """``x`` (float32, per-tensor CPU qparams, λ = 1, clipped STE) fake-quantized in place and returned: the value
-    and gradient of :class:`BlendQuantFn` with three passes and a lean autograd node.
+    and gradient of :class:`BlendQuantFn` in four in-place passes and a lean autograd node.
 
     For a tensor its caller owns (nothing reads or keeps it afterwards, see ``InPlaceSitesPass``). ``round(x / s)``,
     then ``+0.0 + s·k`` (one rounding, −0.0 made +0.0), then a clamp to the grid's end values ``bounds`` =

@@ -202,9 +202,9 @@ class QuantSite(nn.Module):
             overwrite = (self.overwrite_input and one and x.dtype == torch.float32 and not _hooked(self)
                          and not (self._input_module is not None and _hooked(self._input_module)))
             if overwrite and self.keep_output and obs.clip and bounds is not None:
-                # The lean in-place path (quantize_owned_). A view (a deferred relu's, or a Linear's output on 3-D input: a view of
-                # its 2-D product) is written through its base, which nothing else reads (InPlaceSitesPass),
-                # when that base holds exactly the view's elements in the same layout.
+                # The lean in-place path (quantize_owned_). A view (a deferred relu's; a Linear's output on 3-D
+                # input, a view of its 2-D product) is written through its base, which nothing else reads
+                # (InPlaceSitesPass), when that base holds exactly the view's elements in the same layout.
                 target = _owned_storage(x) if x._is_view() else x
                 if target is not None:
                     out = quantize_owned_(target, scale, bounds)
