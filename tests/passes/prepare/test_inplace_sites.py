@@ -206,19 +206,25 @@ def test_a_hook_that_could_keep_the_tensor_turns_in_place_off(where):
     assert feats and feats[0]._version == 0  # never written to
 
 
-@pytest.mark.parametrize("name", ["tiny_convnet", "cifar_resnet18"])
-def test_conv_bn_relu_sites_in_place_change_no_bit(name):
-    """Conv -> BN -> ReLU -> site: the site quantizes the BN output itself (the deferred ReLU's input) in place;
-    two training steps give the bits of the same steps without it, and every step of the first wrote in place."""
+def _built_in_at_one(name: str, **kwargs):
+    """A built-in model prepared, calibrated on its example batch, λ = 1, train mode: (model, batch)."""
     from qtrim_fx.models import get_model
 
-    model, (x,) = get_model(name, batch_size=4)
+    model, (x,) = get_model(name, batch_size=4, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = qtrim_fx.prepare(model)
         qtrim_fx.calibrate(qm, [x])
     qtrim_fx.set_blend(qm, 1.0)
-    qm.train()
+    return qm.train(), x
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "cifar_resnet18"])
+def test_conv_bn_relu_sites_in_place_change_no_bit(name):
+    """Conv -> BN -> ReLU -> site: the site quantizes the BN output itself (the deferred ReLU's input) in place;
+    two training steps give the bits (outputs, input gradients, updated weights, buffers) of the same steps
+    without it."""
+    qm, x = _built_in_at_one(name)
     assert sum(s.overwrite_input for s in qm.qtrim_sites.children()) >= 3
     ref = _switched_off(qm)
     for _ in range(2):
@@ -234,7 +240,6 @@ def test_conv_bn_relu_sites_in_place_change_no_bit(name):
 def test_in_place_sites_keep_no_more_for_backward():
     """Writing in place keeps one tensor where the copy kept two (the input for the ReLU's or the producer's
     backward is not needed): autograd saves no more — no copy of the input, as torch's in-place ``hardtanh_`` makes."""
-    from qtrim_fx.models import get_model
 
     def saved_bytes(model, x) -> int:
         seen: dict[int, int] = {}
@@ -249,12 +254,6 @@ def test_in_place_sites_keep_no_more_for_backward():
         return sum(seen.values())
 
     torch.manual_seed(0)
-    model, (x,) = get_model("cifar_resnet18", width=8, batch_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qm = qtrim_fx.prepare(model)
-        qtrim_fx.calibrate(qm, [x])
-    qtrim_fx.set_blend(qm, 1.0)
-    qm.train()
+    qm, x = _built_in_at_one("cifar_resnet18", width=8)
     off = _switched_off(qm)
     assert saved_bytes(qm, x) <= saved_bytes(off, x)
