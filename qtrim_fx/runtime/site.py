@@ -205,7 +205,7 @@ class QuantSite(nn.Module):
                 # The lean in-place path (quantize_owned_). A view (a deferred relu's; a Linear's output on 3-D
                 # input, a view of its 2-D product) is written through its base, which nothing else reads
                 # (InPlaceSitesPass), when that base holds exactly the view's elements in the same layout.
-                target = _owned_storage(x) if x._is_view() else x
+                target = _owned_storage(x, deferred) if x._is_view() else x
                 if target is not None:
                     out = quantize_owned_(target, scale, bounds)
                     return out if out.shape == x.shape else out.view(x.shape)
@@ -239,10 +239,20 @@ _GLOBAL_HOOKS = tuple(getattr(_MODULE_STATE, name, {}) for name in (
     "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
 
 
-def _owned_storage(view: torch.Tensor) -> torch.Tensor | None:
-    """The base of ``view`` if it holds exactly the view's elements, laid out alike (not itself a view), else None."""
+#: Autograd nodes of the matrix products whose output a Linear / matmul on 3-D input reshapes into a view.
+_PRODUCT_NODES = frozenset({"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0"})
+
+
+def _owned_storage(view: torch.Tensor, deferred: bool) -> torch.Tensor | None:
+    """The base of ``view`` if it holds exactly the view's elements, laid out alike (not itself a view), else None.
+
+    Only a deferred ReLU's base (its input, read by nothing else: InPlaceSitesPass) or a matrix product's fresh
+    result (a Linear / matmul on 3-D input returns a view of it): never the base of a view of anything else.
+    """
     base = view._base
     if base is None or base._is_view() or base.numel() != view.numel() or base.dtype != view.dtype:
+        return None
+    if not deferred and type(base.grad_fn).__name__ not in _PRODUCT_NODES:
         return None
     if base.storage_offset() != view.storage_offset():
         return None

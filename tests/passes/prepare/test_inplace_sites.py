@@ -257,3 +257,25 @@ def test_in_place_sites_keep_no_more_for_backward():
     qm, x = _built_in_at_one("cifar_resnet18", width=8)
     off = _switched_off(qm)
     assert saved_bytes(qm, x) <= saved_bytes(off, x)
+
+
+def test_a_view_is_written_through_its_base_only_for_a_matrix_product():
+    """A marked site given a view writes through the base only when that base is a fresh matrix product (a Linear's
+    3-D output) — not, say, a view of a tensor something else may still read."""
+    from qtrim_fx.core.scheme import QuantScheme
+    from qtrim_fx.runtime.blend import BlendControl
+    from qtrim_fx.runtime.observer import EmaQuantileObserver
+
+    site = site_mod.QuantSite(QuantScheme(signed=False, symmetric=False), EmaQuantileObserver(), BlendControl(1.0))
+    a = torch.randn(4, 6, requires_grad=True)
+    site.observer.observe(a.detach())
+    site.observer.enabled = False
+    site.overwrite_input = site.keep_output = True  # as InsertSitesPass / InPlaceSitesPass set them
+    base = a * 2.0  # AddBackward-like: an elementwise result, not a product
+    version = base._version
+    site(base.view(2, 12))
+    assert base._version == version  # untouched: the site copied
+    product = a @ torch.eye(6)
+    version = product._version
+    out = site(product.view(2, 12))
+    assert product._version > version and out.data_ptr() == product.data_ptr()
