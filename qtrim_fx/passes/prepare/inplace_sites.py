@@ -21,8 +21,9 @@ is such a node (the site quantizes the ReLU's input itself at λ = 1). Ops that 
 ``sigmoid``, ``tanh``, ``softmax``, ``exp``), graph inputs and parameters never are. At run time the site
 refuses any module hook of its own, of that producer module or a global one (a hook could keep a
 reference to the tensor), and writes a view only through a base that holds exactly its elements and is
-a deferred ReLU's input or a fresh matrix product (a Linear's output on 3-D input is a view of its 2-D product). Autograd's version counters
-would refuse a tensor some backward still needs, loudly; the lists keep it from coming to that.
+a deferred ReLU's input or a fresh matrix product (a Linear's output on 3-D input is a view of its 2-D
+product). Autograd's version counters would refuse a tensor some backward still needs, loudly; the lists
+keep it from coming to that.
 
 Invariant (like ``LeanReluPass``'s): a later pass that adds a reader of an eligible input must clear
 the site's ``overwrite_input``. The flag is never set on weight sites.
