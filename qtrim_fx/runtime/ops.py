@@ -205,8 +205,8 @@ def deferred_relu(x: torch.Tensor) -> torch.Tensor:
     ``x`` requires grad) this returns a view of ``x`` marked as deferred (:func:`is_deferred_relu`): two passes
     and two allocations fewer per site (relu's output and its mask); an observer, on its update calls, reads
     ``relu`` of a detached copy. Every other read — λ < 1, a grid not starting at 0, a disabled site —
-    applies :func:`relu_now` first, which is :func:`relu_keep_mask` (relu's value and gradient). Without autograd, under ``torch.compile`` or
-    TorchScript tracing, this is :func:`relu_keep_mask`.
+    applies :func:`relu_now` first, which is :func:`relu_keep_mask` (relu's value and gradient). Without
+    autograd, under ``torch.compile`` or TorchScript tracing, this is :func:`relu_keep_mask`.
 
     The returned view is **not** ``relu(x)``: only quantization sites may read it (``LeanReluPass`` only
     writes it for ReLUs read by sites alone; ``RestoreReluPass`` turns it into ``torch.relu`` for export).
