@@ -44,8 +44,8 @@ from qtrim_fx.core.fakequant import (
     round_clip_,
 )
 
-__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "fold_product", "host_bounds", "quantize_owned_",
-           "saturation_gradient"]
+__all__ = ["BlendControl", "BlendQuantFn", "blend_quant", "blend_to", "fold_product", "host_bounds",
+           "quantize_folded_one", "quantize_owned_", "saturation_gradient"]
 
 
 class BlendQuantFn(torch.autograd.Function):
@@ -361,6 +361,28 @@ def fold_product(w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return out
     with torch.no_grad():
         return w.detach() * f
+
+
+def quantize_folded_one(w: torch.Tensor, fold: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``blend_quant_folded(w, fold_product(w, f), f, scale, None, 1, qmin, qmax, True)`` in one call: the eager
+    training value at λ = 1 of a BN-folded weight on a symmetric grid (z = 0), with the identity gradient for ``w``.
+
+    The same operations in the same order (so the same bits): ``w.clone()`` (the node that carries w's gradient),
+    ``·f``, ``/s``, round, clip, ``·(s/f)`` through a detached alias, channels with ``f = 0`` keeping ``w``. Without
+    the generic paths' dispatch (a weight site runs this for every conv + BN on every step, and on small nets that
+    dispatch costs more than the arithmetic). The caller guarantees: float32 CPU ``w`` requiring grad with grad mode on,
+    ``fold`` the float32 CPU per-output-channel factor without gradient, ``scale`` shaped to broadcast against ``w``.
+    """
+    f = fold.reshape((-1,) + (1,) * (w.dim() - 1)) if fold.dim() == 1 and w.dim() > 1 else fold
+    out = w.clone()
+    t = out.detach()
+    t.mul_(f)
+    ratio = scale / f
+    t.div_(scale).round_().clamp_(qmin, qmax)
+    t.mul_(ratio)
+    if np.count_nonzero(fold.numpy()) != fold.numel():
+        t.copy_(torch.where(f != 0, t, w.detach()))
+    return out
 
 
 class BlendControl(nn.Module):

@@ -33,6 +33,7 @@ from qtrim_fx.runtime.blend import (
     blend_quant_folded,
     fold_product,
     host_bounds,
+    quantize_folded_one,
     quantize_owned_,
 )
 from qtrim_fx.runtime.observer import EmaQuantileObserver
@@ -165,6 +166,10 @@ class QuantSite(nn.Module):
         # λ = 0 in eager: FP32 exactly, no quantization work (the statistics still update).
         quantize = self.enabled and not self.float_output and (compiling or not control._is_zero)
         observe = self.training and obs.training and obs.enabled
+        if fold is not None and quantize and control._is_one and not compiling:
+            out = self._folded_one(x, fold, observe)
+            if out is not None:
+                return out
         if not (quantize or observe):
             return relu_now(x) if deferred else x
         f = xs = None
@@ -226,6 +231,34 @@ class QuantSite(nn.Module):
                 out = torch.where(torch.isinf(x), masked, out)
             return out
         return blend_quant_folded(x, xs, f, scale, zp, control.value, s.qmin, s.qmax, one)
+
+    def _folded_one(self, x: torch.Tensor, fold: torch.Tensor, observe: bool) -> torch.Tensor | None:
+        """The eager λ = 1 training step of a BN-folded float32 CPU weight on a symmetric grid, or None.
+
+        :func:`~qtrim_fx.runtime.blend.quantize_folded_one` (the bits of the generic path below) when the
+        statistics do not change on this call (frozen, or a call the observer only counts) and the cached grid is
+        current; None sends every other case (an observer update, first use, a zero point, another dtype or device,
+        no gradient, inference mode) to the generic path, which this skips nothing of.
+        """
+        if (x.dtype is not torch.float32 or fold.dtype is not torch.float32 or fold.requires_grad
+                or not x.requires_grad or x.device.type != "cpu" or fold.device.type != "cpu"
+                or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
+            return None
+        obs = self.observer
+        if not obs._initialized:
+            return None
+        cached = self.__dict__.get("_qp_cache")
+        buffers = obs._buffers
+        if (cached is None or cached[2] is not None
+                or not _still_valid(cached[0], buffers["lo"], buffers["hi"], self.scheme, self.eps, x.dim())):
+            return None
+        if observe:
+            d = obs.__dict__
+            if not d["_calls"] % d["update_every"] or obs._forward_pre_hooks or obs._forward_hooks:
+                return None  # this call updates the statistics (or a hook sees it): the generic path
+            d["_calls"] += 1  # a call the observer only counts (EmaQuantileObserver.forward)
+        s = self.scheme
+        return quantize_folded_one(x, fold, cached[1], s.qmin, s.qmax)
 
     def observer_name(self) -> str:
         return getattr(self, "_qtrim_name", self.__class__.__name__)

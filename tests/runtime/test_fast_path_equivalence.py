@@ -24,6 +24,7 @@ from qtrim_fx.runtime.blend import (
     blend_quant_folded,
     fold_product,
     host_bounds,
+    quantize_folded_one,
 )
 from qtrim_fx.runtime.observer import EmaQuantileObserver
 from qtrim_fx.runtime.ops import deferred_relu, is_deferred_relu
@@ -433,3 +434,68 @@ def test_quantize_owned_matches_blend_quant_bits_and_gradients(grid):
     (got_g,) = torch.autograd.grad(out, b, up)
     assert torch.equal(_bits(out), _bits(ref))
     assert torch.equal(_bits(got_g), _bits(ref_g))
+
+
+# -- quantize_folded_one: the λ = 1 BN-folded weight in one call, the generic path's bits --------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("zero_fold", [False, True])
+@pytest.mark.parametrize("special", [False, True])
+def test_quantize_folded_one_matches_the_generic_path(per_channel, zero_fold, special):
+    w0, f, scale = _folded(per_channel)
+    if not zero_fold:
+        f = torch.where(f == 0, 0.5, f)
+    if special:  # ±0, exact grid ties, far beyond the grid, NaN, ±inf
+        w0[0, 0, 0] = torch.tensor([-0.0, 0.0, float("nan")])
+        w0[1, 0, 0] = torch.tensor([1e30, -1e30, float("inf")])
+        w0[3, 1, 1] = 0.5 * scale.reshape(-1)[3 if per_channel else 0] / f.reshape(-1)[3]
+    g = torch.randn(w0.shape, generator=torch.Generator().manual_seed(5))
+    w_ref = w0.clone().requires_grad_()
+    ref = blend_quant_folded(w_ref, fold_product(w_ref, f), f, scale, None, torch.tensor(1.0), -127, 127, True)
+    (g_ref,) = torch.autograd.grad(ref, w_ref, g)
+    w = w0.clone().requires_grad_()
+    out = quantize_folded_one(w, f.reshape(-1), scale, -127, 127)
+    assert type(out.grad_fn).__name__ == "CloneBackward0"  # no Python backward
+    (gw,) = torch.autograd.grad(out, w, g)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(gw), _bits(g_ref)) and torch.equal(gw, g)  # identity gradient
+    assert torch.equal(_bits(w.detach()), _bits(w0))  # the master weight is not touched
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+def test_folded_weight_site_takes_the_lean_path_only_where_statistics_stay(monkeypatch, every, lam):
+    """A weight site at λ = 1: counted calls (statistics unchanged) run quantize_folded_one, update calls, λ < 1
+    and first use the generic path; values, gradients and statistics equal a site forced onto the generic path."""
+    import qtrim_fx.runtime.site as site_mod
+
+    lean_calls = []
+    real = site_mod.quantize_folded_one
+
+    def counting(*args):
+        lean_calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(site_mod, "quantize_folded_one", counting)
+    scheme = QuantScheme(bits=8, signed=True, symmetric=True, narrow=True, axis=0)
+    sites = [QuantSite(scheme, EmaQuantileObserver("range", axis=0, momentum=0.5, update_every=every),
+                       BlendControl(lam), kind="weight") for _ in range(2)]
+    sites[1]._folded_one = lambda *a: None  # the generic path only
+    gen = torch.Generator().manual_seed(6)
+    w0 = torch.randn(6, 4, 3, 3, generator=gen)
+    f = torch.tensor([0.7, 1.3, 0.0, 2.1, 0.9, 1.0])
+    results = [[], []]
+    for _ in range(7):
+        w0 = w0 + 0.1 * torch.randn(w0.shape, generator=gen)  # the weight moves every step, as in training
+        for site, res in zip(sites, results, strict=True):
+            site.train()
+            w = w0.clone().requires_grad_()
+            out = site(w, f)
+            (gw,) = torch.autograd.grad(out, w, torch.full_like(w, 0.5))
+            res.append((_bits(out), _bits(gw), site.observer.lo.clone(), site.observer.hi.clone()))
+    for a, b in zip(*results, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # calls 1..7 of the lean site: the first updates (and caches); later ones are lean unless they update
+    expected = 0 if lam != 1.0 else sum(1 for c in range(1, 7) if c % every)
+    assert len(lean_calls) == expected
