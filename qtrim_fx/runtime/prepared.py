@@ -121,19 +121,34 @@ def restore_site_meta(model: nn.Module) -> None:
 
 
 def iter_sites(model: nn.Module) -> Iterator[tuple[SiteSpec, QuantSite, fx.Node | None]]:
-    """(spec, site module, graph node) for every site of a prepared model, in graph order."""
+    """(spec, site module, graph node) for every site of a prepared model, in layer order.
+
+    Graph order, except that a weight site is listed just before the first node reading it (its layer):
+    ``HoistWeightsPass`` runs the weight sites first, the listing stays in the order of the layers.
+    """
     sites = getattr(model, SITES_ATTR, None)
     if sites is None:
         return
     graph = getattr(model, "graph", None)
     seen = set()
     restore_site_meta(model)
-    if graph is not None:
-        for node in graph.nodes:
-            spec = node.meta.get(SITE_NODE)
-            if spec is not None and spec.key in sites and spec.key not in seen:
-                seen.add(spec.key)
-                yield spec, sites[spec.key], node
+    if graph is None:
+        return
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    held: dict[fx.Node, list[tuple[SiteSpec, QuantSite, fx.Node]]] = {}  # first reader -> weight sites
+    for node in graph.nodes:
+        yield from held.pop(node, ())
+        spec = node.meta.get(SITE_NODE)
+        if spec is None or spec.key not in sites or spec.key in seen:
+            continue
+        seen.add(spec.key)
+        entry = (spec, sites[spec.key], node)
+        if spec.kind == "weight" and node.users:
+            held.setdefault(min(node.users, key=index.__getitem__), []).append(entry)
+        else:
+            yield entry
+    for entries in held.values():  # a reader that is not a node of this graph: never, but never lose a site
+        yield from entries
 
 
 def set_blend(model: nn.Module, lam: float) -> None:

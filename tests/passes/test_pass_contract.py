@@ -50,6 +50,7 @@ from qtrim_fx.passes.lower.requantize_views import RequantizeViewsPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.lower.safe_softmax import SafeSoftmaxPass
+from qtrim_fx.passes.lower.sink_weights import SinkWeightsPass
 from qtrim_fx.passes.prepare.annotate import AnnotateSitesPass
 from qtrim_fx.passes.prepare.bias_shift import InsertBiasShiftPass
 from qtrim_fx.passes.prepare.decompose_attention import DecomposeAttentionPass
@@ -57,6 +58,7 @@ from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
+from qtrim_fx.passes.prepare.hoist_weights import HoistWeightsPass
 from qtrim_fx.passes.prepare.inplace_sites import InPlaceSitesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
@@ -391,11 +393,11 @@ def _normalized(model: type[nn.Module]) -> Callable[..., fx.GraphModule]:
 
 
 # prepare_passes: SplitNormAct, RewireInplace, Normalize, Functionalize, Normalize, Annotate, Insert, LeanRelu, InPlaceSites,
-# InsertBiasShift
+# InsertBiasShift, HoistWeights
 #                 (DecomposeGates after
 #                 SplitNormAct only for a target with gated activations: qnn, npu)
 # (_convnet_prepare(k) runs SplitNormAct, RewireInplace and then k of the others)
-# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, FoldBiasShift, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
+# lower_passes:   RequireOpset, BindScalarInputs, RestoreRelu, SinkWeights, FoldBiasShift, FoldBatchNorm, PlanLowering, LowerSites, RoundBias,
 #                 MultiplyGates, AttentionRank4, RenormEmbeddings
 CASES: dict[str, Case] = {
     "FunctionalizeWeightedModulesPass": Case(
@@ -405,6 +407,7 @@ CASES: dict[str, Case] = {
     "LeanReluPass": Case(LeanReluPass, _convnet_prepare(5), lambda **_: _prepare_stage(TanhMLP(), 7)),
     "InPlaceSitesPass": Case(InPlaceSitesPass, _convnet_prepare(6), lambda **_: _prepare_stage(Plain(), 8)),
     "InsertBiasShiftPass": Case(InsertBiasShiftPass, _convnet_prepare(7), lambda **_: _prepare_stage(Plain(), 9)),
+    "HoistWeightsPass": Case(HoistWeightsPass, _convnet_prepare(8), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RewireInplacePass": Case(
         RewireInplacePass, lambda **_: capture(InplaceRelu()).gm, lambda **_: capture(TanhMLP()).gm),
     "SplitNormActPass": Case(
@@ -412,10 +415,10 @@ CASES: dict[str, Case] = {
     "BindScalarInputsPass": Case(
         BindScalarInputsPass, lambda **_: fx.symbolic_trace(ScaledBy()), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RequantizeViewsPass": Case(
-        RequantizeViewsPass, _integer_stage(7),
-        lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 7)),  # no view of a quantized tensor
+        RequantizeViewsPass, _integer_stage(8),
+        lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 8)),  # no view of a quantized tensor
     "QuantizeNormAffinePass": Case(
-        QuantizeNormAffinePass, _integer_stage(8), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 7)),
+        QuantizeNormAffinePass, _integer_stage(9), lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 8)),
     "DecomposeGatesPass": Case(
         lambda: DecomposeGatesPass(NPU), lambda **_: capture(SiluNet()).gm, lambda **_: capture(TanhMLP()).gm),
     "DecomposeGeluPass": Case(
@@ -426,9 +429,9 @@ CASES: dict[str, Case] = {
     "DecomposeGroupNormPass": Case(
         lambda: DecomposeGroupNormPass(NPU), _group_norm_graph, lambda **_: capture(TanhMLP()).gm),
     "MultiplyGatesPass": Case(
-        MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 8)),
+        MultiplyGatesPass, _gate_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 9)),
     "SafeSoftmaxPass": Case(
-        SafeSoftmaxPass, _safe_softmax_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 8)),
+        SafeSoftmaxPass, _safe_softmax_stage, lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 9)),
     "AttentionRank4Pass": Case(
         AttentionRank4Pass, lambda **_: _ranked(Attention3d(), torch.randn(2, 5, 8)),
         lambda **_: _ranked(Attention3d(), torch.randn(2, 3, 5, 8))),  # already 4-D
@@ -437,16 +440,18 @@ CASES: dict[str, Case] = {
         lambda **_: fx.symbolic_trace(TanhMLP())),
     "RestoreReluPass": Case(
         RestoreReluPass, _convnet_lower(2), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 2)),
+    "SinkWeightsPass": Case(  # no match: a graph already lowered through it (each chain before its layer)
+        SinkWeightsPass, _convnet_lower(3), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 4)),
     "FoldBiasShiftPass": Case(
-        FoldBiasShiftPass, _convnet_lower(3), lambda **_: fx.symbolic_trace(TanhMLP())),  # calibrated: shifts set
+        FoldBiasShiftPass, _convnet_lower(4), lambda **_: fx.symbolic_trace(TanhMLP())),  # calibrated: shifts set
     "FoldBatchNormPass": Case(
-        FoldBatchNormPass, _convnet_lower(4), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 4)),
+        FoldBatchNormPass, _convnet_lower(5), lambda calibrated_tanh_mlp, **_: _lower_stage(calibrated_tanh_mlp, 5)),
     "PlanLoweringPass": Case(
-        lambda: PlanLoweringPass(INT32_BIAS), _convnet_lower(5),
-        lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 8)),  # fully lowered: no site modules
-    "LowerSitesPass": Case(LowerSitesPass, _convnet_lower(6), lambda **_: fx.symbolic_trace(TanhMLP())),
+        lambda: PlanLoweringPass(INT32_BIAS), _convnet_lower(6),
+        lambda calibrated_convnet, **_: _lower_stage(calibrated_convnet, 9)),  # fully lowered: no site modules
+    "LowerSitesPass": Case(LowerSitesPass, _convnet_lower(7), lambda **_: fx.symbolic_trace(TanhMLP())),
     "RoundBiasPass": Case(
-        lambda: RoundBiasPass(INT32_BIAS), _convnet_lower(7),
+        lambda: RoundBiasPass(INT32_BIAS), _convnet_lower(8),
         lambda **_: fx.symbolic_trace(TanhMLP())),  # biases, but no quantized input or weight
 }
 
@@ -492,15 +497,15 @@ def test_the_applying_graphs_are_the_pipeline_inputs(calibrated_convnet):
     """The ``applies`` stages above index the pipelines; keep them aligned with the pipelines' order."""
     assert [type(p).__name__ for p in prepare_passes(qtrim_fx.QuantConfig())] == [
         "SplitNormActPass", "RewireInplacePass", "NormalizeOpsPass", "FunctionalizeWeightedModulesPass", "NormalizeOpsPass", "AnnotateSitesPass",
-        "InsertSitesPass", "LeanReluPass", "InPlaceSitesPass", "InsertBiasShiftPass"]
+        "InsertSitesPass", "LeanReluPass", "InPlaceSitesPass", "InsertBiasShiftPass", "HoistWeightsPass"]
     assert [type(p).__name__ for p in lower_passes(INT32_BIAS)] == [
-        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "FoldBiasShiftPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
+        "RequireOpsetPass", "BindScalarInputsPass", "RestoreReluPass", "SinkWeightsPass", "FoldBiasShiftPass", "FoldBatchNormPass", "PlanLoweringPass", "LowerSitesPass", "RoundBiasPass",
         "MultiplyGatesPass", "SafeSoftmaxPass", "AttentionRank4Pass", "RenormEmbeddingsPass"]
     # what each stage holds that the next pass needs
     prepared = _prepare_stage(get_model("tiny_convnet")[0], 8)
     assert any(n.target is deferred_relu for n in prepared.graph.nodes)
     assert any(m.active for m in bias_shifts(calibrated_convnet).values())  # FoldBiasShiftPass has work
-    lowered = _lower_stage(calibrated_convnet, 8)
+    lowered = _lower_stage(calibrated_convnet, 9)
     assert any(n.target is quant_dequant for n in lowered.graph.nodes) and hasattr(lowered, "qtrim_bias")
 
 

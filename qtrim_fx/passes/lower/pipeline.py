@@ -6,6 +6,7 @@
       ─RequireOpsetPass─▶ every op exportable at the target's opset (sdpa: 14), else ProfileError
       ─BindScalarInputsPass▶ uses of scalar-default arguments (is_causal=False) -> the constant
       ─RestoreReluPass──▶ lean ReLUs back to torch.relu
+      ─SinkWeightsPass──▶ weight sites back in front of their layers (prepare hoisted them)
       ─FoldBiasShiftPass▶ calibrate's bias corrections -> the layers' frozen biases (b − λ·δ)
       ─FoldBatchNormPass▶ conv + BatchNorm -> one conv with folded weight and bias
       ─PlanLoweringPass─▶ a frozen LoweredSite per site for the target (decide, no edits)
@@ -37,6 +38,7 @@ from qtrim_fx.passes.lower.require_opset import RequireOpsetPass
 from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
 from qtrim_fx.passes.lower.round_bias import RoundBiasPass
 from qtrim_fx.passes.lower.safe_softmax import SafeSoftmaxPass
+from qtrim_fx.passes.lower.sink_weights import SinkWeightsPass
 
 __all__ = ["lower_passes"]
 
@@ -55,6 +57,7 @@ def lower_passes(profile: TargetProfile, prepared_for: TargetProfile | None = No
         RequireOpsetPass(profile),
         BindScalarInputsPass(),
         RestoreReluPass(),
+        SinkWeightsPass(),
         FoldBiasShiftPass(),
         FoldBatchNormPass(),
         PlanLoweringPass(profile),

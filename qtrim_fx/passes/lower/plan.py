@@ -184,11 +184,13 @@ def lowering_plan(model: fx.GraphModule, target: str | TargetProfile, opset: int
     from qtrim_fx.passes.base import run_passes
     from qtrim_fx.passes.lower.fold_bn import FoldBatchNormPass
     from qtrim_fx.passes.lower.restore_relu import RestoreReluPass
+    from qtrim_fx.passes.lower.sink_weights import SinkWeightsPass
     from qtrim_fx.runtime.prepared import require_prepared
 
     require_prepared(model, "lowering_plan")
     profile = get_profile(target)
     if opset is not None:
         profile = profile.replace(opset=int(opset))
-    gm = run_passes(copy.deepcopy(model).eval(), [RestoreReluPass(), FoldBatchNormPass(), PlanLoweringPass(profile)])
+    gm = run_passes(copy.deepcopy(model).eval(), [RestoreReluPass(), SinkWeightsPass(), FoldBatchNormPass(),
+                                                         PlanLoweringPass(profile)])
     return {n.meta[LOWER_PLAN].name: n.meta[LOWER_PLAN] for n in site_nodes(gm)}

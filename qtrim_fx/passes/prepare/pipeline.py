@@ -17,6 +17,7 @@
       ─LeanReluPass──────────────────▶ site-only ReLUs deferred to their sites (skipped at λ = 1)
       ─InPlaceSitesPass──────────────▶ sites that are the last reader of a fresh tensor may quantize it in place
       ─InsertBiasShiftPass───────────▶ quantized Conv/Linear read their bias through a BiasShift (calibrate's correction)
+      ─HoistWeightsPass──────────────▶ weight sites and bias shifts first, back to back (same values, faster)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from qtrim_fx.passes.prepare.decompose_gates import DecomposeGatesPass
 from qtrim_fx.passes.prepare.decompose_gelu import DecomposeGeluPass
 from qtrim_fx.passes.prepare.decompose_group_norm import DecomposeGroupNormPass
 from qtrim_fx.passes.prepare.functionalize import FunctionalizeWeightedModulesPass
+from qtrim_fx.passes.prepare.hoist_weights import HoistWeightsPass
 from qtrim_fx.passes.prepare.inplace_sites import InPlaceSitesPass
 from qtrim_fx.passes.prepare.lean_relu import LeanReluPass
 from qtrim_fx.passes.prepare.materialize import InsertSitesPass
@@ -65,4 +67,5 @@ def prepare_passes(config: QuantConfig) -> list[GraphPass]:
         LeanReluPass(),
         InPlaceSitesPass(),
         InsertBiasShiftPass(),
+        HoistWeightsPass(),
     ]

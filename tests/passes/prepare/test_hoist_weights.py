@@ -1,0 +1,150 @@
+"""HoistWeightsPass / SinkWeightsPass: weight sites run first in training, in layer order when lowered.
+
+Structural: every weight site and bias shift (with the nodes it depends on) precedes the first node that
+depends on a graph input, in the chains' original order; a call with side effects is never passed; a second
+run changes nothing; ``SinkWeightsPass`` gives back exactly the order ``prepare`` had without the hoist, and
+``iter_sites`` lists the sites in layer order either way. Numerical: training steps (λ < 1 and λ = 1,
+statistics updates and counted calls) give the same outputs, gradients, statistics and weights, bit for bit,
+with the hoist and without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from qtrim_fx.models import get_model
+from torch import nn
+
+import qtrim_fx
+from qtrim_fx.passes.base import PassResult
+from qtrim_fx.passes.lower.sink_weights import SinkWeightsPass
+from qtrim_fx.passes.prepare.hoist_weights import HoistWeightsPass, weight_chains
+from qtrim_fx.runtime.bias_shift import BiasShift
+from qtrim_fx.runtime.site import QuantSite
+
+
+def _prepare(model: nn.Module, x: torch.Tensor, hoist: bool, monkeypatch, **config) -> fx.GraphModule:
+    with monkeypatch.context() as m:
+        if not hoist:
+            m.setattr(HoistWeightsPass, "call", lambda self, gm: PassResult(gm, False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return qtrim_fx.prepare(copy.deepcopy(model), example_inputs=(x,),
+                                    config=qtrim_fx.QuantConfig(**config))
+
+
+def _is_chain_root(gm: fx.GraphModule, n: fx.Node) -> bool:
+    m = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+    return (isinstance(m, QuantSite) and m.kind == "weight") or isinstance(m, BiasShift)
+
+
+def _input_dependent(gm: fx.GraphModule) -> list[fx.Node]:
+    dep: dict[fx.Node, bool] = {}
+    for n in gm.graph.nodes:
+        dep[n] = n.op == "placeholder" or any(dep[a] for a in n.all_input_nodes)
+    return [n for n in gm.graph.nodes if dep[n] and n.op != "placeholder"]
+
+
+MODELS = ["tiny_convnet", "cifar_resnet18", "vit_tiny"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weight_chains_run_first_in_their_original_order(name, monkeypatch):
+    model, (x,) = get_model(name)
+    hoisted = _prepare(model, x, True, monkeypatch)
+    plain = _prepare(model, x, False, monkeypatch)
+    order = {n.name: i for i, n in enumerate(hoisted.graph.nodes)}
+    first_activation = order[_input_dependent(hoisted)[0].name]
+    roots = [n for n in hoisted.graph.nodes if _is_chain_root(hoisted, n)]
+    assert roots and all(order[r.name] < first_activation for r in roots)
+    for _root, chain in weight_chains(hoisted):
+        assert all(order[c.name] < first_activation for c in chain)
+    plain_roots = [n.name for n in plain.graph.nodes if _is_chain_root(plain, n)]
+    assert [r.name for r in roots] == plain_roots  # the chains keep their relative order
+    assert HoistWeightsPass()(hoisted).modified is False  # idempotent, and says so
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sink_gives_back_the_unhoisted_order_and_sites_list_in_layer_order(name, monkeypatch):
+    model, (x,) = get_model(name)
+    hoisted = _prepare(model, x, True, monkeypatch)
+    plain = _prepare(model, x, False, monkeypatch)
+    assert [s.key for s, _, _ in qtrim_fx.iter_sites(hoisted)] == [s.key for s, _, _ in qtrim_fx.iter_sites(plain)]
+    assert [n.name for n in hoisted.graph.nodes] != [n.name for n in plain.graph.nodes]
+    assert SinkWeightsPass()(hoisted).modified is True
+    assert [n.name for n in hoisted.graph.nodes] == [n.name for n in plain.graph.nodes]
+    assert SinkWeightsPass()(hoisted).modified is False
+
+
+def _train(qm: nn.Module, x: torch.Tensor, lam: float, steps: int = 4) -> list[torch.Tensor]:
+    qtrim_fx.calibrate(qm, [x])
+    qtrim_fx.set_blend(qm, lam)
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05, momentum=0.9)
+    record = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        out = qm(x)
+        out.float().square().mean().backward()
+        record.append(out.detach().clone())
+        record += [p.grad.clone() for p in qm.parameters() if p.grad is not None]
+        opt.step()
+    record += [t.detach().clone() for t in qm.state_dict().values() if isinstance(t, torch.Tensor)]
+    return record
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "vit_tiny"])
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_hoisting_changes_no_bit_of_training(name, lam, monkeypatch):
+    model, (x,) = get_model(name)
+    runs = [_train(_prepare(model, x, hoist, monkeypatch, update_every=2), x, lam) for hoist in (True, False)]
+    assert len(runs[0]) == len(runs[1])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
+_EVENTS: list[str] = []
+
+
+@torch.fx.wrap
+def _log_call(x: torch.Tensor) -> torch.Tensor:
+    """A user function with a side effect: a chain must not move above it."""
+    _EVENTS.append("called")
+    return x
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = _log_call(h)
+        return self.conv2(h)
+
+
+def test_a_call_with_side_effects_is_never_passed(monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    qm = _prepare(_Net(), x, True, monkeypatch)
+    order = {n.name: i for i, n in enumerate(qm.graph.nodes)}
+    barrier = next(n for n in qm.graph.nodes if n.op == "call_function" and n.target is _log_call)
+    roots = {str(n.target): order[n.name] for n in qm.graph.nodes if _is_chain_root(qm, n)}
+    conv1_chain = [i for t, i in roots.items() if "conv1" in t]
+    conv2_chain = [i for t, i in roots.items() if "conv2" in t]
+    assert conv1_chain and conv2_chain
+    assert max(conv1_chain) < order[_input_dependent(qm)[0].name]  # before the barrier: to the front
+    assert min(conv2_chain) > order[barrier.name]  # after it: stays after it
+    _EVENTS.clear()
+    qm(x)
+    assert _EVENTS == ["called"]
