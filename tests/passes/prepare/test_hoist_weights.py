@@ -20,9 +20,10 @@ from qtrim_fx.models import get_model
 from torch import nn
 
 import qtrim_fx
+from qtrim_fx.core.attrs import resolve_attr
 from qtrim_fx.passes.base import PassResult
 from qtrim_fx.passes.lower.sink_weights import SinkWeightsPass
-from qtrim_fx.passes.prepare.hoist_weights import HoistWeightsPass, weight_chains
+from qtrim_fx.passes.prepare.hoist_weights import MAX_HOISTED_ELEMENTS, HoistWeightsPass, weight_chains
 from qtrim_fx.runtime.bias_shift import BiasShift
 from qtrim_fx.runtime.site import QuantSite
 
@@ -42,6 +43,10 @@ def _is_chain_root(gm: fx.GraphModule, n: fx.Node) -> bool:
     return (isinstance(m, QuantSite) and m.kind == "weight") or isinstance(m, BiasShift)
 
 
+def _chain_elements(gm: fx.GraphModule, chain: list[fx.Node]) -> int:
+    return sum(getattr(resolve_attr(gm, str(c.target)), "numel", lambda: 0)() for c in chain if c.op == "get_attr")
+
+
 def _input_dependent(gm: fx.GraphModule) -> list[fx.Node]:
     dep: dict[fx.Node, bool] = {}
     for n in gm.graph.nodes:
@@ -49,7 +54,7 @@ def _input_dependent(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if dep[n] and n.op != "placeholder"]
 
 
-MODELS = ["tiny_convnet", "cifar_resnet18", "vit_tiny"]
+MODELS = ["tiny_convnet", "cifar_resnet18", "vit_tiny"]  # cifar_resnet18: small and large weights
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -58,13 +63,25 @@ def test_weight_chains_run_first_in_their_original_order(name, monkeypatch):
     hoisted = _prepare(model, x, True, monkeypatch)
     plain = _prepare(model, x, False, monkeypatch)
     order = {n.name: i for i, n in enumerate(hoisted.graph.nodes)}
+    plain_order = {n.name: i for i, n in enumerate(plain.graph.nodes)}
     first_activation = order[_input_dependent(hoisted)[0].name]
-    roots = [n for n in hoisted.graph.nodes if _is_chain_root(hoisted, n)]
-    assert roots and all(order[r.name] < first_activation for r in roots)
-    for _root, chain in weight_chains(hoisted):
-        assert all(order[c.name] < first_activation for c in chain)
-    plain_roots = [n.name for n in plain.graph.nodes if _is_chain_root(plain, n)]
-    assert [r.name for r in roots] == plain_roots  # the chains keep their relative order
+    layers: dict[str, list[tuple[fx.Node, list[fx.Node]]]] = {}  # a layer's chains: weight site, bias shift
+    for root, chain in weight_chains(hoisted):
+        layers.setdefault(min(root.users, key=lambda u: order[u.name]).name, []).append((root, chain))
+    moved = 0
+    for reader, chains in layers.items():
+        if sum(_chain_elements(hoisted, chain) for _, chain in chains) <= MAX_HOISTED_ELEMENTS:
+            assert all(order[c.name] < first_activation for _, chain in chains for c in chain)
+            moved += 1
+        else:  # a large weight (and its bias shift) stays just before its layer
+            for root, _ in chains:
+                assert order[reader] - order[root.name] == plain_order[reader] - plain_order[root.name]
+    assert moved
+    early = {n.name for n in hoisted.graph.nodes if _is_chain_root(hoisted, n) and order[n.name] < first_activation}
+    for kept in (early, None):  # the moved chains keep their relative order, and so do the others
+        roots = [n.name for n in hoisted.graph.nodes if _is_chain_root(hoisted, n) and (n.name in early) == bool(kept)]
+        assert roots == [n.name for n in plain.graph.nodes
+                         if _is_chain_root(plain, n) and (n.name in early) == bool(kept)]
     assert HoistWeightsPass()(hoisted).modified is False  # idempotent, and says so
 
 
