@@ -46,7 +46,12 @@ from qtrim_fx.passes.base import GraphPass, PassResult, finish
 from qtrim_fx.runtime.bias_shift import BiasShift
 from qtrim_fx.runtime.site import QuantSite
 
-__all__ = ["MAX_HOISTED_ELEMENTS", "HoistWeightsPass", "weight_chains"]
+__all__ = ["HOIST_ORDER", "MAX_HOISTED_ELEMENTS", "HoistWeightsPass", "weight_chains"]
+
+#: node.meta key: the node's position before the hoist (every node of a graph the pass changed), so that
+#: ``SinkWeightsPass`` gives back exactly that order (``node.meta`` does not survive pickling: it then sinks
+#: each layer's chains to just before the layer).
+HOIST_ORDER = "qtrim_hoist_order"
 
 #: Chains reading more elements than this (parameters and buffers together) stay at their layer: a large
 #: weight quantized just before its layer is still in cache when the layer reads it, and its call's fixed cost
@@ -186,7 +191,11 @@ class HoistWeightsPass(GraphPass):
             else:
                 tail.append(c)
             tails[a] = c
-        return finish(gm, list(graph.nodes) != order)
+        modified = list(graph.nodes) != order
+        if modified:
+            for i, n in enumerate(order):
+                n.meta[HOIST_ORDER] = i
+        return finish(gm, modified)
 
 
 def _ancestors(root: fx.Node) -> list[fx.Node]:

@@ -23,7 +23,12 @@ import qtrim_fx
 from qtrim_fx.core.attrs import resolve_attr
 from qtrim_fx.passes.base import PassResult
 from qtrim_fx.passes.lower.sink_weights import SinkWeightsPass
-from qtrim_fx.passes.prepare.hoist_weights import MAX_HOISTED_ELEMENTS, HoistWeightsPass, weight_chains
+from qtrim_fx.passes.prepare.hoist_weights import (
+    HOIST_ORDER,
+    MAX_HOISTED_ELEMENTS,
+    HoistWeightsPass,
+    weight_chains,
+)
 from qtrim_fx.runtime.bias_shift import BiasShift
 from qtrim_fx.runtime.site import QuantSite
 
@@ -165,3 +170,50 @@ def test_a_call_with_side_effects_is_never_passed(monkeypatch):
     _EVENTS.clear()
     qm(x)
     assert _EVENTS == ["called"]
+
+
+class _ExportOnly(nn.Module):
+    """``len(x)`` stops symbolic tracing: prepare captures it with torch.export, parameters read at the top."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(h) * len(x)
+
+
+def test_sink_restores_the_recorded_order_of_the_export_front_end(monkeypatch):
+    x, model = torch.randn(2, 3, 8, 8), _ExportOnly()
+    hoisted = _prepare(model, x, True, monkeypatch)
+    plain = _prepare(model, x, False, monkeypatch)
+    assert hoisted.qtrim_info.frontend != "fx"  # the export front end: its own node order
+    names = [n.name for n in plain.graph.nodes]
+    assert [n.name for n in hoisted.graph.nodes] != names
+    restored = copy.deepcopy(hoisted)  # lowering works on a deep copy: the record travels with it
+    assert SinkWeightsPass()(restored).modified and [n.name for n in restored.graph.nodes] == names
+    hoisted.eval()
+    plain.eval()
+    assert torch.equal(hoisted(x), plain(x))
+
+
+def test_an_unpickled_model_sinks_each_layer_chain_back_in_front_of_its_layer(monkeypatch):
+    import pickle
+
+    model, (x,) = get_model("tiny_convnet")
+    hoisted = _prepare(model, x, True, monkeypatch)
+    plain = _prepare(model, x, False, monkeypatch)
+    unpickled = pickle.loads(pickle.dumps(hoisted))  # node.meta (the recorded order) is not pickled
+    assert all(HOIST_ORDER not in n.meta for n in unpickled.graph.nodes)
+    assert SinkWeightsPass()(unpickled).modified
+    def ops(gm):  # a re-traced graph names some nodes afresh: compare what each node does
+        return [(n.op, str(n.target)) for n in gm.graph.nodes]
+
+    assert ops(unpickled) == ops(plain)
+    assert SinkWeightsPass()(unpickled).modified is False
+    unpickled.eval()
+    plain.eval()
+    assert torch.equal(unpickled(x), plain(x))
