@@ -241,7 +241,7 @@ class QuantSite(nn.Module):
         no gradient, inference mode) to the generic path, which this skips nothing of.
         """
         if (x.dtype is not torch.float32 or fold.dtype is not torch.float32 or fold.requires_grad
-                or not x.requires_grad or x.device.type != "cpu" or fold.device.type != "cpu"
+                or not x.requires_grad or not (x.is_cpu and fold.is_cpu)
                 or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
             return None
         obs = self.observer
