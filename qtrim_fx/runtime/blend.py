@@ -371,9 +371,10 @@ def quantize_folded_one(w: torch.Tensor, fold: torch.Tensor, scale: torch.Tensor
     ``·f``, ``/s``, round, clip, ``·(s/f)`` through a detached alias, channels with ``f = 0`` keeping ``w``. Without
     the generic paths' dispatch (a weight site runs this for every conv + BN on every step, and on small nets that
     dispatch costs more than the arithmetic). The caller guarantees: float32 CPU ``w`` requiring grad with grad mode on,
-    ``fold`` the float32 CPU per-output-channel factor without gradient, ``scale`` shaped to broadcast against ``w``.
+    ``fold`` the 1-D float32 CPU per-output-channel factor without gradient, ``scale`` shaped to broadcast against
+    ``w``.
     """
-    f = fold.reshape((-1,) + (1,) * (w.dim() - 1)) if fold.dim() == 1 and w.dim() > 1 else fold
+    f = fold.reshape((-1,) + (1,) * (w.dim() - 1))  # channel_shape(fold, w.dim(), 0), without the call
     out = w.clone()
     t = out.detach()
     t.mul_(f)

@@ -240,7 +240,7 @@ class QuantSite(nn.Module):
         current; None sends every other case (an observer update, first use, a zero point, another dtype or device,
         no gradient, inference mode) to the generic path, which this skips nothing of.
         """
-        if (x.dtype is not torch.float32 or fold.dtype is not torch.float32 or fold.requires_grad
+        if (x.dtype is not torch.float32 or fold.dtype is not torch.float32 or fold.requires_grad or fold.dim() != 1
                 or not x.requires_grad or not (x.is_cpu and fold.is_cpu)
                 or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
             return None
