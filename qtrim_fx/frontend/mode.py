@@ -109,7 +109,13 @@ def constant_diffs(kept: fx.Graph, other: fx.Graph) -> list[ConstantDiff]:
             elif isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
                 for k in x:
                     walk(x[k], y[k], (*path, k))
-            else:  # slices with nodes inside, or containers of different shapes
+            elif isinstance(x, slice) and isinstance(y, slice):  # x[:, :h] with h a node: same nodes, same constants
+                for u, v in ((x.start, y.start), (x.stop, y.stop), (x.step, y.step)):
+                    if isinstance(u, fx.Node) or isinstance(v, fx.Node):
+                        walk(u, v, path)
+                    elif not _equal(u, v):
+                        raise GraphMismatch((a, b))  # a constant inside a slice differs: not merged
+            else:  # containers of different shapes
                 raise GraphMismatch((a, b))
 
         if len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():

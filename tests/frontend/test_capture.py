@@ -154,6 +154,36 @@ def test_train_eval_follow_the_prepared_module(prepared_in_train):
     assert not torch.equal(qm(x), qm(x))  # dropout is live again
 
 
+class CropBlock(nn.Module):
+    """Slices with a traced size inside (``x[:, :n]``, as Swin's window_reverse crop) before a drop path: the
+    slice is the same in both modes; the drop path is what changes with the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.drop_path = DropPath(0.3)
+
+    def forward(self, x):
+        n = x.shape[1] - 1
+        h = self.fc(x)[:, :n]
+        return x[:, :n] + self.drop_path(h)
+
+
+def test_a_slice_holding_a_traced_size_is_not_a_mode_difference():
+    torch.manual_seed(0)
+    model = CropBlock().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "keeps that behaviour after train()/eval()" warning
+        qm = qtrim_fx.prepare(model)
+    assert any(n.op == "call_module" and n.target == "drop_path" for n in qm.graph.nodes)  # the mode leaf
+    assert not any("bernoulli" in str(n.target) for n in qm.graph.nodes)
+    x = torch.randn(BATCH, 5, 16)
+    for training in (True, False):
+        assert _outputs_equal(model, qm, x, training=training)
+    qm.eval()
+    assert torch.equal(qm(x), qm(x))
+
+
 def test_capture_merges_mode_constants_without_touching_the_model():
     torch.manual_seed(0)
     model = ModeBlock().eval()
