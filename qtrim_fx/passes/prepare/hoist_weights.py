@@ -16,8 +16,9 @@ warm run (about 5 % of a training step on the digits MobileNet) without changing
              ... conv1's chain, then its conv ...                     y0 = conv2d(xq, w0q, b0) ...
 
 Moved: a weight site or bias shift (``call_module``) with every node it depends on, when none of them
-depends on a graph input and each is a ``get_attr``, a pure call (not in place, not side-effecting; torch,
-``operator`` or qtrim_fx's own runtime ops; a method not ending in ``_``) or another site / bias shift, and
+depends on a graph input and each is a ``get_attr``, a pure call (not in place, not side-effecting, drawing no
+random numbers; torch, ``operator`` or qtrim_fx's own runtime ops; a method not ending in ``_``) or another site /
+bias shift, and
 the layer's chains (weight site and bias shift, which move together) read at most :data:`MAX_HOISTED_ELEMENTS`
 parameter and buffer elements. A large weight stays at its
 layer: quantized there it is still in cache when the layer reads it (hoisting ViT-sized Linear weights, 192 x
@@ -65,6 +66,21 @@ _MUTATING_OPERATORS = frozenset({
 _PURE_BUILTINS = frozenset({
     *(f for f in vars(operator).values() if callable(f) and f not in _MUTATING_OPERATORS),
     builtins.getattr, builtins.len})
+
+
+#: Calls that draw random numbers: never moved (a chain moved past another draw would change which numbers each
+#: gets); they are no barrier, since no moved chain draws any.
+_RANDOM = (
+    "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout native_dropout bernoulli rand randn "
+    "randint rand_like randn_like randint_like randperm normal multinomial poisson uniform exponential geometric "
+    "cauchy log_normal rrelu")
+_RANDOM_NAMES = frozenset(_RANDOM.split())
+
+
+def _random_call(node: fx.Node) -> bool:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.split(".")[0].rstrip("_") in _RANDOM_NAMES or (node.op == "call_function" and node.is_impure())
 
 
 def _pure_call(node: fx.Node) -> bool:
@@ -127,7 +143,7 @@ def weight_chains(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
 
 def _movable(gm: fx.GraphModule, n: fx.Node) -> bool:
     return n.op == "get_attr" or isinstance(_module(gm, n), QuantSite | BiasShift) or (
-        n.op != "call_module" and _pure_call(n))
+        n.op != "call_module" and _pure_call(n) and not _random_call(n))
 
 
 class HoistWeightsPass(GraphPass):
