@@ -46,6 +46,7 @@ from qtrim_fx.runtime.observer_support import (
     save_calls,
     train_call_outside_graph,
 )
+from qtrim_fx.runtime.pooled_tails import PooledTails
 from qtrim_fx.runtime.range_rule import TAIL_FRACTIONS, mse_range_into, tail_levels
 from qtrim_fx.runtime.subsample import subsample_rows
 
@@ -283,6 +284,9 @@ class EmaQuantileObserver(nn.Module):
             x = masked_scores_bound(x, self.softmax_dim, self.grid.bits)
         elif self.mask_operand is not None and x.numel() and x.is_floating_point():
             x = masked_scores_bound(x, self.mask_operand, None)
+        if self.running_extremes and self._mse and self.clip and lo is self.lo:
+            self._observe_pooled(x, sync)
+            return
         # The EMA'd statistics: the range itself (quantile rule) or the tail nodes it is chosen from.
         ema_lo, ema_hi = (self.tail_lo, self.tail_hi) if self._mse else (lo, hi)
         if self._cpu_fast_path and x.device.type == "cpu" and not sync and lo.shape == self._stat_shape(x):
@@ -330,6 +334,46 @@ class EmaQuantileObserver(nn.Module):
         ema_hi.copy_(torch.where(valid, new_hi, ema_hi))
         self._keep_extremes(ema_lo, ema_hi, prev, lo_t, hi_t, row_valid)
         self._finish_update(lo, hi, num_updates)
+
+    def start_pool(self, expected_batches: int | None = None) -> None:
+        """Forget the pooled calibration tails (``calibrate`` calls it before its first batch, with the number of
+        batches to come when it is known, and after its last)."""
+        self.__dict__.pop("_pool", None)
+        self.__dict__["_pool_batches"] = expected_batches
+
+    def _observe_pooled(self, x: torch.Tensor, sync: bool) -> None:
+        """A calibration update of a clipped ``"mse"`` site: the tail nodes of every batch so far, pooled
+        (:mod:`qtrim_fx.runtime.pooled_tails`: the calibration set's quantiles, whatever its batch size),
+        not a mean of per-batch nodes; under DDP the mean over the ranks of each rank's pooled nodes."""
+        pool = self.__dict__.get("_pool")
+        if pool is None:
+            pool = PooledTails(self.p_lo, self.p_hi, self.__dict__.get("_pool_batches"))
+            self.__dict__["_pool"] = pool
+        if x.numel():
+            rows, _ = self._rows(x)
+            if pool.count is not None and pool.count.shape[0] != rows.shape[0]:
+                raise SchemeError(f"observer saw {rows.shape[0]} channels after {pool.count.shape[0]}; "
+                                  "a per-channel site needs a fixed channel count")
+            self.nonfinite.add_(pool.add(rows))
+        if pool.count is None:  # nothing on this rank yet: join the other ranks' all-reduce with nothing
+            lo_t, hi_t, valid = empty_stats(self, x)
+        else:
+            lo_t, hi_t, valid = pool.nodes(*self._levels)
+            if self.axis is None:
+                lo_t, hi_t, valid = lo_t[0], hi_t[0], valid[0]
+        if sync:
+            lo_t, hi_t, valid = all_reduce_mean(lo_t, hi_t, valid)
+        ema_lo, ema_hi = self.tail_lo, self.tail_hi
+        if ema_lo.shape != lo_t.shape:
+            if self._updates:
+                raise SchemeError(f"observer saw {tuple(lo_t.shape)[:1]} channels after {tuple(ema_lo.shape)[:1]}; "
+                                  "a per-channel site needs a fixed channel count")
+            ema_lo, ema_hi = self._resize(lo_t, hi_t)
+        if ema_lo.dim() > valid.dim():
+            valid = valid.unsqueeze(-1)
+        ema_lo.copy_(torch.where(valid, lo_t, ema_lo))
+        ema_hi.copy_(torch.where(valid, hi_t, ema_hi))
+        self._finish_update(self.lo, self.hi, self.num_updates)
 
     def _extremes(self, ema_lo: torch.Tensor, ema_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An unclipped site's min / max before this update (``None`` for every other site)."""

@@ -54,7 +54,7 @@ def _is_empty(batch: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _calibration_mode(model: nn.Module, sync_ranks: bool) -> Iterator[list]:
+def _calibration_mode(model: nn.Module, sync_ranks: bool, expected_batches: int | None = None) -> Iterator[list]:
     """Model in eval (dropout off, BN running stats frozen), sites observing with running means (and
     unclipped sites with running extremes)."""
     modes = {m: m.training for m in model.modules()}
@@ -66,15 +66,27 @@ def _calibration_mode(model: nn.Module, sync_ranks: bool) -> Iterator[list]:
         s.train()
         s.observer.update_every = 1
         s.observer.sync_ranks = sync_ranks
-        s.observer.running_extremes = True  # only unclipped (model output) sites keep extremes
+        s.observer.running_extremes = True  # unclipped sites keep extremes, clipped "mse" sites pool their tails
+        s.observer.start_pool(expected_batches)
     try:
         yield sites
     finally:
         for m, t in modes.items():
             m.training = t
+        for s in sites:
+            s.observer.start_pool()  # the pooled tails are a calibration's working state: freed
         for s, (mu, every, calls, sync, ext) in zip(sites, saved, strict=True):
             (s.observer.momentum, s.observer.update_every, s.observer._calls, s.observer.sync_ranks,
              s.observer.running_extremes) = (mu, every, calls, sync, ext)
+
+
+def _expected_batches(batches: Iterable[Any], num_batches: int | None) -> int | None:
+    """How many batches calibrate will run, when ``batches`` has a length or ``num_batches`` bounds it."""
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return num_batches
+    return n if num_batches is None else min(n, num_batches)
 
 
 def _agreed_batches(batches: Iterable[Any], num_batches: int | None, input_fn: Callable[[Any], Any] | None,
@@ -135,10 +147,12 @@ def calibrate(
 ) -> int:
     """Set every site's statistics from ``batches`` (post-training quantization, or before training).
 
-    The k-th batch enters each EMA with momentum 1/k, so the statistics are the plain mean
-    of the per-batch quantiles over the calibration set (earlier statistics are replaced); sites that
-    are never clipped (model outputs) take the min/max of the whole calibration set (of every rank's
-    batches under DDP), not the mean of per-batch extremes.
+    Earlier statistics are replaced by the calibration set's own, however it is batched: a clipped
+    activation site (the default ``"mse"`` rule) reads its tail nodes off every batch's values pooled
+    (:mod:`qtrim_fx.runtime.pooled_tails`; under DDP the mean over the ranks of each rank's pooled nodes),
+    sites that are never clipped (model outputs) take the min/max of the whole calibration set (of every
+    rank's batches under DDP), and the other statistics (weights, the ``"quantile"`` rule) are the plain
+    mean of the per-batch ones (the k-th batch enters each EMA with momentum 1/k).
     Dropout is off and BatchNorm running statistics are left untouched; gradients are not computed.
     A BatchNorm whose running variance does not describe the calibration data (off by more than 4×,
     channel median: a stale warm-up) is reported with a
@@ -198,7 +212,8 @@ def calibrate(
     keep = bias_correction and isinstance(batches, Iterator)
     ran: list[Any] = []
     used = 0
-    with (_calibration_mode(model, sync_ranks=world > 1) as sites, watch_batchnorm(model) as stale_bn,
+    with (_calibration_mode(model, world > 1, _expected_batches(batches, num_batches)) as sites,
+          watch_batchnorm(model) as stale_bn,
           torch.no_grad()):
         shown = tqdm(batches, total=num_batches, disable=not progress, desc="calibrate", leave=False)
         for batch in _agreed_batches(shown, num_batches, input_fn, world, device):

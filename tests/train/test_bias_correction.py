@@ -111,16 +111,22 @@ def test_correction_lowers_into_the_biases_and_onnx_runtime_agrees(tmp_path):
             qtrim_fx.export_onnx(m, (held_out[:1],), path, input_names=["x"], output_names=["y"])
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = sess.run(None, {"x": held_out.numpy()})[0].astype(np.float64)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        exact = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        qdq = exact.run(None, {"x": held_out.numpy()})[0].astype(np.float64)
         with torch.no_grad():
             torch_got = qtrim_fx.lower(m)(held_out).numpy().astype(np.float64)
-        # the file computes the lowered model (the corrected biases included), but for rounding boundaries that
-        # another summation order flips by one step (qtrim_fx.onnx.self_check); on these images one repeated
-        # background value on a boundary flips many elements together, with or without the correction
-        assert np.abs(got - torch_got).max() <= 0.005 * np.abs(ref).max()
+        # the file's QDQ semantics (no fusions) are the lowered model, the corrected biases included; ONNX Runtime's
+        # fused integer kernels requantize in fixed point and flip rounding boundaries by one step, and on these
+        # images one repeated background value on a boundary flips many elements together (RESULTS.md, session 36)
+        assert np.abs(qdq - torch_got).max() <= 1e-5 * np.abs(ref).max()
         errs[name] = float(((got - ref) ** 2).mean())
     lowered = qtrim_fx.lower(qm)
     assert any("qtrim_shifted" in str(n.target) for n in lowered.graph.nodes)
-    assert errs["corrected"] < 0.5 * errs["plain"], errs  # held-out images, not the calibration set
+    # held-out images, not the calibration set (pooled calibration tails clip less than per-batch ones did, so
+    # less bias is left to correct: 0.8x here, 0.5x with the per-batch means)
+    assert errs["corrected"] < 0.9 * errs["plain"], errs
 
 
 def test_checkpoint_restores_the_correction_into_a_fresh_prepare():

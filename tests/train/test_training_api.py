@@ -99,8 +99,14 @@ def test_calibrate_gives_unclipped_sites_the_global_min_max():
     o = outs[0].observer
     assert float(o.lo) == float(ys.min()) and float(o.hi) == float(ys.max())
     assert not o.running_extremes  # a mode of calibrate only
+    # a clipped site's tail nodes are the calibration set's, pooled over its batches (not the mean of per-batch ones)
     inner = next(site for s, site, _ in qtrim_fx.iter_sites(qm) if s.name == "input.x")
-    assert float(inner.observer.tail_hi[-1]) == pytest.approx(float(sum(b.max() for b in batches) / 3), rel=1e-5)
+    pooled = torch.cat([b.flatten() for b in batches])
+    obs = inner.observer
+    assert float(obs.tail_hi[-1]) == float(pooled.max()) and float(obs.tail_lo[-1]) == float(pooled.min())
+    assert float(obs.tail_hi[0]) == pytest.approx(float(torch.quantile(pooled, obs.p_hi)), rel=1e-6)
+    assert float(obs.tail_lo[0]) == pytest.approx(float(torch.quantile(pooled, obs.p_lo)), rel=1e-6)
+    assert "_pool" not in vars(obs)  # the pool is calibrate's working state only
 
 
 def test_calibrate_input_fn_and_bad_batches():
