@@ -152,6 +152,11 @@ class TargetProfile:
             per-tensor ones (QNN profile of vit_tiny; the file as a whole ~2x, see benchmarks/RESULTS.md).
             Needs the example inputs at ``prepare`` (the input rank decides MatMul vs Gemm); an
             ``Override(..., weight_per_channel=...)`` matching the layer wins.
+        unsigned_weights: int8 weight codes of Conv / MatMul / Gemm are stored as uint8 around zero point 128
+            (the same grid: every weight dequantizes to the same float). ONNX Runtime's uint8 x int8 CPU kernels
+            saturate on x86 CPUs without VNNI (AVX2, AVX-512F: ``vpmaddubsw``'s int16 pair sums) and return
+            silently wrong outputs there; its uint8 x uint8 kernels do not
+            (:mod:`qtrim_fx.onnx.unsigned_weights`).
     """
 
     name: str
@@ -179,6 +184,7 @@ class TargetProfile:
     integer_attention_scores: bool = False
     matmul_weights_per_tensor: bool = False
     constant_qparams: bool = False
+    unsigned_weights: bool = False
 
     def __post_init__(self) -> None:
         for rule in _RULES:
@@ -234,6 +240,8 @@ class TargetProfile:
     def weight_dtypes(self) -> tuple[str, ...]:
         """Accepted weight storage names."""
         names = [storage_for(self.weight_bits, True).name, "int8"]
+        if self.unsigned_weights:
+            names.insert(0, "uint8")
         if self.allow_int4:
             names.append("int4")
         return tuple(dict.fromkeys(names))
@@ -346,6 +354,10 @@ _BUILTIN = (
         "onnxruntime", "ONNX Runtime CPU/CUDA: uint8 asym activations, int8 per-channel weights, "
         "Q on Conv/Gemm/MatMul outputs so QLinearConv/QGemm are chosen",
         extra_activation_dtypes=("int8",), allow_int4=True),
+    TargetProfile(
+        "onnxruntime_avx2", "ONNX Runtime CPU on x86 without VNNI (AVX2, AVX-512F): as onnxruntime, with the "
+        "int8 weight grid stored as uint8 around 128 so the U8U8 kernels run (U8S8 saturates there)",
+        extra_activation_dtypes=("int8",), allow_int4=True, unsigned_weights=True),
     TargetProfile(
         "tensorrt", "TensorRT 10: int8 symmetric activations (z = 0), per-channel weights, Q/DQ on "
         "inputs only, opset <= 20",

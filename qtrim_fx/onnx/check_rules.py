@@ -283,12 +283,14 @@ def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
     """Stored weight codes: all zero (the op outputs its bias only), or -2^(b-1) on a narrow-range target."""
     prof = ctx.profile
     for node, p in ctx.qdq_nodes():
-        if p is None or p.storage is None or not p.storage.signed or not is_op(node, "DequantizeLinear") or \
+        if p is None or p.storage is None or not is_op(node, "DequantizeLinear") or \
                 _gather_table(node) or _norm_scale(node) or p.storage.bits > 8:
             continue
+        offset = 0 if p.storage.signed else _unsigned_weight_zero(prof, p)
         codes = const_array(node.inputs[0])
-        if codes is None or codes.size < 2 or not np.issubdtype(codes.dtype, np.integer):
+        if offset is None or codes is None or codes.size < 2 or not np.issubdtype(codes.dtype, np.integer):
             continue
+        codes = codes.astype(np.int64) - offset  # unsigned weights: the codes around their zero point
         users = [u for u, _ in node.outputs[0].uses()]
         if not any(is_op(u, *_WEIGHTED) for u in users):
             continue
@@ -304,6 +306,15 @@ def _weight_codes(ctx: RuleContext) -> Iterator[Violation]:
                             f"{-(2 ** (p.storage.bits - 1))}; target {prof.name!r} takes symmetric weights on "
                             f"[-{2 ** (p.storage.bits - 1) - 1}, {2 ** (p.storage.bits - 1) - 1}] (u8 x s8 kernels "
                             "without VNNI can saturate on the extra code): clamp the codes", "warning")
+
+
+def _unsigned_weight_zero(prof: TargetProfile, p: QDQParams) -> int | None:
+    """The zero point of a profile's unsigned weight storage (``unsigned_weights``: 2^(b-1), the symmetric grid
+    shifted), when ``p`` is one: uint8 codes around it; else None."""
+    if not prof.unsigned_weights or p.storage is None or p.storage.signed or p.zero_point is None:
+        return None
+    zero = 2 ** (p.storage.bits - 1)
+    return zero if np.all(p.zero_point.astype(np.int64) == zero) else None
 
 
 def _runtime_qparams(ctx: RuleContext) -> Iterator[Violation]:
@@ -421,8 +432,10 @@ def _weight_grids(ctx: RuleContext) -> Iterator[Violation]:
         if p.storage.name not in prof.weight_dtypes and p.storage.name != "int4":  # int4: _narrow_types
             yield Violation("weight_dtype", _name(node), f"weight stored as {p.storage.name}; target "
                             f"{prof.name!r} takes {', '.join(prof.weight_dtypes)}")
-        if p.zero_point is not None and np.any(p.zero_point.astype(np.int64) != 0):
-            yield Violation("weight_zero_point", _name(node), "weights must be symmetric (zero point 0)")
+        want = 0 if p.storage.signed or not prof.unsigned_weights else 2 ** (p.storage.bits - 1)
+        if p.zero_point is not None and np.any(p.zero_point.astype(np.int64) != want):
+            yield Violation("weight_zero_point", _name(node), f"weights must be symmetric (zero point {want}"
+                            f"{' for ' + p.storage.name + ' storage' if want else ''})")
 
 
 def _expected_axis(consumer: ir.Node, rank: int, prof: TargetProfile) -> int | None:

@@ -51,6 +51,7 @@ from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
 from qtrim_fx.onnx.quantize_instance_norm import QuantizeInstanceNormPass
 from qtrim_fx.onnx.quantize_scalar_operands import QuantizeScalarOperandsPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
+from qtrim_fx.onnx.unsigned_weights import UnsignedWeightsPass
 from qtrim_fx.runtime.qdq import PLACEHOLDER_DOMAIN, PLACEHOLDER_OPSET, is_quant_dequant
 
 __all__ = ["EXPORTERS", "export_lowered", "qdq_passes", "run_qdq_passes"]
@@ -74,6 +75,7 @@ def qdq_passes(profile: TargetProfile) -> ir.passes.PassManager:
             RequantizeAfterShapeOpsPass(profile),
             QuantizeBiasPass(profile),
             QuantizeScalarOperandsPass(profile),
+            UnsignedWeightsPass(profile),
             RemoveUnusedNodesPass(),
             NameAfterSitesPass(),
             TopologicalSortPass(),

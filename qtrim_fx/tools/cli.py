@@ -145,7 +145,7 @@ def _add_export(sub: Any) -> None:
              "qtrim export tiny_convnet --calibrate 4 -o tiny.qdq.onnx --target onnxruntime")
     _model_options(p, "default: 4, or 0 with a --checkpoint that holds statistics")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
-    p.add_argument("--target", default="onnxruntime", help="onnxruntime (default), tensorrt, openvino, qnn, npu")
+    p.add_argument("--target", default="onnxruntime", help="onnxruntime (default), onnxruntime_avx2, tensorrt, openvino, qnn, npu")
     p.add_argument("--opset", type=_count(1), help="override the target's opset (21 for INT4)")
     p.set_defaults(handler=_cmd_export)
 
