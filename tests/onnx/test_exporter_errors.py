@@ -9,6 +9,7 @@ from torch import nn
 
 import qtrim_fx
 from qtrim_fx.core.errors import ExportError
+from tests.helpers.cpu import ort_cpu_session
 
 
 def test_unsupported_adaptive_pool_is_a_named_export_error(tmp_path):
@@ -62,7 +63,6 @@ def test_auto_exporter_falls_back_when_the_torchscript_exporter_fails(tmp_path, 
     """The TorchScript exporter asserts on the first (dynamic batch) and on shape checks of the second: a raw
     AssertionError / TypeError before. ``exporter="auto"`` now writes them with the dynamo exporter (the export
     self-check runs on the file); asking for TorchScript is an ExportError naming the fix."""
-    import onnxruntime as ort
 
     x = torch.randn(*shape)
     qm = _calibrated(make(), x)
@@ -72,7 +72,7 @@ def test_auto_exporter_falls_back_when_the_torchscript_exporter_fails(tmp_path, 
     assert not explicit.exists()
     path = tmp_path / "auto.onnx"
     qtrim_fx.export_onnx(qm, (x,), path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_cpu_session(path)
     xs = torch.randn(3, *shape[1:])  # another batch size: still dynamic
     with torch.no_grad():
         want = qm(xs).numpy()
@@ -84,7 +84,6 @@ def test_auto_exporter_falls_back_when_the_torchscript_exporter_fails(tmp_path, 
 def test_max_pool_indices_are_never_requantized_on_integer_targets(tmp_path, target):
     """RequantizeViewsPass put a Q/DQ on the (values, indices) tuple of max_pool2d_with_indices and on the
     indices: the lowered model failed ('tuple' object has no attribute 'dtype'), reported as bad inputs."""
-    import onnxruntime as ort
 
     from qtrim_fx.passes.lower import lower
     from qtrim_fx.runtime.qdq import is_quant_dequant
@@ -101,7 +100,7 @@ def test_max_pool_indices_are_never_requantized_on_integer_targets(tmp_path, tar
     with pytest.warns(UserWarning, match=rf"prepared for {target!r} already: qtrim_fx has no integer form") as rec:
         qtrim_fx.export_onnx(qm, (x,), path, target=target)  # MaxPool's indices, max_unpool's ScatterND: float
     assert not any("prepare the model with" in str(w.message) for w in rec)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_cpu_session(path)
     with torch.no_grad():
         want = qm(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]

@@ -17,6 +17,7 @@ from torch import nn
 import qtrim_fx
 from qtrim_fx.passes.lower.attention_rank4 import AttentionRank4Pass
 from qtrim_fx.passes.prepare.ranks import record_ranks
+from tests.helpers.cpu import u8s8_kernels_saturate
 
 
 class Attention3d(nn.Module):
@@ -84,10 +85,17 @@ def test_three_d_causal_attention_exports_and_matches_on_onnx_runtime(tmp_path, 
     path = tmp_path / "attn.onnx"
     qtrim_fx.export_onnx(qm.eval(), (x,), path, target=target)  # the export self-check compares ORT with torch
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    exact = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     for shape in ((2, 6, 8), (3, 4, 8)):  # batch and sequence stay dynamic
         xs = torch.randn(*shape)
         with torch.no_grad():
             want = qm(xs).numpy()
-        got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
+        got = exact.run(None, {exact.get_inputs()[0].name: xs.numpy()})[0]  # the file's QDQ semantics
         assert got.shape == want.shape
-        assert abs(got - want).max() <= 0.05 * abs(want).max()
+        assert abs(got - want).max() <= 1e-5 * abs(want).max()
+        if u8s8_kernels_saturate():
+            continue  # int8 weights on ORT's fused x8S8 kernels saturate on this CPU: see test_unsigned_weights.py
+        fused = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
+        assert abs(fused - want).max() <= 0.05 * abs(want).max()

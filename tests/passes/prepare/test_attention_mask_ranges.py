@@ -22,6 +22,7 @@ from torch import nn
 
 import qtrim_fx
 from qtrim_fx.runtime.observer import masked_scores_bound
+from tests.helpers.cpu import ort_cpu_session
 
 
 class MaskedAttention(nn.Module):
@@ -45,6 +46,11 @@ class MaskedAttention(nn.Module):
         s = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) * self.scale
         p = torch.softmax(s + add, dim=-1)
         return torch.matmul(p, self.v(x))
+
+
+#: a usable grid here: the real tensors' widest span (the raw scores, ~±160) is ~300 over 255 steps; a grid set by a
+#: masking value (-1e4, finfo.min) is orders of magnitude wider
+SCALE_BOUND = 4.0
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,17 +82,20 @@ def test_padding_mask_keeps_the_scores_grid(target: str, fill: float, arithmetic
     with torch.no_grad():
         ref = model(x, keep)
         deployed = qtrim_fx.lower(qm, target)(x, keep)
-    # every site's grid is a usable one (the bug: scale ~1e36 on the scores-plus-mask site)
+    # every site's grid is a usable one (the bug: scale ~1e36 on the scores-plus-mask site); the raw scores of
+    # this net span about ±160 over the calibration set (scale ~1.15 on uint8)
     for spec, site, _ in qtrim_fx.iter_sites(qm):
         scale, _ = site.qparams()
-        assert float(scale.max()) < 1.0 or spec.kind == "weight", (spec.key, scale)
-    assert _sqnr(ref, deployed) > 25.0  # HEAD before the fix: ~4 dB (uniform attention)
+        assert float(scale.max()) < SCALE_BOUND or spec.kind == "weight", (spec.key, scale)
+    # HEAD before the fix: ~4 dB (uniform attention); 24.4 dB with the calibration set's pooled tails (26.7 with the
+    # mean of these 4 small batches' tails, which clipped the raw scores' extremes a little)
+    assert _sqnr(ref, deployed) > 20.0
     assert torch.isfinite(deployed).all()
 
 
 def test_padding_mask_file_on_onnx_runtime(tmp_path) -> None:
     """The ``qnn`` file itself, run by ONNX Runtime, tracks the float model on padded batches."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = MaskedAttention().eval()
     with warnings.catch_warnings():
@@ -99,11 +108,11 @@ def test_padding_mask_file_on_onnx_runtime(tmp_path) -> None:
     # only the mask's construction from the float 0/1 input (Unsqueeze, Greater) is left in float
     assert all("Softmax" not in v.node and "MatMul" not in v.node for v in qtrim_fx.onnx.check(path, "qnn"))
     x, keep = _batch(9)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_cpu_session(path)
     feeds = dict(zip([i.name for i in sess.get_inputs()], [x.numpy(), keep.numpy()], strict=True))
     out = torch.from_numpy(sess.run(None, feeds)[0])
     with torch.no_grad():
-        assert _sqnr(model(x, keep), out) > 25.0
+        assert _sqnr(model(x, keep), out) > 20.0  # 24.4 dB, as the lowered model (before the fix: ~4 dB)
 
 
 def test_masked_scores_bound_values() -> None:
@@ -249,7 +258,7 @@ def test_a_mask_added_to_a_bias_first_keeps_every_grid(target: str) -> None:
         qtrim_fx.calibrate(qm, [_batch(s) for s in range(1, 5)])
     qtrim_fx.set_blend(qm, 1.0)
     for spec, site, _ in qtrim_fx.iter_sites(qm):
-        assert float(site.qparams()[0].max()) < 1.0, spec.key  # before: the mask's site at scale ~1e36
+        assert float(site.qparams()[0].max()) < SCALE_BOUND, spec.key  # before: the mask's site at scale ~1e36
     x, keep = _batch(9)
     with torch.no_grad():
         assert _sqnr(model(x, keep), qtrim_fx.lower(qm.eval(), target)(x, keep)) > 20.0

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import onnxruntime as ort
 import pytest
 import torch
 import torch.fx as fx
@@ -19,6 +18,7 @@ import qtrim_fx
 from qtrim_fx.onnx import check
 from qtrim_fx.passes.prepare.normalize import op_kind
 from qtrim_fx.passes.prepare.ranks import FLOATING, record_ranks
+from tests.helpers.cpu import ort_cpu_session
 
 
 class ClampNet(nn.Module):
@@ -62,7 +62,7 @@ def test_hand_written_relu6_runs_on_integers_on_integer_targets(tmp_path, target
     path = tmp_path / "clamp.onnx"
     qtrim_fx.export_onnx(qm.eval(), (x,), path, target=target)
     assert [v for v in check(str(path), target) if v.severity == "error"] == []  # was: float Clip, ReduceMean
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_cpu_session(path)
     with torch.no_grad():
         want = qm(x).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]

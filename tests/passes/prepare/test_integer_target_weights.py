@@ -14,7 +14,6 @@ import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -26,6 +25,7 @@ from qtrim_fx.core.errors import ProfileError
 from qtrim_fx.core.profiles import get_profile
 from qtrim_fx.onnx import check
 from qtrim_fx.runtime.prepared import iter_sites
+from tests.helpers.cpu import ort_cpu_session
 
 
 class _Tokens(nn.Module):
@@ -99,7 +99,7 @@ def test_parameter_and_buffer_operands_are_sites_and_the_file_has_no_float_op(tm
     with torch.no_grad():
         ref = qtrim_fx.lower(qm, "qnn")(x).numpy()
         trained = qm(x).numpy()
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    out = ort_cpu_session(path).run(None, {"x": x.numpy()})[0]
     assert _sqnr(ref, out) >= 30 and _sqnr(trained, out) >= 30
 
 

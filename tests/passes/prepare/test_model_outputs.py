@@ -9,7 +9,6 @@ integer-only target (qnn, npu) quantizes it, in training and in the file.
 from __future__ import annotations
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ import qtrim_fx
 from qtrim_fx.core.spec import ACT_SITE
 from qtrim_fx.passes.lower import lower, lowering_plan
 from qtrim_fx.runtime.prepared import iter_sites
+from tests.helpers.cpu import ort_cpu_session
 
 
 class Head(nn.Module):
@@ -104,7 +104,7 @@ def test_exported_logits_are_float_and_match_the_lowered_model(target, tmp_path)
     qm.eval()
     with torch.no_grad():  # the target's grid (tensorrt: symmetric int8 activations), logits float
         ref = [t.numpy() for t in lower(qm, target)(x)]
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_cpu_session(path)
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     for r, o in zip(ref, out, strict=True):
         assert abs(r - o).max() <= 1e-4 * max(1.0, abs(r).max())

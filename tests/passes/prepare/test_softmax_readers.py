@@ -16,6 +16,7 @@ from torch import nn
 
 import qtrim_fx
 from qtrim_fx.runtime.prepared import site_modules
+from tests.helpers.cpu import ort_cpu_session
 
 
 class _AttentionPool(nn.Module):
@@ -68,7 +69,6 @@ def test_float_target_softmax_reads_the_float_tensor(name):
 @pytest.mark.parametrize("name", sorted(_CASES))
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt", "openvino", "qnn"])
 def test_exports_and_deploys_what_was_trained(tmp_path, name, target):
-    import onnxruntime as ort
 
     model, qm, x = _prepared(name, target)
     qtrim_fx.set_blend(qm, 0.0)
@@ -85,7 +85,7 @@ def test_exports_and_deploys_what_was_trained(tmp_path, name, target):
         src = made_by.get(sm.input[0])
         if target != "qnn":  # float scores: no DequantizeLinear feeds the Softmax
             assert src is None or src.op_type != "DequantizeLinear"
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_cpu_session(path)
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     trained = qm(x).detach().numpy()
     assert abs(out - trained).max() <= 1e-2 * abs(trained).max() + 1e-6
