@@ -19,13 +19,32 @@ else stay as they are.
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 
 from qtrim_fx.core.profiles import TargetProfile
 from qtrim_fx.onnx._graph import NameScope, add_initializer, const_array, is_op
 
-__all__ = ["UnsignedWeightsPass"]
+__all__ = ["UnsignedWeightsPass", "host_u8s8_saturates"]
+
+@functools.cache
+def host_u8s8_saturates() -> bool:
+    """This machine's ONNX Runtime uint8 x int8 CPU GEMM saturates: an x86 CPU without VNNI (no ``avx512_vnni``,
+    ``avx_vnni`` or ``amx_int8`` flag; an x86 host whose flags cannot be read counts as one). Other machines (ARM,
+    x86 with VNNI) compute int8 weights exactly."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
 
 #: op -> the input index of its weight
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

@@ -156,3 +156,20 @@ def test_check_refuses_a_broken_uint8_weight_grid(tmp_path, bad):
     onnx.save(m, broken)
     rules = {v.rule for v in qtrim_fx.onnx.check(broken, "onnxruntime_avx2")}
     assert ("weight_zero_point" if bad == "zero_point" else "weight_narrow_range") in rules
+
+
+def test_the_fused_self_check_names_a_saturating_cpu(tmp_path):
+    """``verify_export(optimize=True)`` on an int8-weight file: on a CPU whose U8S8 kernels saturate the error says
+    so and names the fix; elsewhere the file passes."""
+    from qtrim_fx.core.errors import ExportError
+    from qtrim_fx.onnx.self_check import verify_export
+
+    signed, qm, x = _export(tmp_path, "onnxruntime")
+    lowered = qtrim_fx.lower(qm, "onnxruntime")
+    if u8s8_kernels_saturate():
+        with pytest.raises(ExportError, match=r"(?s)no VNNI.*onnxruntime_avx2"):
+            verify_export(lowered, (x,), signed, optimize=True)
+    else:
+        verify_export(lowered, (x,), signed, optimize=True)
+    unsigned, _, _ = _export(tmp_path, "onnxruntime_avx2")
+    verify_export(lowered, (x,), unsigned, optimize=True)  # exact on every CPU
