@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cpu import u8s8_kernels_saturate
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_ablation.py"
 
 pytest.importorskip("onnxruntime")
@@ -68,6 +70,8 @@ def test_quick_vit_recipe_runs_both_runtimes_on_their_own_files(tmp_path, monkey
     for r in ours:  # our exports run on both runtimes (OpenVINO on its target's file) and agree
         for name in ("top1_openvino", "mse_openvino", "pair_onnxruntime_openvino"):
             assert math.isfinite(r.figures[name]), (r.key, r.bits, name)
-        assert r.figures["pair_onnxruntime_openvino"] >= 90.0, (r.key, r.bits, r.figures["pair_onnxruntime_openvino"])
+        if not u8s8_kernels_saturate():  # x86 without VNNI: both runtimes' int8 kernels are off (README "Targets")
+            assert r.figures["pair_onnxruntime_openvino"] >= 90.0, (r.key, r.bits,
+                                                                     r.figures["pair_onnxruntime_openvino"])
     assert not [f for f in ablation.FAILURES if not f.startswith("ort_")]  # only the ORT anchor may fail on OV
     assert "Quant-Trim = QAT + RP 0.97" in out["report"]
