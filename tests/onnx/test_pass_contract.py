@@ -40,9 +40,10 @@ from qtrim_fx.onnx.quantize_bias import QuantizeBiasPass
 from qtrim_fx.onnx.quantize_instance_norm import QuantizeInstanceNormPass
 from qtrim_fx.onnx.quantize_scalar_operands import QuantizeScalarOperandsPass
 from qtrim_fx.onnx.requantize_shape_ops import RequantizeAfterShapeOpsPass
+from qtrim_fx.onnx.unsigned_weights import UnsignedWeightsPass
 from tests.onnx.qdq_models import convnet, token_mixer, upsampler
 
-PROFILES = ("onnxruntime", "tensorrt", "qnn", "openvino", "npu")
+PROFILES = ("onnxruntime", "onnxruntime_avx2", "tensorrt", "qnn", "openvino", "npu")
 FACTORIES = {"convnet": convnet, "token_mixer": token_mixer, "upsampler": upsampler}
 
 #: how to build each pass for a profile
@@ -56,6 +57,7 @@ PASSES: dict[str, Callable[[TargetProfile], ir.passes.PassBase]] = {
     "QuantizeBiasPass": QuantizeBiasPass,
     "QuantizeInstanceNormPass": QuantizeInstanceNormPass,
     "QuantizeScalarOperandsPass": QuantizeScalarOperandsPass,
+    "UnsignedWeightsPass": UnsignedWeightsPass,
     "NameAfterSitesPass": lambda _: NameAfterSitesPass(),
     "FinalizeModelPass": FinalizeModelPass,
 }
@@ -68,6 +70,7 @@ APPLIES = [
     # the int32-bias target; token_mixer's 3-D linears export as MatMul + Add, whose bias stays float
     ("QuantizeBiasPass", "convnet", "qnn"),
     ("QuantizeBiasPass", "upsampler", "qnn"),
+    *(("UnsignedWeightsPass", m, "onnxruntime_avx2") for m in FACTORIES),  # int8 weights -> uint8 around 128
     *(("FoldWeightLayoutPass", "token_mixer", p) for p in PROFILES),  # Transpose of a weight before a 3-D MatMul
     *(("RequantizeAfterShapeOpsPass", "convnet", p) for p in PROFILES),  # pool.out -> Flatten -> Gemm
     # MergeDuplicateQDQPass has nothing to merge in these exports; tests/onnx/test_passes.py has graphs it merges.

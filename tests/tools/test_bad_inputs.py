@@ -196,7 +196,7 @@ def test_export_before_any_calibration(out):
 def test_unknown_target(mlp, out):
     qm, x = mlp
     _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.export_onnx(qm, (x,), out, target="tpu"),
-            "unknown target 'tpu'", "known targets: onnxruntime, tensorrt", "TargetProfile(")
+            "unknown target 'tpu'", "known targets: onnxruntime, onnxruntime_avx2, tensorrt", "TargetProfile(")
     _raises(qtrim_fx.ProfileError, lambda: qtrim_fx.export_onnx(qm, (x,), out, opset="17"),
             "opset must be an int", "17 or 21")
 
