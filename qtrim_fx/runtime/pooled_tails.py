@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from qtrim_fx.runtime.quantiles import fill_nonfinite, refill, top_values
+from qtrim_fx.runtime.quantiles import fill_nonfinite, quantiles_of_sorted_tail, refill, top_values
 
 __all__ = ["PooledTails"]
 
@@ -98,18 +98,6 @@ def _pad(values: torch.Tensor, k: int, fill: float) -> torch.Tensor:
 
 
 def _nodes(sorted_tail: torch.Tensor, count: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
-    """Quantiles at ``levels`` of rows of ``count`` values whose extreme end is ``sorted_tail`` (row max first for
-    an upper tail, row min first for a lower one)."""
-    upper = levels[0] >= 0.5
-    k = sorted_tail.shape[-1]
-    lv = torch.tensor(levels, dtype=torch.float64, device=sorted_tail.device)
-    m1 = (count - 1).clamp(min=0).unsqueeze(-1)
-    pos = lv * m1.to(torch.float64)
-    r0 = torch.floor(pos)
-    frac = (pos - r0).to(sorted_tail.dtype)
-    r0 = r0.to(torch.int64)
-    r1 = torch.minimum(r0 + 1, m1)
-    if upper:  # ascending rank r is entry m1 - r of the descending top
-        r0, r1 = m1 - r0, m1 - r1
-    out = torch.lerp(sorted_tail.gather(-1, r0.clamp(0, k - 1)), sorted_tail.gather(-1, r1.clamp(0, k - 1)), frac)
+    """Quantiles at ``levels`` of rows of ``count`` values whose extreme end is ``sorted_tail``; 0 for empty rows."""
+    out = quantiles_of_sorted_tail(sorted_tail, count, levels)
     return torch.where(count.unsqueeze(-1) > 0, out, torch.zeros_like(out))

@@ -22,6 +22,7 @@ __all__ = [
     "filled_quantile",
     "finite_quantile",
     "host_selects",
+    "quantiles_of_sorted_tail",
     "refill",
     "tail_nodes",
     "tail_quantiles",
@@ -114,14 +115,23 @@ def tail_nodes(vv: torch.Tensor, nf: torch.Tensor | None, levels: tuple[float, .
         i_lo, i_hi, frac = _finite_node_ranks(levels, n, k, vv.dtype, vv.device)
         # index_select: top[:, i] (same values, same contiguous layout) without Python's indexing parser
         return torch.lerp(torch.index_select(top, 1, i_lo), torch.index_select(top, 1, i_hi), frac)
-    lv = torch.tensor(levels, dtype=torch.float64, device=vv.device)
+    return quantiles_of_sorted_tail(top, nf, levels)
+
+
+def quantiles_of_sorted_tail(top: torch.Tensor, nf: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """Quantiles at ``levels`` (one tail, as :func:`tail_nodes`) of rows of ``nf`` finite values whose extreme end is
+    ``top`` (C, k): the k largest, descending, for an upper tail, the k smallest, ascending, for a lower one; k must
+    reach the deepest level's order statistic. Linear between order statistics, as ``torch.quantile``."""
+    upper = levels[0] >= 0.5
+    k = top.shape[-1]
+    lv = torch.tensor(levels, dtype=torch.float64, device=top.device)
     m1 = (nf - 1).clamp(min=0).unsqueeze(-1)
     pos = lv * m1.to(torch.float64)
     r0 = torch.floor(pos)
-    frac = (pos - r0).to(vv.dtype)
+    frac = (pos - r0).to(top.dtype)
     r0 = r0.to(torch.int64)
     r1 = torch.minimum(r0 + 1, m1)
-    if upper:
+    if upper:  # ascending rank r is entry m1 - r of the descending top
         r0, r1 = m1 - r0, m1 - r1
     return torch.lerp(top.gather(-1, r0.clamp(0, k - 1)), top.gather(-1, r1.clamp(0, k - 1)), frac)
 
