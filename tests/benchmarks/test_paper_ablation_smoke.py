@@ -58,20 +58,41 @@ def test_quick_mode_produces_a_finite_table(tmp_path, monkeypatch):
     assert (results.read_text() if results.exists() else None) == before  # quick mode writes no RESULTS.md
 
 
+_VIT_CHILD = """
+import importlib.util, json, math, sys
+spec = importlib.util.spec_from_file_location("paper_ablation", sys.argv[1])
+ablation = importlib.util.module_from_spec(spec)
+sys.modules["paper_ablation"] = ablation
+spec.loader.exec_module(ablation)
+out = ablation.main(["--quick", "--model", "vit", "--no-results", "--out", sys.argv[2]])
+rows = [{"key": r.key, "bits": r.bits, "figures": {k: v for k, v in r.figures.items() if math.isfinite(v)}}
+        for r in out["rows"]]
+print("JSON" + json.dumps({"rows": rows, "failures": ablation.FAILURES, "report": out["report"]}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_quick_vit_recipe_runs_both_runtimes_on_their_own_files(tmp_path, monkeypatch):
-    ablation = _load_script()
-    monkeypatch.delenv("QTRIM_QNN_PYTHON", raising=False)
-    ablation.FAILURES.clear()
-    out = ablation.main(["--quick", "--model", "vit", "--no-results", "--out", str(tmp_path)])
-    ours = [r for r in out["rows"] if r.key != "ort"]
-    assert {(r.key, r.bits) for r in ours} >= {("fp32", 8), ("qt97", 8)}
+def test_quick_vit_recipe_runs_both_runtimes_on_their_own_files(tmp_path):
+    """Run as a process, as users run it: in-process, after other benchmarks' smoke tests (fidelity_defaults,
+    vendor_variance, peers, transformers_targets) on an AMD EPYC host, OpenVINO refused every file of this run
+    (``Value -1 not in range``, ``Broadcast ... Check 'cmp::le(m_min``) that it runs in a fresh process (session 42;
+    the state that leaks was not found)."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "QTRIM_QNN_PYTHON"}
+    done = subprocess.run([sys.executable, "-c", _VIT_CHILD, str(SCRIPT), str(tmp_path)], capture_output=True,
+                          text=True, timeout=590, env=env, cwd=SCRIPT.parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(next(line[4:] for line in done.stdout.splitlines() if line.startswith("JSON")))
+    ours = [r for r in out["rows"] if r["key"] != "ort"]
+    assert {(r["key"], r["bits"]) for r in ours} >= {("fp32", 8), ("qt97", 8)}
     for r in ours:  # our exports run on both runtimes (OpenVINO on its target's file) and agree
         for name in ("top1_openvino", "mse_openvino", "pair_onnxruntime_openvino"):
-            assert math.isfinite(r.figures[name]), (r.key, r.bits, name)
+            assert name in r["figures"], (r["key"], r["bits"], name)  # present and finite
         if not u8s8_kernels_saturate():  # x86 without VNNI: both runtimes' int8 kernels are off (README "Targets")
-            assert r.figures["pair_onnxruntime_openvino"] >= 90.0, (r.key, r.bits,
-                                                                     r.figures["pair_onnxruntime_openvino"])
-    assert not [f for f in ablation.FAILURES if not f.startswith("ort_")]  # only the ORT anchor may fail on OV
+            assert r["figures"]["pair_onnxruntime_openvino"] >= 90.0, (r["key"], r["bits"])
+    assert not [f for f in out["failures"] if not f.startswith("ort_")]  # only the ORT anchor may fail on OV
     assert "Quant-Trim = QAT + RP 0.97" in out["report"]
